@@ -1,0 +1,284 @@
+"""DiPO: step-level policy optimisation for block diffusion (SPEC §4).
+
+A rollout records, for each generated token, the denoising step that committed it
+(``step_map``). :func:`step_rounds` turns that into rounds: in round ρ every block
+shows the state it had just before its ρ-th step, and the targets are the tokens
+that step committed. Scoring the rounds in the layout ``[x_t^1; …; x_t^R; x_0]``
+(:func:`build_layout`, :func:`rescore`) gives every token's log-probability in the
+very context in which it was decoded, so the trainer's ``ℓ`` equals the decoder's
+recorded ``logp`` (the consistency invariant, tested). :func:`dipo_loss` is the
+clipped, token-mean objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dirl_min.forward import layout_logits
+
+__all__ = [
+    "step_rounds",
+    "group_advantages",
+    "filter_groups",
+    "dipo_loss",
+    "LayoutBatch",
+    "build_layout",
+    "layout_logp",
+    "rescore",
+]
+
+
+def step_rounds(step_map: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand one sequence's step map into DiPO step rounds (SPEC §4.4).
+
+    Args:
+        step_map: int64 ``[L]`` over the whole sequence (prompt included): 0 on given
+            tokens, the 1-based global step that committed each generated token.
+        block_size: B; blocks are ``[kB, (k+1)B)`` from position 0.
+
+    Returns:
+        ``(noisy, targets)``, bool ``[R, L]`` each, ``R`` = the largest number of distinct
+        steps in any block. In round ρ, block k's positions with ``step >= s_k(ρ)`` are
+        masked (``noisy``) and those with ``step == s_k(ρ)`` are the targets, where
+        ``s_k(ρ)`` is the ρ-th smallest distinct nonzero step of block k. Every generated
+        token is a target exactly once.
+    """
+    step_map = torch.as_tensor(step_map, dtype=torch.long)
+    length = step_map.shape[0]
+    n_blocks = -(-length // block_size)
+    s = torch.zeros(n_blocks * block_size, dtype=torch.long, device=step_map.device)
+    s[:length] = step_map
+    s = s.view(n_blocks, block_size)
+    j = torch.arange(block_size, device=s.device)
+    same = s[:, :, None] == s[:, None, :]  # [blocks, m, m']
+    first = ~(same & (j[None, None, :] < j[None, :, None])).any(dim=2)  # m is its value's first occurrence
+    distinct = first & (s > 0)
+    # rank of position j = distinct nonzero steps in its block smaller than its own step
+    rank = (distinct[:, None, :] & (s[:, None, :] < s[:, :, None])).sum(dim=2)
+    rank = rank.view(-1)[:length]
+    generated = step_map > 0
+    num_rounds = int(rank[generated].max()) + 1 if generated.any() else 0
+    rounds = torch.arange(num_rounds, device=s.device)[:, None]
+    targets = generated[None] & (rank[None] == rounds)
+    noisy = generated[None] & (rank[None] >= rounds)
+    return noisy, targets
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages ``(r - mean_G) / (std_G + eps)`` (population std).
+
+    Args:
+        rewards: float ``[num_groups · G]``, groups contiguous.
+        group_size: G.
+
+    Returns:
+        float ``[num_groups · G]``; exactly 0 in groups whose rewards are all equal.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    adv = torch.where(std > 0, (r - mean) / (std + eps), torch.zeros_like(r))
+    return adv.view(-1)
+
+
+def filter_groups(correct: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dynamic sampling (DAPO): keep groups whose accuracy is neither all 0 nor all 1.
+
+    Args:
+        correct: float/bool ``[num_groups · G]`` (1 = correct), groups contiguous.
+
+    Returns:
+        bool ``[num_groups]``.
+    """
+    acc = torch.as_tensor(correct, dtype=torch.float32).view(-1, group_size).mean(dim=1)
+    return (acc > 0) & (acc < 1)
+
+
+def dipo_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    beta: float = 0.0,
+    logp_ref: torch.Tensor | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DiPO objective (SPEC §4.6): clipped surrogate, token mean, optional k3 KL.
+
+    Args:
+        logp: float ``[N, L]`` current log-probs (with grad).
+        logp_old: float ``[N, L]`` log-probs of the sampling policy (no grad).
+        advantages: float ``[N]``, one per sequence.
+        target_mask: bool ``[N, L]``, the response tokens that count.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
+        beta: weight of the k3 KL to ``logp_ref`` (float ``[N, L]``, required if beta > 0).
+        num_tokens: the normaliser ``N_tok``; default ``target_mask.sum()``. Pass the
+            whole batch's count when a batch is split into micro-batches or processes.
+
+    Returns:
+        ``(loss, stats)``: a scalar tensor, and floats ``clip_frac`` (targets where the
+        clip is active), ``ratio_mean``, ``approx_kl`` (k3 of old vs new), ``kl_ref``.
+    """
+    mask = target_mask.to(logp.dtype)
+    n_tok = mask.sum().clamp(min=1) if num_tokens is None else torch.as_tensor(float(num_tokens))
+    adv = advantages.to(logp.dtype)[:, None]
+    log_ratio = (logp - logp_old).clamp(-10.0, 10.0)
+    ratio = log_ratio.exp()
+    surr_unclipped = ratio * adv
+    surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    surr = torch.minimum(surr_unclipped, surr_clipped)
+    loss = -(surr * mask).sum() / n_tok
+    kl_ref = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if beta > 0:
+        if logp_ref is None:
+            raise ValueError("beta > 0 needs logp_ref (log-probs of the frozen reference model)")
+        d = logp_ref - logp
+        kl_ref = ((d.exp() - 1 - d) * mask).sum() / n_tok
+        loss = loss + beta * kl_ref
+    with torch.no_grad():
+        denom = mask.sum().clamp(min=1)
+        d_old = (-log_ratio).detach()
+        stats = {
+            "clip_frac": float(((surr_clipped < surr_unclipped).to(logp.dtype) * mask).sum() / denom),
+            "ratio_mean": float((ratio * mask).sum() / denom),
+            "approx_kl": float(((d_old.exp() - 1 - d_old) * mask).sum() / denom),
+            "kl_ref": float(kl_ref),
+        }
+    return loss, stats
+
+
+@dataclass
+class LayoutBatch:
+    """A padded batch of ``[x_t^1; …; x_t^R; x_0]`` layouts, one example per row.
+
+    Tensors are ``[N, T]``; ``clean_copy`` is ``[N]`` (= R of each row). ``select`` marks
+    the target positions (in noisy copies) whose logits are needed, ``target_ids`` holds
+    the clean token at every position, and ``target_pos`` the position in the example.
+    """
+
+    input_ids: torch.Tensor
+    seg: torch.Tensor
+    pos: torch.Tensor
+    copy: torch.Tensor
+    clean_copy: torch.Tensor
+    select: torch.Tensor
+    target_ids: torch.Tensor
+    block_size: int
+
+
+def build_layout(
+    clean_ids: list[torch.Tensor],
+    noisy: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    mask_token_id: int,
+    block_size: int,
+) -> LayoutBatch:
+    """Stack examples into padded ``[x_t^1; …; x_t^R; x_0]`` rows.
+
+    Args:
+        clean_ids: per example, int64 ``[L_i]`` (prompt + response).
+        noisy: per example, bool ``[R_i, L_i]``: which positions each noisy copy masks.
+        targets: per example, bool ``[R_i, L_i]``: where each copy's logits are scored.
+        mask_token_id, block_size: M and B.
+
+    Returns:
+        a :class:`LayoutBatch` (SFT is the case ``R_i = 1``).
+    """
+    rows = []
+    for x0, nz, tg in zip(clean_ids, noisy, targets):
+        r, length = nz.shape
+        copies = torch.where(nz, torch.full_like(nz, mask_token_id, dtype=torch.long), x0[None].expand(r, length))
+        ids = torch.cat([copies.reshape(-1), x0])
+        pos = torch.arange(length).repeat(r + 1)
+        copy = torch.arange(r + 1).repeat_interleave(length)
+        select = torch.cat([tg.reshape(-1), torch.zeros(length, dtype=torch.bool)])
+        target_ids = x0.repeat(r + 1)
+        rows.append((ids, pos, copy, select, target_ids, r))
+    width = max(len(row[0]) for row in rows)
+    n = len(rows)
+    out = {
+        "input_ids": torch.full((n, width), mask_token_id, dtype=torch.long),
+        "seg": torch.full((n, width), -1, dtype=torch.long),
+        "pos": torch.zeros((n, width), dtype=torch.long),
+        "copy": torch.zeros((n, width), dtype=torch.long),
+        "select": torch.zeros((n, width), dtype=torch.bool),
+        "target_ids": torch.zeros((n, width), dtype=torch.long),
+    }
+    for i, (ids, pos, copy, select, target_ids, _) in enumerate(rows):
+        t = len(ids)
+        out["input_ids"][i, :t] = ids
+        out["seg"][i, :t] = 0
+        out["pos"][i, :t] = pos
+        out["copy"][i, :t] = copy
+        out["select"][i, :t] = select
+        out["target_ids"][i, :t] = target_ids
+    clean_copy = torch.tensor([row[5] for row in rows], dtype=torch.long)
+    return LayoutBatch(clean_copy=clean_copy, block_size=block_size, **out)
+
+
+def layout_logp(model, batch: LayoutBatch, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities of the clean tokens at the selected positions.
+
+    Returns:
+        float32 ``[batch.select.sum()]`` in row-major order of ``batch.select`` (with grad
+        if the model is in a grad context).
+    """
+    dev = next(model.parameters()).device
+    b = {k: getattr(batch, k).to(dev) for k in ("input_ids", "seg", "pos", "copy", "clean_copy", "select", "target_ids")}
+    logits = layout_logits(
+        model, b["input_ids"], b["seg"], b["pos"], b["copy"], b["clean_copy"], batch.block_size, b["select"]
+    ).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, b["target_ids"][b["select"]][:, None])[:, 0]
+
+
+def _rollout_rounds(rollout, i):
+    x0 = torch.tensor(rollout.prompt_ids[i] + rollout.response_ids[i], dtype=torch.long)
+    full_steps = torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i], dtype=torch.long)
+    noisy, targets = step_rounds(full_steps, rollout.block_size)
+    return x0, noisy, targets
+
+
+def rescore(model, rollout, *, packed: bool = True, batch_size: int = 8) -> list[torch.Tensor]:
+    """Recompute every generated token's log-probability from its ``step_map``.
+
+    Args:
+        model: the policy (same weights as the decoder's for the consistency check).
+        rollout: a :class:`dirl_min.decoding.Rollout`.
+        packed: one ``[x_t^1; …; x_t^R; x_0]`` row per response (default), or one
+            ``[x_t^ρ ; x_0]`` row per round (for comparison).
+        batch_size: responses per forward.
+
+    Returns:
+        per sequence, float32 ``[len(response_ids[i])]`` aligned with ``rollout.logp[i]``
+        (differentiable when called under grad).
+    """
+    out: list[torch.Tensor] = []
+    for start in range(0, len(rollout), batch_size):
+        idx = list(range(start, min(start + batch_size, len(rollout))))
+        examples, owner = [], []  # one layout row each; owner = which sequence it scores
+        for i in idx:
+            x0, noisy, targets = _rollout_rounds(rollout, i)
+            splits = [(noisy, targets)] if packed else [(noisy[r:r + 1], targets[r:r + 1]) for r in range(len(noisy))]
+            for nz, tg in splits:
+                examples.append((x0, nz, tg))
+                owner.append(i)
+        if not examples:
+            out.extend(torch.zeros(0) for _ in idx)
+            continue
+        batch = build_layout(*zip(*examples), rollout.mask_token_id, rollout.block_size)
+        values = layout_logp(model, batch).cpu()
+        rows, cols = batch.select.nonzero(as_tuple=True)
+        row_owner = torch.tensor(owner)[rows]
+        for i in idx:
+            sel = row_owner == i
+            # each generated position is a target exactly once: sorting by position aligns it
+            order = torch.argsort(batch.pos[rows[sel], cols[sel]])
+            out.append(values[sel][order])
+    return out
