@@ -1,0 +1,176 @@
+"""The rollout engine against the uncached reference decoder, and the consistency invariant.
+
+A random tiny model has near-uniform predictions (every step commits one token), so
+the fixture sharpens its output head: then the dynamic strategy commits several
+tokens per step and the tests cover multi-token steps too.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dirl_min.decoding import generate
+from dirl_min.dipo import rescore
+from dirl_min.forward import backbone_hidden
+from dirl_min.masking import block_causal_mask, block_diffusion_mask
+from dirl_min.model import build_tiny
+from reference.decoding import decode
+
+PROMPTS = ["What is 2+3?", "Hi", "Solve: If x + 5 = 12, what is x?"]  # lengths not multiples of B
+STOP = None  # set per model: the tokenizer's eos
+
+
+def sharp_tiny(block_size: int, seed: int = 0):
+    model, tok = build_tiny(block_size=block_size, seed=seed, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(25.0)  # peaked distributions: confidences spread over (0, 1)
+    return model.eval(), tok
+
+
+def denoiser_of(model):
+    """The reference decoder's interface over the same weights: full sequence, dense mask."""
+
+    def denoise(ids, mask):
+        with torch.no_grad():
+            hidden = backbone_hidden(model, ids[None], torch.arange(len(ids))[None], mask[None, None])
+            return model.lm_head(hidden)[0]
+
+    return denoise
+
+
+GRID = list(itertools.product([1, 2, 4, 8], ["low_confidence_static", "low_confidence_dynamic", "sequential"]))
+
+
+@pytest.mark.parametrize("block_size,strategy", GRID)
+def test_cached_batched_decoding_equals_uncached_reference(block_size, strategy):
+    model, tok = sharp_tiny(block_size)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    stops = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+    for (temperature, top_k, top_p), fused in itertools.product([(0.0, 0, 1.0), (1.0, 8, 0.9)], [True, False]):
+        kw = dict(max_new_tokens=12, strategy=strategy, threshold=0.6, steps=2 if block_size > 1 else None,
+                  temperature=temperature, top_k=top_k, top_p=top_p, stop_token_ids=stops)
+        out = generate(model, prompts, seeds=[11, 12, 13], fused_commit=fused, **kw)
+        for i, p in enumerate(prompts):
+            ref = decode(denoiser_of(model), p, block_size=block_size, mask_token_id=model.config.mask_token_id,
+                         seed=[11, 12, 13][i], **kw)
+            assert out.response_ids[i] == ref["response_ids"], (temperature, fused, i)
+            assert out.step_map[i] == ref["step_map"], (temperature, fused, i)
+            assert out.truncated[i] == ref["truncated"]
+            assert torch.allclose(torch.tensor(out.logp[i]), torch.tensor(ref["logp"], dtype=torch.float32), atol=1e-4)
+
+
+def test_some_steps_commit_several_tokens():
+    """Guards the fixture: without multi-token steps the grid above would test less than it claims."""
+    model, tok = sharp_tiny(4)
+    out = generate(model, [tok.encode(p) for p in PROMPTS], max_new_tokens=32, threshold=0.6, temperature=0.0)
+    assert max(out.tokens_per_step(i) for i in range(len(out))) > 1.0
+
+
+def test_fused_commit_saves_exactly_one_forward_per_block():
+    model, tok = sharp_tiny(4)
+    prompts = [tok.encode("Hi there")]  # 8 tokens: two full prompt blocks, so unfused also pays a prefill pass
+    kw = dict(max_new_tokens=24, threshold=0.6, temperature=0.0)
+    fused = generate(model, prompts, fused_commit=True, **kw)
+    unfused = generate(model, prompts, fused_commit=False, **kw)
+    assert fused.response_ids == unfused.response_ids and fused.step_map == unfused.step_map
+    n_blocks = len(fused.response_ids[0]) // 4
+    # unfused: a prefill pass + one commit pass between consecutive blocks
+    assert unfused.num_forwards - fused.num_forwards == n_blocks
+
+
+def test_a_sequence_decodes_the_same_alone_or_in_a_batch():
+    model, tok = sharp_tiny(4)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    kw = dict(max_new_tokens=16, temperature=1.0, top_k=20, threshold=0.6)
+    batch = generate(model, prompts, seeds=[5, 6, 7], **kw)
+    for i, p in enumerate(prompts):
+        alone = generate(model, [p], seeds=[[5, 6, 7][i]], **kw)
+        assert alone.response_ids[0] == batch.response_ids[i]
+        assert alone.step_map[0] == batch.step_map[i]
+
+
+def test_seeded_generator_reproduces_a_run():
+    model, tok = sharp_tiny(4)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    runs = [generate(model, prompts, max_new_tokens=16, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    other = generate(model, prompts, max_new_tokens=16, generator=torch.Generator().manual_seed(4))
+    assert runs[0].response_ids == runs[1].response_ids
+    assert runs[0].response_ids != other.response_ids
+
+
+def test_stop_keeps_the_block_whole_and_text_is_cut():
+    model, tok = sharp_tiny(4)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    eos = tok.eos_token_id
+    out = generate(model, prompts, max_new_tokens=64, temperature=1.0, stop_token_ids=[eos],
+                   seeds=[1, 2, 3], tokenizer=tok)
+    for i, p in enumerate(prompts):
+        total = len(p) + len(out.response_ids[i])
+        assert total % 4 == 0  # whole blocks on the absolute grid
+        full = p + out.response_ids[i]
+        generated_eos = [j for j in range(len(p), total) if full[j] == eos]
+        if not out.truncated[i]:
+            # the first generated eos lies in the last block, and the block is kept whole after it
+            assert generated_eos and generated_eos[0] >= total - 4
+            cut = out.response_ids[i].index(eos)
+            assert out.text[i] == tok.decode(out.response_ids[i][:cut])
+        else:
+            assert not generated_eos
+            assert total == (len(p) // 4 + 16) * 4  # max_new_tokens=64 is 16 whole blocks
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_consistency_invariant_rescore_equals_recorded_logp(block_size, temperature):
+    """SPEC §4: the trainer's log-probs, rebuilt from step_map, equal the decoder's."""
+    model, tok = sharp_tiny(block_size)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    out = generate(model, prompts, max_new_tokens=24, temperature=temperature, top_k=10, threshold=0.6,
+                   generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed = rescore(model, out, packed=True)
+        per_round = rescore(model, out, packed=False)
+    for i in range(len(out)):
+        recorded = torch.tensor(out.logp[i])
+        assert packed[i].shape == recorded.shape
+        assert (packed[i] - recorded).abs().max() <= 1e-4
+        assert (packed[i] - per_round[i]).abs().max() <= 1e-5
+
+
+def test_consistency_fails_when_the_step_map_is_wrong():
+    """The invariant has teeth: scoring with a shuffled step map gives different log-probs."""
+    model, tok = sharp_tiny(4)
+    out = generate(model, [tok.encode(PROMPTS[2])], max_new_tokens=24, temperature=0.0, threshold=0.6)
+    assert len(set(out.step_map[0])) > 1
+    out.step_map[0] = [1] * len(out.step_map[0])  # pretend everything was committed at once
+    with torch.no_grad():
+        wrong = rescore(model, out)[0]
+    assert (wrong - torch.tensor(out.logp[0])).abs().max() > 1e-3
+
+
+def test_clean_half_of_training_layout_equals_block_causal_forward():
+    model, tok = sharp_tiny(4)
+    ids = torch.tensor(tok.encode("Solve: If x + 5 = 12"))
+    L = len(ids)
+    noisy = ids.clone()
+    noisy[::3] = model.config.mask_token_id
+    with torch.no_grad():
+        pos = torch.arange(L)
+        both = backbone_hidden(model, torch.cat([noisy, ids])[None], torch.cat([pos, pos])[None],
+                               block_diffusion_mask(L, 4)[None, None])
+        clean = backbone_hidden(model, ids[None], pos[None], block_causal_mask(L, 4)[None, None])
+    assert torch.allclose(both[0, L:], clean[0], atol=1e-5)
+
+
+def test_block_size_one_equals_transformers_causal_lm():
+    """At B = 1 the block-causal forward is an ordinary causal LM: transformers' own forward is the oracle."""
+    model, tok = sharp_tiny(1)
+    ids = torch.tensor(tok.encode("What is 7 - 3?"))[None]
+    with torch.no_grad():
+        ours = model.lm_head(backbone_hidden(model, ids, torch.arange(ids.shape[1])[None],
+                                             block_causal_mask(ids.shape[1], 1)[None, None]))
+        theirs = model(input_ids=ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
