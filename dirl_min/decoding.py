@@ -63,7 +63,8 @@ def select_unmask(
     if strategy == "sequential":
         order = torch.cumsum(is_masked.long(), dim=1)  # 1 for the leftmost masked, 2 for the next…
         return is_masked & (order <= k)
-    conf = confidence.float().masked_fill(~is_masked, float("-inf"))
+    # float64 so that a float32 0.8999999762 is not >= a threshold of 0.9
+    conf = confidence.double().masked_fill(~is_masked, float("-inf"))
     # A stable descending sort gives each masked position its rank, ties broken leftmost-first.
     order = torch.sort(conf, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(b, device=order.device).expand(n, b))

@@ -76,11 +76,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-
     Returns:
         float ``[num_groups · G]``; exactly 0 in groups whose rewards are all equal.
     """
-    r = torch.as_tensor(rewards, dtype=torch.float32).view(-1, group_size)
+    r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
     mean = r.mean(dim=1, keepdim=True)
     std = r.std(dim=1, keepdim=True, unbiased=False)
-    adv = torch.where(std > 0, (r - mean) / (std + eps), torch.zeros_like(r))
-    return adv.view(-1)
+    # "all equal" is tested directly: a rounded mean would leave std ≈ 1e-17, not 0
+    spread = ~(r == r[:, :1]).all(dim=1, keepdim=True)
+    adv = torch.where(spread, (r - mean) / (std + eps), torch.zeros_like(r))
+    return adv.view(-1).float()
 
 
 def filter_groups(correct: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -221,21 +223,28 @@ def build_layout(
     return LayoutBatch(clean_copy=clean_copy, block_size=block_size, **out)
 
 
-def layout_logp(model, batch: LayoutBatch, *, temperature: float = 1.0) -> torch.Tensor:
+def layout_logp(model, batch: LayoutBatch, *, temperature: float = 1.0, with_entropy: bool = False):
     """Log-probabilities of the clean tokens at the selected positions.
 
     Returns:
         float32 ``[batch.select.sum()]`` in row-major order of ``batch.select`` (with grad
-        if the model is in a grad context).
+        if the model is in a grad context); with ``with_entropy`` also the (detached)
+        entropy of the predicted distribution at each of those positions.
     """
-    dev = next(model.parameters()).device
+    dev = next(model.parameters()).device  # works through DDP / SelectedLogits wrappers too
     b = {k: getattr(batch, k).to(dev) for k in ("input_ids", "seg", "pos", "copy", "clean_copy", "select", "target_ids")}
     logits = layout_logits(
         model, b["input_ids"], b["seg"], b["pos"], b["copy"], b["clean_copy"], batch.block_size, b["select"]
     ).float()
     if temperature != 1.0:
         logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, b["target_ids"][b["select"]][:, None])[:, 0]
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, b["target_ids"][b["select"]][:, None])[:, 0]
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy
+    return logp
 
 
 def _rollout_rounds(rollout, i):

@@ -18,12 +18,19 @@ import torch
 
 from dirl_min.masking import mask_from_metadata, mask_mod
 
-__all__ = ["attention_backend", "backbone_hidden", "layout_logits", "layout_attention_mask"]
+__all__ = ["attention_backend", "backbone_hidden", "SelectedLogits", "layout_logits", "layout_attention_mask"]
+
+
+def _unwrap(model):
+    """The causal LM inside DDP / SelectedLogits wrappers."""
+    while hasattr(model, "module") or isinstance(model, SelectedLogits):
+        model = model.module if hasattr(model, "module") else model.lm
+    return model
 
 
 def attention_backend(model) -> str:
     """The attention implementation transformers will run: 'sdpa', 'eager' or 'flex_attention'."""
-    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+    return getattr(_unwrap(model).config, "_attn_implementation", None) or "sdpa"
 
 
 def _prepare_mask(model, mask: torch.Tensor, dtype: torch.dtype):
@@ -58,6 +65,23 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
     return out.last_hidden_state
 
 
+class SelectedLogits(torch.nn.Module):
+    """A causal LM as a denoiser that returns logits only where asked.
+
+    Training calls go through this module's ``forward`` so that distributed wrappers
+    (DDP, FSDP, DeepSpeed) see the forward they need; the loss stays in the trainer.
+    """
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids, attention_mask, select):
+        """int64 ``[N, T]`` ×2, mask (see :func:`backbone_hidden`), bool ``[N, T]`` → float ``[select.sum(), V]``."""
+        hidden = backbone_hidden(self.lm, input_ids, position_ids, attention_mask)
+        return self.lm.get_output_embeddings()(hidden[select])
+
+
 def layout_attention_mask(model, seg, pos, copy, clean_copy, block_size):
     """The attention mask for a training layout, in the form the back end wants.
 
@@ -80,6 +104,7 @@ def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, sele
     """Logits at selected positions of a training layout; ``lm_head`` runs only there.
 
     Args:
+        model: a causal LM, or a (possibly distributed-wrapped) :class:`SelectedLogits`.
         input_ids, seg, pos, copy: int64 ``[N, T]`` (the layout and its metadata).
         clean_copy: copy id of the clean copy (int or int64 ``[N]``).
         block_size: B.
@@ -89,5 +114,6 @@ def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, sele
         float ``[select.sum(), V]`` in row-major order of ``select``.
     """
     mask = layout_attention_mask(model, seg, pos, copy, clean_copy, block_size)
-    hidden = backbone_hidden(model, input_ids, pos.clamp(min=0), mask)
-    return model.get_output_embeddings()(hidden[select])
+    if not isinstance(model, SelectedLogits) and not hasattr(model, "module"):
+        model = SelectedLogits(model)
+    return model(input_ids, pos.clamp(min=0), mask, select)

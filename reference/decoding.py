@@ -69,6 +69,7 @@ def _sample(logits, temperature, top_k, top_p, noise):
     """Candidate token index by Gumbel-max over the truncated, tempered logits."""
     scaled = [x / temperature for x in logits]
     order = sorted(range(len(scaled)), key=lambda v: -scaled[v])
+    top_k = top_k if top_k and top_k < len(scaled) else 0
     allowed = set(order[:top_k]) if top_k else set(order)
     if top_k:  # ties with the k-th value stay in
         kth = scaled[order[top_k - 1]]

@@ -1,0 +1,221 @@
+"""One typed configuration for the whole pipeline: dataclasses, YAML files, dotted overrides.
+
+``python -m dirl_min.train --help`` lists every setting below with its meaning and
+default. Precedence: defaults < ``--config FILE.yaml`` < ``--section.name VALUE``.
+
+The block size and mask id are *not* settings here: they belong to the model
+(``config.json``), the single source of truth. ``model.block_size`` only builds the
+tiny model, or declares the block size of a plain (non-SDAR) checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+def _f(default, help: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "checkpoint folder (SDAR / DiRL / TraDo / Qwen3); empty = build the tiny model")
+    block_size: int = _f(4, "block size of the tiny model, or of a plain checkpoint without one (SDAR folders carry their own)")
+    mask_token_id: int = _f(-1, "mask id for a plain checkpoint without one (-1 = from the checkpoint/tokenizer)")
+    hidden_size: int = _f(64, "tiny model: hidden size")
+    num_layers: int = _f(2, "tiny model: layers")
+    num_heads: int = _f(4, "tiny model: attention heads")
+    num_kv_heads: int = _f(2, "tiny model: key/value heads")
+    intermediate_size: int = _f(256, "tiny model: MLP width")
+    dtype: str = _f("auto", "float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    attn_implementation: str = _f("auto", "sdpa, flex_attention, eager or auto (flex on GPU, sdpa on CPU)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+
+
+@dataclass
+class DataConfig:
+    sft_data: str = _f("", "SFT file (JSON/JSONL/parquet: prompt+response, or messages); empty = the embedded task")
+    rl_data: str = _f("", "RL file (question + ground_truth_answer); empty = the embedded task's training split")
+    eval_data: str = _f("", "evaluation file (question + ground_truth_answer); empty = the embedded held-out split")
+    task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'")
+    task_max_operand: int = _f(20, "embedded task: operands run over 0..N")
+    held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on)")
+    split_seed: int = _f(0, "seed of the embedded train/held-out split")
+    prompt_template: str = _f("{question}", "user message built from a question (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{{}}.')")
+    max_prompt_tokens: int = _f(1024, "prompts longer than this are skipped and counted")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = _f(2200, "optimizer steps (0 = skip SFT)")
+    batch_size: int = _f(32, "examples per optimizer step (across processes and accumulation)")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(3e-3, "peak learning rate")
+    warmup_steps: int = _f(20, "linear warm-up steps")
+    min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr")
+    weight_decay: float = _f(0.01, "AdamW weight decay")
+    betas: list = _f([0.9, 0.98], "AdamW betas")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    t_min: float = _f(0.1, "lowest noise level t (avoids huge 1/p weights)")
+    eps: float = _f(1e-3, "mask probability floor: p = (1-eps) t + eps")
+    max_seq_len: int = _f(2048, "examples longer than this (tokens) are skipped and counted")
+
+
+@dataclass
+class RLConfig:
+    steps: int = _f(700, "DiPO steps (0 = skip RL)")
+    prompts_per_step: int = _f(16, "groups (prompts) per step")
+    group_size: int = _f(8, "responses per prompt (G)")
+    lr: float = _f(3e-4, "learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list = _f([0.9, 0.98], "AdamW betas")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    eps_low: float = _f(0.2, "PPO clip: lower")
+    eps_high: float = _f(0.28, "PPO clip: upper (DAPO clip-higher)")
+    beta: float = _f(0.0, "weight of the k3 KL to a frozen reference model (0 = no reference)")
+    num_iterations: int = _f(1, "optimisation passes per batch (>1 reuses logp_old)")
+    sampling_rounds: int = _f(1, "dynamic sampling: at most this many rounds of prompts to fill the batch with mixed groups")
+    rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength")
+    temperature: float = _f(1.0, "rollout temperature")
+    top_k: int = _f(0, "rollout top-k (0 = off; DiRL: 50)")
+    top_p: float = _f(1.0, "rollout top-p")
+    max_new_tokens: int = _f(16, "rollout length limit (whole blocks)")
+    reward_workers: int = _f(0, "processes for reward computation (0 = in-process)")
+
+
+@dataclass
+class DecodeConfig:
+    strategy: str = _f("low_confidence_dynamic", "low_confidence_dynamic, low_confidence_static or sequential")
+    threshold: float = _f(0.9, "dynamic strategy confidence threshold")
+    steps: int = _f(0, "static/sequential: denoising steps per block (0 = block size)")
+    fused_commit: bool = _f(True, "write a finished block's K/V in the next block's first forward")
+
+
+@dataclass
+class EvalConfig:
+    samples: int = _f(8, "samples per problem at temperature 1 (avg@k, pass@k)")
+    temperature: float = _f(1.0, "sampling temperature for avg@k")
+    top_k: int = _f(0, "top-k for avg@k (0 = off)")
+    top_p: float = _f(1.0, "top-p for avg@k")
+    greedy: bool = _f(True, "also report greedy accuracy")
+    max_new_tokens: int = _f(16, "evaluation length limit (whole blocks)")
+    batch_size: int = _f(256, "sequences per decoding batch")
+    max_problems: int = _f(0, "evaluate at most this many problems (0 = all)")
+
+
+@dataclass
+class RunConfig:
+    out: str = _f("runs/default", "output folder: summary.json, metrics.jsonl, TensorBoard, plots, checkpoints")
+    seed: int = _f(0, "global seed (model init, data order, noise, sampling)")
+    threads: int = _f(0, "torch CPU threads (0 = torch's default)")
+    save_every: int = _f(0, "checkpoint every N steps of each phase (0 = only at phase ends)")
+    resume: bool = _f(False, "resume from the latest checkpoint in --run.out")
+    log_every: int = _f(10, "write metrics every N steps")
+    stages: list = _f(["sft", "rl"], "which stages to run, in order")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(text: str, current, name: str):
+    """Parse a command-line value to the type of the setting's default."""
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: expected true/false, got {text!r}")
+    if isinstance(current, (list, dict)):
+        value = yaml.safe_load(text)
+        if isinstance(current, list) and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, type(current)):
+            raise ValueError(f"--{name}: expected a {type(current).__name__} (YAML), got {text!r}")
+        return value
+    try:
+        return type(current)(text)
+    except ValueError:
+        raise ValueError(f"--{name}: expected {type(current).__name__}, got {text!r}") from None
+
+
+def _apply(cfg: Config, dotted: str, value, source: str) -> None:
+    section, _, name = dotted.partition(".")
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub) or not name or not hasattr(sub, name):
+        known = ", ".join(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name)))
+        raise ValueError(f"{source}: unknown setting {dotted!r}; known settings: {known}")
+    current = getattr(sub, name)
+    if isinstance(value, str) and not isinstance(current, str):
+        value = _parse_value(value, current, dotted)
+    elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    elif not isinstance(value, type(current)):
+        raise ValueError(f"{source}: {dotted} must be {type(current).__name__}, got {value!r}")
+    setattr(sub, name, value)
+
+
+def load_yaml(cfg: Config, path: str | Path) -> None:
+    """Apply a YAML file of ``section: {name: value}`` onto ``cfg``."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping")
+        for name, value in values.items():
+            _apply(cfg, f"{section}.{name}", value, str(path))
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--section.name`` option per setting (help = meaning, default)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file of settings (overridden by the options below)")
+    defaults = Config()
+    for section in dataclasses.fields(defaults):
+        group = parser.add_argument_group(section.name)
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            default = getattr(getattr(defaults, section.name), f.name)
+            group.add_argument(
+                f"--{section.name}.{f.name}",
+                dest=f"{section.name}.{f.name}",
+                default=argparse.SUPPRESS,
+                metavar=type(default).__name__.upper(),
+                help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            )
+    return parser
+
+
+def parse_config(argv=None, description: str = "dirl_min") -> Config:
+    """Defaults, then ``--config`` YAML, then ``--section.name`` overrides."""
+    parser = build_parser(description)
+    args = vars(parser.parse_args(argv))
+    cfg = Config()
+    if args.pop("config", None):
+        load_yaml(cfg, parser.parse_args(argv).config)
+    for dotted, value in args.items():
+        try:
+            _apply(cfg, dotted, value, "command line")
+        except ValueError as e:
+            parser.error(str(e))
+    return cfg

@@ -1,0 +1,168 @@
+"""Data: the embedded arithmetic task, and DiRL-format SFT / RL files with clear errors.
+
+Formats (DiRL's):
+
+* SFT: ``{"prompt": <chat-formatted prompt>, "response": <answer text + end tokens>}``,
+  or ``{"messages": [{"role": ..., "content": ...}, ...]}`` (the last message is the
+  assistant's answer).
+* RL / evaluation: ``{"question": ..., "ground_truth_answer": ...}``.
+
+Files may be JSON (a list of records), JSONL, or parquet (read through ``datasets``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "Problem",
+    "arithmetic_problems",
+    "split_problems",
+    "sft_records",
+    "load_records",
+    "load_problems",
+    "load_sft",
+    "DataError",
+]
+
+
+class DataError(ValueError):
+    """A data file is malformed; the message names the file, the record and the field."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One verifiable problem: a question and its ground-truth answer (a string)."""
+
+    question: str
+    answer: str
+    level: int = 0
+
+
+def arithmetic_problems(max_operand: int = 20, levels: tuple[int, ...] = (1, 2)) -> list[Problem]:
+    """Every problem of the embedded task, in a fixed order (no randomness).
+
+    Levels: 1 ``What is a + b?``; 2 ``What is a - b?`` (negative answers allowed);
+    3 ``Solve: If x + a = c, what is x?``. Operands run over ``0..max_operand``.
+
+    The default (levels 1–2, operands to 20: 882 problems) is the setting that
+    ``shared/notes/cpu-feasibility.md`` measured to leave room for RL on 2 CPU cores.
+    """
+    out = []
+    rng = range(max_operand + 1)
+    for a in rng:
+        for b in rng:
+            if 1 in levels:
+                out.append(Problem(f"What is {a} + {b}?", str(a + b), 1))
+            if 2 in levels:
+                out.append(Problem(f"What is {a} - {b}?", str(a - b), 2))
+            if 3 in levels:
+                out.append(Problem(f"Solve: If x + {a} = {a + b}, what is x?", str(b), 3))
+    return out
+
+
+def split_problems(problems: list[Problem], held_out: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
+    """A seeded train / held-out split; held-out problems are never trained on."""
+    order = list(range(len(problems)))
+    random.Random(seed).shuffle(order)
+    test = sorted(order[:held_out])
+    train = sorted(order[held_out:])
+    return [problems[i] for i in train], [problems[i] for i in test]
+
+
+def sft_records(problems: list[Problem], tokenizer, prompt_template: str = "{question}") -> list[dict]:
+    """DiRL SFT records for problems: the answer in ``\\boxed{}``, then end-of-turn and eos."""
+    from dirl_min.model import chat_prompt_ids
+
+    end = "<|im_end|>" + (tokenizer.eos_token or "")
+    records = []
+    for p in problems:
+        prompt = tokenizer.decode(chat_prompt_ids(tokenizer, prompt_template.format(question=p.question)))
+        records.append({"prompt": prompt, "response": f"\\boxed{{{p.answer}}}" + end})
+    return records
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Read records from a JSON list, a JSONL file or a parquet file.
+
+    Raises:
+        DataError: missing or empty file, bad JSON (with the line number), or a record
+            that is not an object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        import datasets
+
+        return [dict(r) for r in datasets.Dataset.from_parquet(str(path))]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty; expected JSON or JSONL records")
+    records: list = []
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        where = [f"{path}: record {i}" for i in range(len(records))]
+    else:
+        where = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+            where.append(f"{path}:{lineno}")
+    for rec, loc in zip(records, where):
+        if not isinstance(rec, dict):
+            raise DataError(f"{loc}: expected a JSON object, got {type(rec).__name__}")
+    if not records:
+        raise DataError(f"{path}: no records found")
+    return [dict(r, _where=loc) for r, loc in zip(records, where)] if where else records
+
+
+def _field(rec: dict, name: str, path) -> str:
+    where = rec.get("_where", str(path))
+    if name not in rec:
+        raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(k for k in rec if k != '_where')})")
+    value = rec[name]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name == "ground_truth_answer":
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field {name!r} is empty")
+    return value
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    """RL / evaluation problems (``question``, ``ground_truth_answer``) from a file."""
+    return [Problem(_field(r, "question", path), _field(r, "ground_truth_answer", path)) for r in load_records(path)]
+
+
+def load_sft(path: str | Path, tokenizer) -> list[dict]:
+    """SFT records (``prompt``/``response``, or chat ``messages``) from a file.
+
+    Chat messages are rendered with the tokenizer's chat template; the assistant
+    answer gets the end-of-turn and eos tokens, as in DiRL's SFT format.
+    """
+    out = []
+    for r in load_records(path):
+        if "messages" in r:
+            msgs = r["messages"]
+            where = r.get("_where", str(path))
+            if not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) for m in msgs):
+                raise DataError(f"{where}: field 'messages' must be a list of at least two {{role, content}} objects")
+            if msgs[-1].get("role") != "assistant":
+                raise DataError(f"{where}: the last message must have role 'assistant'")
+            prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+            out.append({"prompt": prompt, "response": msgs[-1]["content"] + "<|im_end|>" + (tokenizer.eos_token or "")})
+        else:
+            out.append({"prompt": _field(r, "prompt", path), "response": _field(r, "response", path)})
+    return out

@@ -1,0 +1,218 @@
+"""The two training stages as thin loops over the core: random-masking SFT, then DiPO.
+
+Each optimizer step's loss is normalised by the token count of the *whole* step
+(all micro-batches, all processes), so accumulation and data parallelism give the
+same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dirl_min.decoding import generate
+from dirl_min.dipo import build_layout, dipo_loss, filter_groups, group_advantages, layout_logp, step_rounds
+from dirl_min.masking import add_noise
+from dirl_min.model import chat_prompt_ids, diffusion_settings
+
+__all__ = ["SFTExample", "tokenize_sft", "sft_noise", "sft_loss", "make_scheduler", "rollout_and_reward", "dipo_step", "evaluate"]
+
+
+@dataclass
+class SFTExample:
+    """Token ids of prompt + response, right-padded with the pad token to whole blocks."""
+
+    ids: torch.Tensor  # int64 [L], L a multiple of B
+    prompt_len: int
+
+
+def tokenize_sft(records: list[dict], tokenizer, block_size: int, max_len: int) -> tuple[list[SFTExample], int]:
+    """Tokenise ``{prompt, response}`` records; returns the examples and how many were skipped as too long.
+
+    The response is padded with the pad token to a multiple of B counted on the whole
+    sequence; those pad positions are trained (SPEC §2).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out, skipped = [], 0
+    for rec in records:
+        p = tokenizer.encode(rec["prompt"], add_special_tokens=False)
+        r = tokenizer.encode(rec["response"], add_special_tokens=False)
+        total = -(-(len(p) + len(r)) // block_size) * block_size
+        if total > max_len:
+            skipped += 1
+            continue
+        out.append(SFTExample(torch.tensor(p + r + [pad] * (total - len(p) - len(r)), dtype=torch.long), len(p)))
+    return out, skipped
+
+
+def sft_noise(examples: list[SFTExample], mask_token_id: int, *, t_min: float = 0.0, eps: float = 1e-3,
+              generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Draw the SFT noise (SPEC §2) for a batch: per example a bool ``[L_i]`` mask of the
+    masked response positions, and the masking probabilities ``p``, float ``[N]``."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = e.ids
+        loss_mask[i, e.prompt_len: len(e.ids)] = True
+    _, is_masked, p = add_noise(ids, loss_mask, mask_token_id, eps=eps, t_min=t_min, generator=generator)
+    return [is_masked[i, : len(e.ids)] for i, e in enumerate(examples)], p
+
+
+def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: int, *, num_response_tokens: float,
+             masks: list[torch.Tensor] | None = None, p: torch.Tensor | None = None,
+             t_min: float = 0.0, eps: float = 1e-3, generator: torch.Generator | None = None):
+    """The random-masking loss of SPEC §2 on a micro-batch.
+
+    ``L = (1 / N_resp) Σ_{masked i} −log p(x0_i | x_t ; x_0) / p``, with ``N_resp`` the
+    response tokens of the whole optimizer step (``num_response_tokens``), so the
+    micro-batch losses of one step add up to the step's loss. The noise is drawn here
+    unless ``masks`` and ``p`` (from :func:`sft_noise`) are given.
+
+    Returns:
+        ``(loss, stats)``: scalar tensor (with grad) and floats ``masked`` (count) and
+        ``nll`` (mean per masked token, unweighted).
+    """
+    if masks is None:
+        masks, p = sft_noise(examples, mask_token_id, t_min=t_min, eps=eps, generator=generator)
+    batch = build_layout([e.ids for e in examples], [m[None] for m in masks], [m[None] for m in masks],
+                         mask_token_id, block_size)
+    logp = layout_logp(model, batch)
+    rows = batch.select.nonzero(as_tuple=True)[0]
+    weight = (1.0 / p[rows]).to(logp.device)
+    loss = -(logp * weight).sum() / num_response_tokens
+    return loss, {"masked": float(len(rows)), "nll": float(-logp.detach().mean())}
+
+
+def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float):
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
+def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_template, decode_cfg, temperature, top_k,
+                       top_p, max_new_tokens, rewards, generator, reward_workers=0, batch_size=0):
+    """Sample ``group_size`` responses per problem and score them.
+
+    Returns:
+        ``(rollout, total_rewards [n·G], correct [n·G], parts)`` — groups contiguous.
+    """
+    from dirl_min.rewards import RewardInput, compute_rewards
+
+    prompts = [chat_prompt_ids(tokenizer, prompt_template.format(question=p.question)) for p in problems]
+    prompts = [p for p in prompts for _ in range(group_size)]
+    kw = dict(max_new_tokens=max_new_tokens, strategy=decode_cfg.strategy, threshold=decode_cfg.threshold,
+              steps=decode_cfg.steps or None, temperature=temperature, top_k=top_k, top_p=top_p,
+              stop_token_ids=_stop_ids(tokenizer), fused_commit=decode_cfg.fused_commit, tokenizer=tokenizer)
+    policy_was_training = policy.training
+    policy.eval()
+    chunk = batch_size or len(prompts)
+    seeds = torch.randint(0, 2**32, (len(prompts),), generator=generator).tolist()
+    parts_out = [generate(policy, prompts[s:s + chunk], seeds=seeds[s:s + chunk], **kw) for s in range(0, len(prompts), chunk)]
+    policy.train(policy_was_training)
+    rollout = parts_out[0]
+    for extra in parts_out[1:]:
+        for name in ("prompt_ids", "response_ids", "step_map", "logp", "truncated", "stopped_at", "text", "seeds"):
+            getattr(rollout, name).extend(getattr(extra, name))
+        rollout.num_forwards += extra.num_forwards
+    block_size = rollout.block_size
+    samples = [
+        RewardInput(response=rollout.text[i], ground_truth=problems[i // group_size].answer,
+                    num_tokens=len(rollout.response_ids[i]), num_steps=rollout.num_steps(i),
+                    block_size=block_size, truncated=rollout.truncated[i], max_tokens=max_new_tokens)
+        for i in range(len(rollout))
+    ]
+    total, parts = compute_rewards(samples, rewards, num_workers=reward_workers)
+    return rollout, torch.tensor(total, dtype=torch.float32), torch.tensor(parts["correct"], dtype=torch.float32), parts
+
+
+def dipo_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_tokens: float, eps_low: float,
+              eps_high: float, beta: float = 0.0, ref_model=None, logp_old: torch.Tensor | None = None):
+    """DiPO loss on the kept responses of a rollout (SPEC §4.4–4.6), one packed forward.
+
+    Args:
+        model: the policy (possibly wrapped for distribution).
+        keep: indices of the responses to train on; ``advantages``: float ``[len(keep)]``.
+        num_tokens: response tokens of the whole step (the DAPO token-mean normaliser).
+        logp_old: float ``[targets]`` from an earlier pass (``num_iterations > 1``); default:
+            the current log-probs, detached (one on-policy pass: ratio 1).
+
+    Returns:
+        ``(loss, stats, logp)`` — ``logp`` detached, reusable as the next pass's ``logp_old``.
+    """
+    mask_id, block = rollout.mask_token_id, rollout.block_size
+    clean, noisy, targets = [], [], []
+    for i in keep:
+        clean.append(torch.tensor(rollout.prompt_ids[i] + rollout.response_ids[i], dtype=torch.long))
+        nz, tg = step_rounds(torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i]), block)
+        noisy.append(nz)
+        targets.append(tg)
+    batch = build_layout(clean, noisy, targets, mask_id, block)
+    logp, entropy = layout_logp(model, batch, with_entropy=True)
+    rows = batch.select.nonzero(as_tuple=True)[0]
+    adv = advantages.to(logp.device)[rows]
+    old = logp.detach() if logp_old is None else logp_old
+    ref = None
+    if beta > 0:
+        with torch.no_grad():
+            ref = layout_logp(ref_model, batch)
+    loss, stats = dipo_loss(logp[:, None], old[:, None], adv, torch.ones_like(logp[:, None], dtype=torch.bool),
+                            eps_low=eps_low, eps_high=eps_high, beta=beta,
+                            logp_ref=None if ref is None else ref[:, None], num_tokens=num_tokens)
+    stats["entropy"] = float(entropy.mean())
+    return loss, stats, logp.detach()
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems, *, samples: int, temperature: float, top_k: int, top_p: float,
+             greedy: bool, max_new_tokens: int, decode_cfg, prompt_template: str, seed: int, batch_size: int = 256):
+    """DiRL's protocol at small scale: avg@k at temperature T, pass@k, greedy accuracy,
+    tokens per step, mean response length (to the stop token) and truncation rate."""
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    weights = {"accuracy": 1.0}
+    rollout, _, correct, _ = rollout_and_reward(
+        model, tokenizer, problems, group_size=samples, prompt_template=prompt_template, decode_cfg=decode_cfg,
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, rewards=weights,
+        generator=gen, batch_size=batch_size)
+    per_problem = correct.view(-1, samples)
+    n = len(rollout)
+    out = {
+        "accuracy": float(per_problem.mean()),
+        f"pass@{samples}": float((per_problem.max(dim=1).values > 0).float().mean()),
+        "tokens_per_step": sum(rollout.tokens_per_step(i) for i in range(n)) / n,
+        "mean_length": sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in rollout.text) / n,
+        "truncation_rate": sum(rollout.truncated) / n,
+        "samples": samples,
+        "problems": len(problems),
+    }
+    if greedy:
+        g_roll, _, g_correct, _ = rollout_and_reward(
+            model, tokenizer, problems, group_size=1, prompt_template=prompt_template, decode_cfg=decode_cfg,
+            temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens, rewards=weights, generator=gen,
+            batch_size=batch_size)
+        out["greedy_accuracy"] = float(g_correct.mean())
+        out["greedy_tokens_per_step"] = sum(g_roll.tokens_per_step(i) for i in range(len(g_roll))) / len(g_roll)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def block_and_mask(model) -> tuple[int, int]:
+    """(B, M) of a possibly wrapped model: the model's config is the single source of truth."""
+    from dirl_min.forward import _unwrap
+
+    return diffusion_settings(_unwrap(model))

@@ -1,0 +1,194 @@
+"""Training loops: learning (not just running), exact accumulation, exact resume, config and data errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dirl_min import tasks
+from dirl_min.config import Config, parse_config
+from dirl_min.dipo import group_advantages
+from dirl_min.forward import SelectedLogits
+from dirl_min.model import build_tiny
+from dirl_min.trainer import dipo_step, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a 2-core machine
+    yield
+    torch.set_num_threads(old)
+
+
+def _examples(tok, n=16):
+    recs = tasks.sft_records(tasks.arithmetic_problems()[:n], tok)
+    ex, skipped = tokenize_sft(recs, tok, 4, 2048)
+    assert skipped == 0
+    return ex
+
+
+def test_sft_examples_are_padded_to_whole_blocks_with_trained_pad():
+    _, tok = build_tiny()
+    for e in _examples(tok, 8):
+        assert len(e.ids) % 4 == 0
+        assert e.ids[-1].item() in (tok.pad_token_id, tok.eos_token_id)
+
+
+def test_a_few_sft_steps_lower_the_loss_on_a_fixed_batch():
+    model, tok = build_tiny(seed=0)
+    ex = _examples(tok)
+    w = SelectedLogits(model)
+    n_resp = sum(len(e.ids) - e.prompt_len for e in ex)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def loss_at_fixed_noise():
+        with torch.no_grad():
+            return float(sft_loss(w, ex, model.config.mask_token_id, 4, num_response_tokens=n_resp, t_min=0.5,
+                                  generator=torch.Generator().manual_seed(123))[0])
+
+    before = loss_at_fixed_noise()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        loss, _ = sft_loss(w, ex, model.config.mask_token_id, 4, num_response_tokens=n_resp, t_min=0.1, generator=gen)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss_at_fixed_noise() < 0.7 * before
+
+
+def test_accumulated_micro_batches_give_the_same_loss_and_gradient_as_one_batch():
+    """k micro-batches of n (step-normalised, as the trainer does) equal one batch of k·n."""
+    model, tok = build_tiny(seed=1)
+    ex = _examples(tok, 12)[::-1]  # mixed lengths, so rows are padded differently in each split
+    w = SelectedLogits(model)
+    M = model.config.mask_token_id
+    n_resp = sum(len(e.ids) - e.prompt_len for e in ex)
+    masks, p = sft_noise(ex, M, t_min=0.1, generator=torch.Generator().manual_seed(0))
+
+    def run(splits):
+        model.zero_grad()
+        total = 0.0
+        for idx in splits:
+            loss, _ = sft_loss(w, [ex[i] for i in idx], M, 4, num_response_tokens=n_resp,
+                               masks=[masks[i] for i in idx], p=p[idx])
+            loss.backward()
+            total += float(loss.detach())
+        return total, [q.grad.clone() for q in model.parameters()]
+
+    one_loss, one = run([list(range(12))])
+    k_loss, k = run([list(range(i, 12, 3)) for i in range(3)])
+    assert k_loss == pytest.approx(one_loss, rel=1e-5)
+    for a, b in zip(one, k):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_few_dipo_steps_raise_the_mean_reward_on_a_toy_reward():
+    """Toy reward: 1 if the response (text) contains the digit '7'. DiPO should make sevens likelier."""
+    torch.manual_seed(0)
+    model, tok = build_tiny(seed=3)
+    from dirl_min.config import DecodeConfig
+
+    problems = [tasks.Problem("What is 3 + 4?", "7")] * 8
+    w = SelectedLogits(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+
+    def sample(n_problems=8):
+        roll, _, _, _ = rollout_and_reward(model, tok, problems[:n_problems], group_size=8, prompt_template="{question}",
+                                           decode_cfg=DecodeConfig(), temperature=1.0, top_k=0, top_p=1.0,
+                                           max_new_tokens=8, rewards={"accuracy": 1.0}, generator=gen)
+        reward = torch.tensor([float("7" in "".join(tok.decode([t]) for t in r)) for r in roll.response_ids])
+        return roll, reward
+
+    _, r0 = sample()
+    for _ in range(15):
+        roll, reward = sample()
+        adv = group_advantages(reward, 8)
+        n_tok = sum(len(x) for x in roll.response_ids)
+        loss, stats, _ = dipo_step(w, roll, list(range(len(roll))), adv, num_tokens=n_tok, eps_low=0.2, eps_high=0.28)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert stats["ratio_mean"] == pytest.approx(1.0)  # one on-policy pass
+    _, r1 = sample()
+    assert r1.mean() > r0.mean() + 0.2
+
+
+def test_engine_sees_the_trainers_weights_after_an_optimizer_step():
+    """Weight sync on CPU: the engine decodes with the very module the optimizer updates."""
+    from dirl_min.decoding import generate
+    from dirl_min.dipo import rescore
+
+    model, tok = build_tiny(seed=4)
+    prompt = [tok.encode("What is 1 + 1?")]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = generate(model, prompt, max_new_tokens=8, temperature=0.0)
+    model.lm_head.weight.grad = torch.randn_like(model.lm_head.weight)
+    opt.step()
+    after = generate(model, prompt, max_new_tokens=8, temperature=0.0)
+    with torch.no_grad():
+        assert (rescore(model, after)[0] - torch.tensor(after.logp[0])).abs().max() < 1e-4
+        assert (rescore(model, before)[0] - torch.tensor(before.logp[0])).abs().max() > 1e-4
+
+
+def test_config_layers_yaml_and_dotted_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("sft:\n  steps: 5\n  lr: 0.01\nrl:\n  rewards: {accuracy: 1.0, speed: 0.5}\n")
+    cfg = parse_config(["--config", str(y), "--sft.lr", "0.02", "--run.stages", "sft"])
+    assert cfg.sft.steps == 5 and cfg.sft.lr == 0.02
+    assert cfg.rl.rewards == {"accuracy": 1.0, "speed": 0.5}
+    assert cfg.run.stages == ["sft"]
+    assert Config().sft.steps != 5  # defaults untouched
+
+
+def test_config_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--sft.steps", "many"])
+    assert "--sft.steps: expected int, got 'many'" in capsys.readouterr().err
+    y = tmp_path / "bad.yaml"
+    y.write_text("sft:\n  stepz: 5\n")
+    with pytest.raises(ValueError, match="unknown setting 'sft.stepz'"):
+        parse_config(["--config", str(y)])
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    out = capsys.readouterr().out
+    for name in ("--sft.steps", "--rl.group_size", "--decode.threshold", "--run.out", "--model.path"):
+        assert name in out
+    assert "default: 2200" in out
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "the file is empty"),
+    ('{"question": "a", "ground_truth_answer": "1"}\n{"question": "b"\n', ":2: invalid JSON"),
+    ('{"question": "a"}\n', "missing field 'ground_truth_answer'"),
+    ('{"question": 3, "ground_truth_answer": "1"}\n', "field 'question' must be a string"),
+    ('[1, 2]', "record 0: expected a JSON object"),
+])
+def test_bad_rl_data_gets_a_clear_message(tmp_path, content, message):
+    f = tmp_path / "rl.jsonl"
+    f.write_text(content)
+    with pytest.raises(tasks.DataError, match=message.replace("(", r"\(")) as err:
+        tasks.load_problems(f)
+    assert str(f) in str(err.value)
+
+
+def test_bad_sft_messages_get_a_clear_message(tmp_path):
+    _, tok = build_tiny()
+    f = tmp_path / "sft.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(tasks.DataError, match="sft.jsonl:1: the last message must have role 'assistant'"):
+        tasks.load_sft(f, tok)
+
+
+def test_embedded_split_is_disjoint_and_seeded():
+    probs = tasks.arithmetic_problems()
+    train, test = tasks.split_problems(probs, 88, seed=0)
+    assert len(test) == 88 and len(train) + len(test) == len(probs) == 882
+    assert not {p.question for p in train} & {p.question for p in test}
+    assert tasks.split_problems(probs, 88, seed=0)[1] == test
