@@ -28,7 +28,7 @@ def _f(default, help: str):
 @dataclass
 class ModelConfig:
     path: str = _f("", "checkpoint folder (SDAR / DiRL / TraDo / Qwen3); empty = build the tiny model")
-    block_size: int = _f(4, "block size of the tiny model, or of a plain checkpoint without one (SDAR folders carry their own)")
+    block_size: int = _f(0, "block size: 0 = the checkpoint's own (the tiny model: 4); a value that conflicts with an SDAR checkpoint's is an error")
     mask_token_id: int = _f(-1, "mask id for a plain checkpoint without one (-1 = from the checkpoint/tokenizer)")
     hidden_size: int = _f(64, "tiny model: hidden size")
     num_layers: int = _f(2, "tiny model: layers")
@@ -185,12 +185,29 @@ def load_yaml(cfg: Config, path: str | Path) -> None:
             _apply(cfg, f"{section}.{name}", value, str(path))
 
 
+# Short spellings of the settings people type most.
+ALIASES = {
+    "--model": "model.path",
+    "--sft-data": "data.sft_data",
+    "--rl-data": "data.rl_data",
+    "--eval-data": "data.eval_data",
+    "--out": "run.out",
+    "--seed": "run.seed",
+    "--resume": "run.resume",
+}
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
     """An argparse parser with one ``--section.name`` option per setting (help = meaning, default)."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file of settings (overridden by the options below)")
+    short = parser.add_argument_group("short forms")
+    for flag, dotted in ALIASES.items():
+        if dotted == "run.resume":
+            short.add_argument(flag, dest=dotted, action="store_const", const="true", default=argparse.SUPPRESS,
+                               help="same as --run.resume true")
+        else:
+            short.add_argument(flag, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE", help=f"same as --{dotted}")
     defaults = Config()
     for section in dataclasses.fields(defaults):
         group = parser.add_argument_group(section.name)

@@ -8,8 +8,9 @@ Attention back ends, chosen from ``model.config._attn_implementation``:
 
 * ``sdpa`` (CPU default): an explicit bool mask ``[N, 1, Tq, Tk]``.
 * ``eager``: the same mask as an additive float mask.
-* ``flex_attention`` (GPU): a ``BlockMask`` built from :func:`dirl_min.masking.mask_mod`,
-  never a dense ``T × T`` tensor.
+* ``flex_attention`` (GPU): training layouts get a ``BlockMask`` built from
+  :func:`dirl_min.masking.mask_mod`, never a dense ``T × T`` tensor; decoding (a few
+  queries against the cache, a small dense mask) runs those calls on SDPA.
 """
 
 from __future__ import annotations
@@ -53,15 +54,23 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
     Returns:
         float ``[N, Tq, H]``.
     """
+    config = model.config
+    backend = attention_backend(model)
     if isinstance(attention_mask, torch.Tensor):
         attention_mask = _prepare_mask(model, attention_mask, model.get_input_embeddings().weight.dtype)
-    out = model.model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask={"full_attention": attention_mask},
-        cache=cache,
-        use_cache=cache is not None,
-    )
+        if backend == "flex_attention":
+            # a dense mask (decoding: a few queries against the cache) runs on SDPA
+            config._attn_implementation = "sdpa"
+    try:
+        out = model.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask={"full_attention": attention_mask},
+            cache=cache,
+            use_cache=cache is not None,
+        )
+    finally:
+        config._attn_implementation = backend
     return out.last_hidden_state
 
 

@@ -100,7 +100,7 @@ def build(cfg: Config):
     if cfg.model.path:
         model, tok = load_model(
             cfg.model.path,
-            block_size=cfg.model.block_size if cfg.model.block_size > 0 and not _is_sdar(cfg.model.path) else None,
+            block_size=cfg.model.block_size or None,
             mask_token_id=cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else None,
             dtype=_dtype(cfg.model.dtype),
         )
@@ -108,8 +108,12 @@ def build(cfg: Config):
         model, tok = build_tiny(
             hidden_size=cfg.model.hidden_size, num_layers=cfg.model.num_layers, num_heads=cfg.model.num_heads,
             num_kv_heads=cfg.model.num_kv_heads, head_dim=max(1, cfg.model.hidden_size // cfg.model.num_heads),
-            intermediate_size=cfg.model.intermediate_size, block_size=cfg.model.block_size, seed=cfg.run.seed,
+            intermediate_size=cfg.model.intermediate_size, block_size=cfg.model.block_size or 4, seed=cfg.run.seed,
         )
+    attn = cfg.model.attn_implementation
+    if attn == "auto":
+        attn = "flex_attention" if torch.cuda.is_available() else "sdpa"  # CPU flex has no backward
+    model.set_attn_implementation(attn)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     problems = tasks.arithmetic_problems(cfg.data.task_max_operand, tuple(cfg.data.task_levels))
@@ -120,13 +124,6 @@ def build(cfg: Config):
     if cfg.eval.max_problems:
         ev = ev[: cfg.eval.max_problems]
     return model, tok, sft, rl, ev
-
-
-def _is_sdar(path: str) -> bool:
-    try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type", "").startswith("sdar")
-    except (OSError, ValueError):
-        return False
 
 
 def _dtype(name: str):

@@ -174,3 +174,25 @@ def test_block_size_one_equals_transformers_causal_lm():
                                              block_causal_mask(ids.shape[1], 1)[None, None]))
         theirs = model(input_ids=ids).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_flex_attention_training_layout_equals_sdpa_and_keeps_the_invariant():
+    """The GPU path's BlockMask (built from mask_mod, no dense mask) computes what SDPA computes.
+
+    Forward only: on CPU flex_attention has no backward, so CPU training uses SDPA.
+    """
+    model, tok = sharp_tiny(4)
+    out = generate(model, [tok.encode(p) for p in PROMPTS], max_new_tokens=16, temperature=1.0, threshold=0.6,
+                   generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sdpa = rescore(model, out)
+        model.set_attn_implementation("flex_attention")
+        try:
+            flex = rescore(model, out)
+            flex_decoded = generate(model, [tok.encode(p) for p in PROMPTS], max_new_tokens=16, temperature=1.0,
+                                    threshold=0.6, generator=torch.Generator().manual_seed(0))
+        finally:
+            model.set_attn_implementation("sdpa")
+    for a, b in zip(sdpa, flex):
+        assert (a - b).abs().max() <= 1e-5
+    assert flex_decoded.response_ids == out.response_ids

@@ -192,3 +192,13 @@ def test_embedded_split_is_disjoint_and_seeded():
     assert len(test) == 88 and len(train) + len(test) == len(probs) == 882
     assert not {p.question for p in train} & {p.question for p in test}
     assert tasks.split_problems(probs, 88, seed=0)[1] == test
+
+
+def test_shipped_tiny_config_is_the_default(repo_root):
+    """configs/tiny.yaml documents the default; it must not drift from the dataclass defaults."""
+    assert parse_config(["--config", str(repo_root / "configs" / "tiny.yaml")]) == Config()
+
+
+def test_shipped_gpu_config_parses(repo_root):
+    cfg = parse_config(["--config", str(repo_root / "configs" / "sdar-8b-dirl.yaml"), "--model", "/ckpt/x"])
+    assert cfg.model.path == "/ckpt/x" and cfg.rl.top_k == 50 and cfg.decode.threshold == 0.9
