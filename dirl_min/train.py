@@ -92,7 +92,7 @@ def save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
 
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted(p for p in (out / "checkpoints").glob("*-*") if (p / "trainer_state.pt").is_file() and not p.name.endswith(".tmp"))
-    return max(ckpts, key=lambda p: (torch.load(p / "trainer_state.pt", weights_only=False)["order"]), default=None)
+    return max(ckpts, key=lambda p: torch.load(p / "trainer_state.pt", weights_only=False)["ckpt_index"], default=None)
 
 
 def build(cfg: Config):
@@ -385,13 +385,13 @@ def main(argv=None) -> dict:
         (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     log = MetricsLog(out, accel.is_main_process)
     progress = sys.stderr.isatty() or os.environ.get("DIRL_PROGRESS") == "1"
-    order = state.get("order_counter", 0)
+    ckpt_index = state.get("ckpt_index", 0)  # orders checkpoints: "latest" = highest index
 
     def checkpoint(name, st):
-        nonlocal order
-        order += 1
+        nonlocal ckpt_index
+        ckpt_index += 1
         if accel.is_main_process:
-            st.update(rng=_rng_state(), summary=summary, order=order, order_counter=order)
+            st.update(rng=_rng_state(), summary=summary, ckpt_index=ckpt_index)
             save_checkpoint(out / "checkpoints" / name, _unwrap(model), tok, st)
         accel.wait_for_everyone()
 

@@ -202,3 +202,92 @@ def test_shipped_tiny_config_is_the_default(repo_root):
 def test_shipped_gpu_config_parses(repo_root):
     cfg = parse_config(["--config", str(repo_root / "configs" / "sdar-8b-dirl.yaml"), "--model", "/ckpt/x"])
     assert cfg.model.path == "/ckpt/x" and cfg.rl.top_k == 50 and cfg.decode.threshold == 0.9
+
+
+def _tiny_run_args(out, *extra):
+    return ["--out", str(out), "--eval.max_problems", "2", "--eval.samples", "1", "--eval.greedy", "false",
+            "--sft.steps", "6", "--sft.batch_size", "8", "--sft.warmup_steps", "2", "--rl.steps", "4",
+            "--rl.prompts_per_step", "4", "--rl.group_size", "4", "--rl.max_new_tokens", "8",
+            "--eval.max_new_tokens", "8", "--run.log_every", "1", *extra]
+
+
+def _final_params(out):
+    from dirl_min.model import load_model
+
+    model, _ = load_model(out / "checkpoints" / "rl-final" / "model")
+    return model.state_dict()
+
+
+def test_resume_after_an_interruption_gives_identical_parameters(tmp_path, monkeypatch):
+    """N steps straight == N/2 steps, a crash, --resume, the rest: same weights, bit for bit."""
+    from dirl_min import train
+
+    straight = tmp_path / "straight"
+    train.main(_tiny_run_args(straight, "--run.save_every", "3"))
+
+    interrupted = tmp_path / "interrupted"
+    real_save = train.save_checkpoint
+    saves = []
+
+    def crash_after_second_save(path, *a, **k):
+        real_save(path, *a, **k)
+        saves.append(path.name)
+        if len(saves) == 2:  # sft-000003, sft-final; the crash hits mid-RL set-up
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_tiny_run_args(interrupted, "--run.save_every", "3"))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert not (interrupted / "checkpoints" / "rl-final").exists()
+    summary = train.main(_tiny_run_args(interrupted, "--run.save_every", "3", "--resume"))
+
+    a, b = _final_params(straight), _final_params(interrupted)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert {"base", "sft", "rl", "wall_seconds"} <= summary.keys()
+
+
+def test_resume_mid_stage_continues_from_the_step(tmp_path, monkeypatch):
+    from dirl_min import train
+
+    straight = tmp_path / "straight"
+    train.main(_tiny_run_args(straight, "--run.save_every", "2"))
+    interrupted = tmp_path / "interrupted"
+    real_save = train.save_checkpoint
+
+    def crash_at_rl_step_2(path, *a, **k):
+        real_save(path, *a, **k)
+        if path.name == "rl-000002":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_at_rl_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(_tiny_run_args(interrupted, "--run.save_every", "2"))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.main(_tiny_run_args(interrupted, "--run.save_every", "2", "--resume"))
+    a, b = _final_params(straight), _final_params(interrupted)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in (interrupted / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["stage"] == "rl"]
+    assert steps == [1, 2, 3, 4]  # the log continues, nothing repeated or lost
+
+
+def test_main_job_writes_its_outputs(tmp_path):
+    from dirl_min import train
+
+    out = tmp_path / "run"
+    summary = train.main(_tiny_run_args(out))
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["base"]["accuracy"] == summary["base"]["accuracy"]
+    for stage in ("base", "sft", "rl"):
+        assert {"accuracy", "tokens_per_step"} <= saved[stage].keys()
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "sft"] == list(range(1, 7))
+    assert {"reward", "kept_fraction", "time_update", "tokens_per_step"} <= rows[-1].keys()
+    from PIL import Image
+
+    assert Image.open(out / "curves.png").size[0] > 500
+    assert any((out / "tensorboard").iterdir())
