@@ -82,6 +82,7 @@ class RLConfig:
     eps_high: float = _f(0.28, "PPO clip: upper (DAPO clip-higher)")
     beta: float = _f(0.0, "weight of the k3 KL to a frozen reference model (0 = no reference)")
     num_iterations: int = _f(1, "optimisation passes per batch (>1 reuses logp_old)")
+    micro_batch: int = _f(0, "responses per training forward (0 = all kept responses of a rollout at once)")
     sampling_rounds: int = _f(1, "dynamic sampling: at most this many rounds of prompts to fill the batch with mixed groups")
     rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength")
     temperature: float = _f(1.0, "rollout temperature")

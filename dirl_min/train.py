@@ -32,6 +32,7 @@ from dirl_min.trainer import (
     make_scheduler,
     rollout_and_reward,
     sft_loss,
+    sft_noise,
     tokenize_sft,
 )
 from dirl_min.dipo import filter_groups, group_advantages
@@ -177,25 +178,28 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
             batch.append(examples[order[cursor]])
             cursor += 1
         n_resp = sum(len(e.ids) - e.prompt_len for e in batch)  # the whole step's response tokens
-        mine = batch[rank::world]
+        # Noise is drawn for the whole global batch on every process, then sliced: the update
+        # is then the same whatever the number of processes and micro-batches.
+        masks, p = sft_noise(batch, M, t_min=cfg.sft.t_min, eps=cfg.sft.eps, generator=gen)
+        mine = list(range(rank, len(batch), world))
         micro = [mine[i::cfg.sft.grad_accum] for i in range(cfg.sft.grad_accum)]
-        total_loss = 0.0
-        for k, mb in enumerate(micro):
-            # each micro-batch's loss is scaled to the step's global mean: accelerate divides by
-            # grad_accum and DDP averages over processes, which these factors undo
-            loss, st = sft_loss(wrapped, mb, M, B, num_response_tokens=n_resp, t_min=cfg.sft.t_min,
-                                eps=cfg.sft.eps, generator=gen)
-            ctx = accel.no_sync(wrapped) if k < len(micro) - 1 else _nullcontext()
-            with ctx:
+        total_loss = torch.zeros((), device=accel.device)
+        for k, idx in enumerate(micro):
+            # losses are normalised by the step's global token count; DDP averages over
+            # processes, which the factor `world` undoes, so gradients add up to the full batch's
+            loss, _ = sft_loss(wrapped, [batch[i] for i in idx], M, B, num_response_tokens=n_resp,
+                               masks=[masks[i] for i in idx], p=p[idx])
+            with accel.no_sync(wrapped) if k < len(micro) - 1 else _nullcontext():
                 accel.backward(loss * world)
-            total_loss += float(loss.detach())
+            total_loss += loss.detach()
+        total_loss = float(accel.reduce(total_loss, "sum")) if world > 1 else float(total_loss)
         if not torch.isfinite(torch.tensor(total_loss)):
             raise FloatingPointError(f"SFT step {step}: the loss is {total_loss}; lower sft.lr or raise sft.t_min")
         gnorm = accel.clip_grad_norm_(params, cfg.sft.grad_clip) if cfg.sft.grad_clip > 0 else torch.tensor(0.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        tokens += sum(len(e.ids) * 2 for e in mine)
+        tokens += sum(len(batch[i].ids) * 2 for i in mine)
         tps = tokens / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:.0f}")
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.sft.steps:
@@ -244,38 +248,36 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
     for step in bar:
         times = {}
         t = time.perf_counter()
-        kept_roll, kept_idx, kept_adv, sampled_groups, n_rounds = [], [], [], 0, 0
-        metrics_rows = []
-        want = cfg.rl.prompts_per_step
+        kept = []  # (rollout, response indices, their advantages), one entry per kept group
+        metrics_rows, sampled_groups, n_rounds = [], 0, 0
+        want = max(1, cfg.rl.prompts_per_step // world)  # groups this process trains on
         for _ in range(max(1, cfg.rl.sampling_rounds)):
             n_rounds += 1
             chosen = []
-            while len(chosen) < want:
+            while len(chosen) < cfg.rl.prompts_per_step:
                 if cursor >= len(order):
                     order, cursor = order_rng.sample(range(len(problems)), len(problems)), 0
                 chosen.append(problems[order[cursor]])
                 cursor += 1
             mine = chosen[rank::world]
-            # the weights being trained are the engine's weights (same module): the sync is free on one device
-            roll, rewards, correct, parts = rollout_and_reward(
+            # sampling seeds for the global batch, then this process's share: same samples for any world size
+            seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
+            # the engine decodes with the module being trained: on one device the weight sync is free
+            roll, rewards, correct, _ = rollout_and_reward(
                 _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
                 decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
-                max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, generator=gen,
+                max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
                 reward_workers=cfg.rl.reward_workers)
             sampled_groups += len(mine)
             adv = group_advantages(rewards, G)
-            keep = filter_groups(correct, G).nonzero()[:, 0].tolist()
             metrics_rows.append((roll, rewards, correct))
-            for g in keep:
-                idx = list(range(g * G, (g + 1) * G))
-                kept_roll.append(roll)
-                kept_idx.append(idx)
-                kept_adv.append(adv[idx])
-            if len(kept_idx) * world >= want:
+            for g in filter_groups(correct, G).nonzero()[:, 0].tolist():
+                kept.append((roll, list(range(g * G, (g + 1) * G)), adv[g * G:(g + 1) * G]))
+            if len(kept) >= want:
                 break
         times["rollout_and_reward"] = time.perf_counter() - t
-        cap_hit = len(kept_idx) * world < want
-        kept_idx, kept_roll, kept_adv = kept_idx[: max(1, want // world)], kept_roll[: max(1, want // world)], kept_adv[: max(1, want // world)]
+        cap_hit = len(kept) < want
+        kept = kept[:want]
         rew = torch.cat([r for _, r, _ in metrics_rows])
         acc = torch.cat([c for _, _, c in metrics_rows])
         rolls = [r for r, _, _ in metrics_rows]
@@ -283,34 +285,38 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             "reward": float(rew.mean()), "accuracy": float(acc.mean()),
             "tokens_per_step": sum(r.tokens_per_step(i) for r in rolls for i in range(len(r))) / len(acc),
             "response_length": sum(len(x) for r in rolls for x in r.response_ids) / len(acc),
-            "kept_fraction": len(kept_idx) / max(1, sampled_groups), "sampling_rounds": n_rounds,
+            "kept_fraction": len(kept) / max(1, sampled_groups), "sampling_rounds": n_rounds,
             "cap_hit": int(cap_hit),
         }
         t = time.perf_counter()
-        n_tok_local = sum(len(kr.response_ids[i]) for kr, idx in zip(kept_roll, kept_idx) for i in idx)
+        # micro-batches: kept responses of one rollout, at most rl.micro_batch of them per forward
+        micro = []
+        for roll in {id(k[0]): k[0] for k in kept}.values():
+            idx = [i for r, ids, _ in kept if r is roll for i in ids]
+            adv = torch.cat([a for r, _, a in kept if r is roll])
+            size = cfg.rl.micro_batch or len(idx)
+            micro += [(roll, idx[s:s + size], adv[s:s + size]) for s in range(0, len(idx), size)]
+        n_tok_local = sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx)
         n_tok = float(accel.reduce(torch.tensor(float(n_tok_local), device=accel.device), "sum")) if world > 1 else float(n_tok_local)
-        stats = {}
-        if kept_idx and n_tok > 0:
-            logp_old = None
+        if micro and n_tok > 0:
+            logp_old = [None] * len(micro)
             for it in range(cfg.rl.num_iterations):
-                loss_total = 0.0
-                for k, (kr, idx, a) in enumerate(zip(kept_roll, kept_idx, kept_adv)):
+                loss_total, stats = 0.0, {}
+                for k, (roll, idx, adv) in enumerate(micro):
                     loss, stats_k, logp = dipo_step(
-                        wrapped, kr, idx, a, num_tokens=n_tok, eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high,
-                        beta=cfg.rl.beta, ref_model=ref_model, logp_old=None if logp_old is None else logp_old[k])
-                    ctx = accel.no_sync(wrapped) if k < len(kept_idx) - 1 else _nullcontext()
-                    with ctx:
+                        wrapped, roll, idx, adv, num_tokens=n_tok, eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high,
+                        beta=cfg.rl.beta, ref_model=ref_model, logp_old=logp_old[k])
+                    if it == 0 and cfg.rl.num_iterations > 1:
+                        logp_old[k] = logp  # the sampling policy's log-probs, computed once and reused
+                    with accel.no_sync(wrapped) if k < len(micro) - 1 else _nullcontext():
                         accel.backward(loss * world)
                     loss_total += float(loss.detach())
-                    stats = {key: stats.get(key, 0.0) + v / len(kept_idx) for key, v in stats_k.items()}
-                    if cfg.rl.num_iterations > 1 and it == 0:
-                        logp_old = (logp_old or []) + [logp]
+                    stats = {key: stats.get(key, 0.0) + v / len(micro) for key, v in stats_k.items()}
                 gnorm = accel.clip_grad_norm_(params, cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else torch.tensor(0.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                row.update(loss=loss_total, grad_norm=float(gnorm))
+            row.update(loss=loss_total, grad_norm=float(gnorm), **stats)
         times["update"] = time.perf_counter() - t
-        row.update(stats)
         row.update({f"time_{k}": v for k, v in times.items()})
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kept=f"{row['kept_fraction']:.2f}")
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.rl.steps:

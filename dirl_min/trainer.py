@@ -105,8 +105,10 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_template, decode_cfg, temperature, top_k,
-                       top_p, max_new_tokens, rewards, generator, reward_workers=0, batch_size=0):
+                       top_p, max_new_tokens, rewards, generator=None, seeds=None, reward_workers=0, batch_size=0):
     """Sample ``group_size`` responses per problem and score them.
+
+    The per-response sampling seeds are ``seeds`` (``n·G`` ints) or drawn from ``generator``.
 
     Returns:
         ``(rollout, total_rewards [n·G], correct [n·G], parts)`` — groups contiguous.
@@ -121,7 +123,8 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
     policy_was_training = policy.training
     policy.eval()
     chunk = batch_size or len(prompts)
-    seeds = torch.randint(0, 2**32, (len(prompts),), generator=generator).tolist()
+    if seeds is None:
+        seeds = torch.randint(0, 2**32, (len(prompts),), generator=generator).tolist()
     parts_out = [generate(policy, prompts[s:s + chunk], seeds=seeds[s:s + chunk], **kw) for s in range(0, len(prompts), chunk)]
     policy.train(policy_was_training)
     rollout = parts_out[0]

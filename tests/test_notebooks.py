@@ -1,0 +1,167 @@
+"""The tutorial notebooks: committed exactly as built, without outputs, and executing correctly.
+
+Each notebook is executed with nbclient in a temporary working directory, on a kernel that
+runs *this* interpreter (a kernel spec written for the test, launching ``sys.executable -m
+ipykernel_launcher``: only ipykernel is needed, and no kernel registered elsewhere on the
+machine can be picked up by mistake). Every notebook ends with a cell tagged ``checks`` that
+asserts its key claims and leaves them in ``CHECKS``; the test reads that dict back from the
+kernel and checks the main values itself, so a wrong core breaks the test, not just a plot.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (installed with nbclient)
+from jupyter_client.manager import AsyncKernelManager  # noqa: E402
+from nbclient import NotebookClient  # noqa: E402
+from nbclient.exceptions import CellExecutionError  # noqa: E402
+
+NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL_NAME = "dirl-min-notebook-test"
+CELL_TIMEOUT = 240  # seconds per cell; notebook 04's training cell is the longest (~30 s on 2 busy cores)
+PROBE_MARK = "@@NOTEBOOK_PROBE@@"
+PROBE = (
+    "import json as _json, sys as _sys\n"
+    f"print({PROBE_MARK!r} + _json.dumps({{'executable': _sys.executable, 'prefix': _sys.prefix, 'checks': CHECKS}},"
+    " default=str))"
+)
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILDER = _builder()
+NAMES = list(BUILDER.NOTEBOOKS)
+
+
+def test_the_four_notebooks_exist():
+    assert NAMES == ["01_masks_and_noise.ipynb", "02_block_decoding.ipynb", "03_dipo.ipynb", "04_end_to_end.ipynb"]
+    assert sorted(p.name for p in NB_DIR.glob("*.ipynb")) == sorted(NAMES), "stray or missing notebook files"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_equals_builder_output(name):
+    committed = (NB_DIR / name).read_text(encoding="utf-8")
+    assert committed == BUILDER.render(name), f"{name} drifted: run `python notebooks/build_notebooks.py`"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_has_no_outputs_and_a_checks_cell(name):
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for c in code:
+        assert c.outputs == [] and c.execution_count is None, f"{name}: cell {c.id} carries outputs"
+    assert "torch.set_num_threads(1)" in code[0].source
+    last = code[-1]
+    assert last.metadata.get("tags") == ["checks"], f"{name}: the last code cell must be the checks cell"
+    assert "CHECKS = {" in last.source and last.source.count("assert ") >= 3
+    assert sum("checks" in c.metadata.get("tags", []) for c in code) == 1
+    assert all(c.cell_type in ("markdown", "code") for c in nb.cells)
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+
+
+@pytest.fixture(scope="module")
+def kernel_specs(tmp_path_factory):
+    """A kernel spec that launches this interpreter, in a folder of its own."""
+    root = tmp_path_factory.mktemp("kernels")
+    spec_dir = root / KERNEL_NAME
+    spec_dir.mkdir()
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "dirl_min notebook test",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return KernelSpecManager(kernel_dirs=[str(root)], ensure_native_kernel=False)
+
+
+def execute(name: str, kernel_specs, workdir: Path):
+    """Run a notebook (plus a probe cell) in ``workdir``; returns (executed nb, probe dict, seconds)."""
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PROBE))
+    km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_specs)
+    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=False,
+                            resources={"metadata": {"path": str(workdir)}})
+    t0 = time.perf_counter()
+    try:
+        client.execute()
+    except CellExecutionError as exc:  # the message holds the failing cell's source and traceback
+        pytest.fail(f"{name}: a cell raised\n{exc}")
+    seconds = time.perf_counter() - t0
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{name}: error outputs {[(e.ename, e.evalue) for e in errors]}"
+    unexecuted = [c.id for c in nb.cells if c.cell_type == "code" and c.execution_count is None]
+    assert not unexecuted, f"{name}: cells not executed: {unexecuted}"
+    text = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
+    assert PROBE_MARK in text, f"{name}: the probe printed nothing: {text!r}"
+    probe = json.loads(text.split(PROBE_MARK, 1)[1].strip())
+    return nb, probe, seconds
+
+
+def _figures(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def _check_01(c):
+    assert c["masks_match_reference"] and c["mask_is_union_of_clauses"]
+    assert c["clean_queries_never_see_noisy_keys"]
+    assert c["clean_half_equals_block_causal_pass"] < 1e-5
+    assert c["prompt_never_masked"] and c["every_row_masked"]
+    assert c["weighted_loss_rel_err"] < 0.05
+
+
+def _check_02(c):
+    assert c["first_step_matches_hand"] and c["some_step_commits_several"] and c["step_map_monotone"]
+    assert c["tps_in_range"] and c["tps_low_threshold"] > 2.0 and c["tps_high_threshold"] == 1.0
+    assert c["static_k1_tps"] == 1.0
+    assert c["fused_saves_one_forward_per_block"]
+    assert c["cached_equals_reference"] and c["max_logp_diff_vs_reference"] < 1e-4
+
+
+def _check_03(c):
+    assert c["max_abs_diff"] < 1e-4, "consistency invariant: rescore != recorded logp"
+    assert c["reference_rescore_diff"] < 1e-4 and c["packed_vs_per_round"] < 1e-5
+    assert c["wrong_step_map_diff"] > 1e-2 and c["rounds"] > 1
+    assert c["every_token_target_once"] and c["step_rounds_match_reference"]
+    assert c["advantages_match_reference"] and c["filter_matches_reference"]
+    assert c["kept_groups"] == [True, True, False, False]
+    assert c["grad_is_minus_A_over_N"] and c["loss_matches_reference"] and c["clip_zero_grad"]
+
+
+def _check_04(c):
+    assert c["stages"] == ["base", "sft", "rl"]
+    assert c["sft_rows"] == 75 and c["rl_rows"] == 10
+    assert c["sft_loss_last"] < c["sft_loss_first"] / 5
+    assert all(1.0 <= v <= 4.0 for v in c["tps"].values())
+    assert c["tps"]["base"] == 1.0 and c["tps"]["sft"] > 1.0
+    assert c["ratio_is_one"] and c["rl_updates"] > 0
+
+
+CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "04": (_check_04, 1)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_executes_and_its_claims_hold(name, kernel_specs, tmp_path):
+    nb, probe, seconds = execute(name, kernel_specs, tmp_path)
+    assert (probe["executable"], probe["prefix"]) == (sys.executable, sys.prefix), "kernel ran another interpreter"
+    check, min_figures = CHECKERS[name[:2]]
+    check(probe["checks"])
+    assert _figures(nb) >= min_figures, f"{name}: expected at least {min_figures} figures"
+    assert seconds < 120, f"{name} took {seconds:.0f} s"
+    print(f"{name}: {seconds:.1f} s")
