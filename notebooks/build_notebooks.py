@@ -53,7 +53,9 @@ import dirl_min
 
 # `reference/` (slow, loop-by-loop implementations written straight from the SPEC) lives next to
 # the package in the repository and is not installed: put the repository on the path.
-ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]
+ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]  # an editable install: the repository
+if not (ROOT / "reference").is_dir():
+    ROOT = pathlib.Path.cwd().parent  # a regular install, notebook opened from notebooks/
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

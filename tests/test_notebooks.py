@@ -26,6 +26,7 @@ from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (installe
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 from nbclient.exceptions import CellExecutionError  # noqa: E402
+from traitlets import default  # noqa: E402  (a dependency of jupyter_client)
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "dirl-min-notebook-test"
@@ -77,8 +78,12 @@ def test_committed_notebook_has_no_outputs_and_a_checks_cell(name):
 
 
 @pytest.fixture(scope="module")
-def kernel_specs(tmp_path_factory):
-    """A kernel spec that launches this interpreter, in a folder of its own."""
+def kernel_manager_class(tmp_path_factory):
+    """A kernel manager class whose only kernel spec launches this interpreter.
+
+    Passed to nbclient as a class (not an instance) so that nbclient owns the kernel and shuts it
+    down after each notebook.
+    """
     root = tmp_path_factory.mktemp("kernels")
     spec_dir = root / KERNEL_NAME
     spec_dir.mkdir()
@@ -88,15 +93,21 @@ def kernel_specs(tmp_path_factory):
         "language": "python",
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    return KernelSpecManager(kernel_dirs=[str(root)], ensure_native_kernel=False)
+
+    class ThisInterpreterKernelManager(AsyncKernelManager):
+        @default("kernel_spec_manager")
+        def _only_this_interpreter(self):
+            return KernelSpecManager(kernel_dirs=[str(root)], ensure_native_kernel=False)
+
+    return ThisInterpreterKernelManager
 
 
-def execute(name: str, kernel_specs, workdir: Path):
+def execute(name: str, kernel_manager_class, workdir: Path):
     """Run a notebook (plus a probe cell) in ``workdir``; returns (executed nb, probe dict, seconds)."""
     nb = nbformat.read(NB_DIR / name, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
-    km = AsyncKernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_specs)
-    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=False,
+    client = NotebookClient(nb, kernel_name=KERNEL_NAME, kernel_manager_class=kernel_manager_class,
+                            timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=False,
                             resources={"metadata": {"path": str(workdir)}})
     t0 = time.perf_counter()
     try:
@@ -157,8 +168,8 @@ CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "0
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_executes_and_its_claims_hold(name, kernel_specs, tmp_path):
-    nb, probe, seconds = execute(name, kernel_specs, tmp_path)
+def test_notebook_executes_and_its_claims_hold(name, kernel_manager_class, tmp_path):
+    nb, probe, seconds = execute(name, kernel_manager_class, tmp_path)
     assert (probe["executable"], probe["prefix"]) == (sys.executable, sys.prefix), "kernel ran another interpreter"
     check, min_figures = CHECKERS[name[:2]]
     check(probe["checks"])

@@ -291,3 +291,32 @@ def test_main_job_writes_its_outputs(tmp_path):
 
     assert Image.open(out / "curves.png").size[0] > 500
     assert any((out / "tensorboard").iterdir())
+
+
+def test_two_process_accelerate_run_matches_one_process(tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP over gloo) gives the 1-process update.
+
+    (accelerate 1.15 starts one process for `--cpu --num_processes 2`; `--multi_gpu` with
+    no GPU gives real CPU processes.)
+    """
+    import subprocess
+    import sys
+
+    from dirl_min import train
+    from dirl_min.model import build_tiny, load_model
+
+    args = ["--eval.max_problems", "1", "--eval.samples", "1", "--eval.greedy", "false", "--eval.max_new_tokens", "4",
+            "--sft.steps", "4", "--sft.batch_size", "8", "--sft.warmup_steps", "2", "--run.stages", "sft"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "dirl_min.train", *args, "--out", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    train.main([*args, "--out", str(tmp_path / "one")])
+    init = build_tiny(seed=0)[0].state_dict()
+    one = load_model(tmp_path / "one" / "checkpoints" / "sft-final" / "model")[0].state_dict()
+    two = load_model(tmp_path / "two" / "checkpoints" / "sft-final" / "model")[0].state_dict()
+    diff = sum(float((one[k] - two[k]).pow(2).sum()) for k in one) ** 0.5
+    moved = sum(float((one[k] - init[k]).pow(2).sum()) for k in one) ** 0.5
+    assert moved > 0.1
+    assert diff < 1e-3 * moved  # the same update up to float summation order
