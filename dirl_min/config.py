@@ -49,7 +49,7 @@ class DataConfig:
     task_max_operand: int = _f(20, "embedded task: operands run over 0..N")
     held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on)")
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
-    prompt_template: str = _f("{question}", "user message built from a question (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{{}}.')")
+    prompt_template: str = _f("{question}", "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
     max_prompt_tokens: int = _f(1024, "prompts longer than this are skipped and counted")
 
 

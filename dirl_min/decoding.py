@@ -191,6 +191,7 @@ class Rollout:
     num_forwards: int = 0
     text: list[str] | None = None
     seeds: list[int] = field(default_factory=list)
+    text_lengths: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -198,6 +199,10 @@ class Rollout:
     def num_steps(self, i: int) -> int:
         """Distinct denoising steps of sequence i."""
         return len(set(self.step_map[i]))
+
+    def length_to_stop(self, i: int) -> int:
+        """Response tokens before the first stop token (what a user reads)."""
+        return self.text_lengths[i] if self.text_lengths else len(self.response_ids[i])
 
     def tokens_per_step(self, i: int) -> float:
         """Response tokens per distinct step, in ``[1, B]`` (SPEC §3)."""
@@ -382,17 +387,17 @@ def generate(
             rows = rows[keep]
             cache.select_rows(keep.nonzero()[:, 0])
 
-    response_ids, step_map, logps, texts = [], [], [], []
+    response_ids, step_map, logps, texts, cuts = [], [], [], [], []
     stop_set = set(stop.tolist())
     for i, p in enumerate(prompt_ids):
         start, end = pad[i] + len(p), stopped_at[i]
         response_ids.append(ids[i, start:end].tolist())
         step_map.append(step_at[i, start:end].tolist())
         logps.append(logp_at[i, start:end].tolist())
+        toks = response_ids[-1]
+        cuts.append(next((j for j, t in enumerate(toks) if t in stop_set), len(toks)))
         if tokenizer is not None:
-            toks = response_ids[-1]
-            cut = next((j for j, t in enumerate(toks) if t in stop_set), len(toks))
-            texts.append(tokenizer.decode(toks[:cut], skip_special_tokens=False))
+            texts.append(tokenizer.decode(toks[: cuts[-1]], skip_special_tokens=False))
     return Rollout(
         prompt_ids=[list(p) for p in prompt_ids],
         response_ids=response_ids,
@@ -405,6 +410,7 @@ def generate(
         num_forwards=n_forwards,
         text=texts if tokenizer is not None else None,
         seeds=list(seeds),
+        text_lengths=cuts,
     )
 
 
@@ -412,10 +418,8 @@ def generate_text(model, tokenizer, prompts, **kwargs) -> Rollout:
     """:func:`generate` on chat prompts: each prompt is a user message (str) or a list of
     chat messages, rendered with the tokenizer's chat template; stops on its eos and
     end-of-turn tokens unless ``stop_token_ids`` is given."""
-    from dirl_min.model import chat_prompt_ids
+    from dirl_min.model import chat_prompt_ids, stop_token_ids
 
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    if "stop_token_ids" not in kwargs:
-        stops = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        kwargs["stop_token_ids"] = [s for s in stops if isinstance(s, int) and s >= 0]
+    kwargs.setdefault("stop_token_ids", stop_token_ids(tokenizer))
     return generate(model, ids, tokenizer=tokenizer, **kwargs)

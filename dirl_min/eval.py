@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_ks
-from dirl_min.tasks import DataError, Problem
+from dirl_min.model import stop_token_ids
+from dirl_min.tasks import DataError, Problem, render_prompt
 
 __all__ = [
     "DIRL_PROMPT",
@@ -52,7 +53,6 @@ __all__ = [
     "plot_sweep",
     "build_parser",
     "parse_args",
-    "render_prompt",
     "sample_seed",
     "shard_indices",
     "merge_shards",
@@ -94,20 +94,6 @@ class EvalError(ValueError):
 # --------------------------------------------------------------------------------------
 # Pure pieces: prompts, seeds, shards
 # --------------------------------------------------------------------------------------
-
-
-def render_prompt(template: str, question: str) -> str:
-    """The user message for a question.
-
-    ``template.format(question=...)`` when that works (so a template written for
-    ``dirl_min.train``'s ``data.prompt_template``, with ``\\boxed{{}}``, renders as there);
-    otherwise ``{question}`` is replaced literally and every other brace is kept (so
-    DiRL's template with a bare ``\\boxed{}`` works too). Both spellings give the same text.
-    """
-    try:
-        return template.format(question=question)
-    except (IndexError, KeyError, ValueError):
-        return template.replace("{question}", question)
 
 
 def sample_seed(seed: int, benchmark: str, problem: int, sample: int) -> int:
@@ -636,14 +622,13 @@ def prepare(args, model, tok, identity: dict, benchmarks: list[Benchmark] | None
     """Render the prompts of the benchmarks (loaded here unless given), and check (main
     process: record) the settings of ``--out`` so that a resumed run never mixes settings."""
     from dirl_min.model import chat_prompt_ids
-    from dirl_min.trainer import _stop_ids
 
     benches = load_benchmarks(args) if benchmarks is None else benchmarks
     for b in benches:
         b.prompts = [chat_prompt_ids(tok, render_prompt(b.template, p.question)) for p in b.problems]
         b.prompt_texts = [tok.decode(ids, skip_special_tokens=False) for ids in b.prompts]
     out = Path(args.out)
-    settings = _settings(args, identity, model, _stop_ids(tok))
+    settings = _settings(args, identity, model, stop_token_ids(tok))
     cfg_path = out / CONFIG_FILE
     if cfg_path.is_file():
         old, new = _fingerprint(json.loads(cfg_path.read_text())), _fingerprint(settings)
@@ -711,7 +696,6 @@ def run_shard(run: EvalRun, model, tok, rank: int = 0, world: int = 1, *, progre
     from tqdm.auto import tqdm
 
     from dirl_min.decoding import generate
-    from dirl_min.trainer import _stop_ids
 
     args, out = run.args, run.out
     out.mkdir(parents=True, exist_ok=True)
@@ -734,7 +718,7 @@ def run_shard(run: EvalRun, model, tok, rank: int = 0, world: int = 1, *, progre
         return 0
     own = out / (SAMPLES_FILE if world == 1 else f"samples.rank{rank}.jsonl")
     _repair_tail(own)
-    stop_ids = _stop_ids(tok)
+    stop_ids = stop_token_ids(tok)
     n_correct = n_done = 0
     bar = tqdm(total=total, desc=f"eval[{rank}]" if world > 1 else "eval", unit="sample", dynamic_ncols=True,
                disable=not progress or rank != 0)

@@ -384,6 +384,12 @@ def chat_prompt_ids(tokenizer, prompt) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end a response: eos, pad and ``<|im_end|>`` where the tokenizer has them."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+
+
 def diffusion_settings(model) -> tuple[int, int]:
     """Block size and mask token id of a diffusion model.
 

@@ -26,6 +26,7 @@ __all__ = [
     "load_problems",
     "load_sft",
     "DataError",
+    "render_prompt",
 ]
 
 
@@ -64,6 +65,14 @@ def arithmetic_problems(max_operand: int = 20, levels: tuple[int, ...] = (1, 2))
     return out
 
 
+def render_prompt(template: str, question: str) -> str:
+    """The user message for a question: ``{question}`` in the template replaced literally.
+
+    Every other brace is kept, so DiRL's template with a bare ``\\boxed{}`` works as written.
+    """
+    return template.replace("{question}", question)
+
+
 def split_problems(problems: list[Problem], held_out: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
     """A seeded train / held-out split; held-out problems are never trained on."""
     order = list(range(len(problems)))
@@ -80,7 +89,7 @@ def sft_records(problems: list[Problem], tokenizer, prompt_template: str = "{que
     end = "<|im_end|>" + (tokenizer.eos_token or "")
     records = []
     for p in problems:
-        prompt = tokenizer.decode(chat_prompt_ids(tokenizer, prompt_template.format(question=p.question)))
+        prompt = tokenizer.decode(chat_prompt_ids(tokenizer, render_prompt(prompt_template, p.question)))
         records.append({"prompt": prompt, "response": f"\\boxed{{{p.answer}}}" + end})
     return records
 

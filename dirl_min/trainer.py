@@ -16,7 +16,8 @@ import torch
 from dirl_min.decoding import generate
 from dirl_min.dipo import build_layout, dipo_loss, filter_groups, group_advantages, layout_logp, step_rounds
 from dirl_min.masking import add_noise
-from dirl_min.model import chat_prompt_ids, diffusion_settings
+from dirl_min.model import chat_prompt_ids, diffusion_settings, stop_token_ids
+from dirl_min.tasks import render_prompt
 
 __all__ = ["SFTExample", "tokenize_sft", "sft_noise", "sft_loss", "make_scheduler", "rollout_and_reward", "dipo_step", "evaluate"]
 
@@ -99,11 +100,6 @@ def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
-
-
 def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_template, decode_cfg, temperature, top_k,
                        top_p, max_new_tokens, rewards, generator=None, seeds=None, reward_workers=0, batch_size=0):
     """Sample ``group_size`` responses per problem and score them.
@@ -115,11 +111,11 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
     """
     from dirl_min.rewards import RewardInput, compute_rewards
 
-    prompts = [chat_prompt_ids(tokenizer, prompt_template.format(question=p.question)) for p in problems]
+    prompts = [chat_prompt_ids(tokenizer, render_prompt(prompt_template, p.question)) for p in problems]
     prompts = [p for p in prompts for _ in range(group_size)]
     kw = dict(max_new_tokens=max_new_tokens, strategy=decode_cfg.strategy, threshold=decode_cfg.threshold,
               steps=decode_cfg.steps or None, temperature=temperature, top_k=top_k, top_p=top_p,
-              stop_token_ids=_stop_ids(tokenizer), fused_commit=decode_cfg.fused_commit, tokenizer=tokenizer)
+              stop_token_ids=stop_token_ids(tokenizer), fused_commit=decode_cfg.fused_commit, tokenizer=tokenizer)
     policy_was_training = policy.training
     policy.eval()
     chunk = batch_size or len(prompts)
@@ -129,7 +125,8 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
     policy.train(policy_was_training)
     rollout = parts_out[0]
     for extra in parts_out[1:]:
-        for name in ("prompt_ids", "response_ids", "step_map", "logp", "truncated", "stopped_at", "text", "seeds"):
+        for name in ("prompt_ids", "response_ids", "step_map", "logp", "truncated", "stopped_at", "text", "seeds",
+                     "text_lengths"):
             getattr(rollout, name).extend(getattr(extra, name))
         rollout.num_forwards += extra.num_forwards
     block_size = rollout.block_size
@@ -198,7 +195,7 @@ def evaluate(model, tokenizer, problems, *, samples: int, temperature: float, to
         "accuracy": float(per_problem.mean()),
         f"pass@{samples}": float((per_problem.max(dim=1).values > 0).float().mean()),
         "tokens_per_step": sum(rollout.tokens_per_step(i) for i in range(n)) / n,
-        "mean_length": sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in rollout.text) / n,
+        "mean_length": sum(rollout.length_to_stop(i) for i in range(n)) / n,
         "truncation_rate": sum(rollout.truncated) / n,
         "samples": samples,
         "problems": len(problems),

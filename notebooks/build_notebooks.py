@@ -543,8 +543,9 @@ NB02 = [
         print(f"{strategy:<24}{str(kw):<16}{tps:>12.2f}{o.num_forwards:>10}")
     '''),
     md(r'''
-    Static decoding with `steps = 2` always commits two tokens per step, confident or not; dynamic
-    decoding commits many tokens where the model is sure and one where it is not. (Without early stops,
+    Static decoding with `steps = 2` commits two tokens per step, confident or not (only the partly
+    given first block can need an odd step); dynamic decoding commits many tokens where the model is
+    sure and one where it is not. (Without early stops,
     the forwards of a batch are the slowest sequence's steps.)
 
     ## Tokens per step against the threshold
@@ -819,7 +820,7 @@ NB03 = [
     the surrogate `−L`, with its slope from autograd. For `A > 0` raising the ratio beyond `1 + ε_high`
     gains nothing (zero gradient); for `A < 0` lowering it below `1 − ε_low` gains nothing. The upper
     bound is the looser one (DAPO's "clip-higher", 0.28 vs 0.2): it leaves more room to raise
-    the probability of rare tokens, which keeps entropy from collapsing.
+    the probability of unlikely tokens, which DAPO found keeps the policy's entropy from collapsing.
     '''),
     code(r'''
     EPS_LOW, EPS_HIGH = 0.2, 0.28
@@ -1041,8 +1042,9 @@ NB04 = [
 
     **It shows** that the pipeline works end to end, and the mechanics:
 
-    * the SFT loss falls by an order of magnitude within a few dozen steps (the format
-      `\boxed{…}<|im_end|>` and the pad-filled last block are easy), and the model stops truncating;
+    * the SFT loss falls by about an order of magnitude in the first few dozen steps, then flattens
+      (the format `\boxed{…}<|im_end|>` and the pad-filled last block are easy to learn), and the model
+      stops running into the length limit (`trunc`);
     * the random base model commits one token per step (its confidences are all tiny), the SFT model
       commits several: confidence is learned, and the dynamic threshold turns it into speed;
     * DiPO is on-policy with one pass per batch: `ratio` is exactly 1 and `clip` 0 on every update

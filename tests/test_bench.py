@@ -146,9 +146,11 @@ def test_time_cases_warms_up_first_then_interleaves_in_rotated_order():
     ticks = iter(range(1000))
     cases = [Case(name, (lambda n=name: calls.append(n) or n), (lambda n=name: calls.append("warm-" + n)))
              for name in "abc"]
-    time_cases(cases, 3, clock=lambda: float(next(ticks)))
+    time_cases(cases, 3, clock=lambda: float(next(ticks)), cpu_clock=lambda: 0.0)
     assert calls == ["warm-a", "warm-b", "warm-c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
-    assert all(len(c.times) == 3 and c.result == c.name for c in cases)
+    assert all(len(c.times) == len(c.cpu_times) == 3 and c.result == c.name for c in cases)
+    cases[0].clock = "cpu"
+    assert cases[0].median == 0.0 and cases[1].median == 1.0  # the clock picks the series
 
 
 def test_quick_replaces_defaults_but_not_explicit_options():

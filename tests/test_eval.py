@@ -21,6 +21,7 @@ from dirl_min import eval as E
 from dirl_min import tasks
 from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
 from dirl_min.model import build_tiny, save_model
+from dirl_min.tasks import render_prompt
 
 BENCH_FILES = ["math500", "gsm8k", "aime2024", "aime2025", "olympiadbench"]
 
@@ -204,10 +205,9 @@ def test_merge_shards_sorts_dedups_and_rejects_conflicts():
         E.merge_shards([a, [rec("gsm8k", 2, 0, resp="y")]])
 
 
-def test_render_prompt_accepts_both_brace_spellings():
-    q = "What is {x}?"
-    assert E.render_prompt(E.DIRL_PROMPT, q) == E.render_prompt(E.DIRL_PROMPT.replace("{}", "{{}}"), q)
-    assert E.render_prompt(E.DIRL_PROMPT, q) == (
+def test_render_prompt_replaces_only_the_question():
+    q = "What is {x}?"  # braces in the question and in the template stay as written
+    assert render_prompt(E.DIRL_PROMPT, q) == (
         "What is {x}?\nPlease reason step by step, and put your final answer within \\boxed{}.")
 
 
@@ -355,13 +355,13 @@ def test_the_model_path_given_is_the_model_evaluated(tmp_path):
     # and the responses are those of the saved weights, decoded directly
     from dirl_min.decoding import generate
     from dirl_min.model import chat_prompt_ids
-    from dirl_min.trainer import _stop_ids
+    from dirl_min.model import stop_token_ids
 
     model1.eval()
     for r in a:
-        ids = chat_prompt_ids(tok, E.render_prompt(E.DIRL_PROMPT, r["question"]))
+        ids = chat_prompt_ids(tok, render_prompt(E.DIRL_PROMPT, r["question"]))
         roll = generate(model1, [ids], seeds=[r["seed"]], max_new_tokens=8, temperature=1.0, top_k=50,
-                        stop_token_ids=_stop_ids(tok), tokenizer=tok)
+                        stop_token_ids=stop_token_ids(tok), tokenizer=tok)
         assert roll.text[0] == r["response"]
 
 
