@@ -340,15 +340,15 @@ def print_table(summary: dict) -> str:
 
 def plot_curves(out: Path) -> None:
     """curves.png: SFT loss, RL reward/accuracy, tokens per step, kept-group fraction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] if (out / "metrics.jsonl").exists() else []
     sft = [r for r in rows if r["stage"] == "sft"]
     rl = [r for r in rows if r["stage"] == "rl"]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    fig = Figure(figsize=(18, 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 4)
     panels = [(axes[0], sft, ["loss"], "SFT loss"), (axes[1], rl, ["reward", "accuracy"], "DiPO reward / accuracy"),
               (axes[2], rl, ["tokens_per_step"], "tokens per step (rollouts)"), (axes[3], rl, ["kept_fraction"], "kept-group fraction")]
     for ax, data, keys, title in panels:
@@ -360,7 +360,6 @@ def plot_curves(out: Path) -> None:
             ax.legend()
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
