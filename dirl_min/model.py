@@ -165,7 +165,7 @@ SDAR_MASK_TOKEN_ID = 151669
 # SDAR config.json fields that are not Qwen3 configuration: remote-code plumbing and settings of
 # SDAR's own training code. They are dropped when building the Qwen3 config (and restored verbatim
 # when saving in SDAR format).
-_SDAR_ONLY_FIELDS = frozenset(
+SDAR_ONLY_FIELDS = frozenset(
     {
         "auto_map",
         "architectures",
@@ -493,7 +493,7 @@ def _config_from_sdar_dict(cfg: dict):
     """Qwen3Config / Qwen3MoeConfig from an SDAR config.json dict (SDAR-only fields dropped)."""
     from transformers import Qwen3Config, Qwen3MoeConfig
 
-    kwargs = {k: v for k, v in cfg.items() if k not in _SDAR_ONLY_FIELDS}
+    kwargs = {k: v for k, v in cfg.items() if k not in SDAR_ONLY_FIELDS}
     if "torch_dtype" in kwargs:  # transformers 5 name
         kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
     cls = Qwen3MoeConfig if cfg.get("model_type") == "sdar_moe" else Qwen3Config
@@ -716,7 +716,7 @@ def _sdar_config_dict(model) -> dict:
     cur = cfg.to_dict()
     out = {}
     for key, value in src.items():
-        if key in _SDAR_ONLY_FIELDS:
+        if key in SDAR_ONLY_FIELDS:
             out[key] = value
         elif key == "rope_theta":
             out[key] = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", value)

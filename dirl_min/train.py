@@ -68,6 +68,29 @@ class MetricsLog:
             self.tb.close()
 
 
+class EpochSampler:
+    """Draws items in seeded random order, epoch after epoch; its state resumes exactly."""
+
+    def __init__(self, items: list, seed: int):
+        self.items, self.rng, self.order, self.cursor = items, random.Random(seed), [], 0
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            if self.cursor >= len(self.order):
+                self.order, self.cursor = self.rng.sample(range(len(self.items)), len(self.items)), 0
+            out.append(self.items[self.order[self.cursor]])
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self.order, self.cursor = state["order"], state["cursor"]
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -160,23 +183,16 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
         sched.load_state_dict(state["scheduler"])
         start = state["step"]
     gen = torch.Generator().manual_seed(cfg.run.seed + 1)
-    order_rng = random.Random(cfg.run.seed + 2)
-    order, cursor = [], 0
+    sampler = EpochSampler(examples, cfg.run.seed + 2)
     if state.get("stage") == "sft":
         gen.set_state(state["noise_rng"])
-        order_rng.setstate(state["order_rng"])
-        order, cursor = state["order"], state["cursor"]
+        sampler.load_state_dict(state["sampler"])
     world, rank = accel.num_processes, accel.process_index
     bar = tqdm(range(start, cfg.sft.steps), desc="SFT", disable=not progress or not accel.is_main_process,
                initial=start, total=cfg.sft.steps)
     t0, tokens = time.perf_counter(), 0
     for step in bar:
-        batch = []
-        while len(batch) < cfg.sft.batch_size:
-            if cursor >= len(order):
-                order, cursor = order_rng.sample(range(len(examples)), len(examples)), 0
-            batch.append(examples[order[cursor]])
-            cursor += 1
+        batch = sampler.take(cfg.sft.batch_size)
         n_resp = sum(len(e.ids) - e.prompt_len for e in batch)  # the whole step's response tokens
         # Noise is drawn for the whole global batch on every process, then sliced: the update
         # is then the same whatever the number of processes and micro-batches.
@@ -208,7 +224,7 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.steps:
             yield "checkpoint", {"stage": "sft", "step": step + 1, "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "noise_rng": gen.get_state(),
-                                 "order_rng": order_rng.getstate(), "order": order, "cursor": cursor}
+                                 "sampler": sampler.state_dict()}
     if skipped:
         print(f"SFT: skipped {skipped} examples longer than sft.max_seq_len={cfg.sft.max_seq_len}", file=sys.stderr)
 
@@ -233,14 +249,12 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         ref_model = copy.deepcopy(_unwrap(policy)).eval().requires_grad_(False)
     start = 0
     gen = torch.Generator().manual_seed(cfg.run.seed + 3)
-    order_rng = random.Random(cfg.run.seed + 4)
-    order, cursor = [], 0
+    sampler = EpochSampler(problems, cfg.run.seed + 4)
     if state.get("stage") == "rl":
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         gen.set_state(state["sample_rng"])
-        order_rng.setstate(state["order_rng"])
-        order, cursor = state["order"], state["cursor"]
+        sampler.load_state_dict(state["sampler"])
     world, rank = accel.num_processes, accel.process_index
     G = cfg.rl.group_size
     bar = tqdm(range(start, cfg.rl.steps), desc="DiPO", disable=not progress or not accel.is_main_process,
@@ -253,12 +267,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         want = max(1, cfg.rl.prompts_per_step // world)  # groups this process trains on
         for _ in range(max(1, cfg.rl.sampling_rounds)):
             n_rounds += 1
-            chosen = []
-            while len(chosen) < cfg.rl.prompts_per_step:
-                if cursor >= len(order):
-                    order, cursor = order_rng.sample(range(len(problems)), len(problems)), 0
-                chosen.append(problems[order[cursor]])
-                cursor += 1
+            chosen = sampler.take(cfg.rl.prompts_per_step)
             mine = chosen[rank::world]
             # sampling seeds for the global batch, then this process's share: same samples for any world size
             seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
@@ -323,8 +332,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             log.write("rl", step + 1, row)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.steps:
             yield "checkpoint", {"stage": "rl", "step": step + 1, "optimizer": opt.state_dict(),
-                                 "sample_rng": gen.get_state(), "order_rng": order_rng.getstate(),
-                                 "order": order, "cursor": cursor}
+                                 "sample_rng": gen.get_state(), "sampler": sampler.state_dict()}
 
 
 def print_table(summary: dict) -> str:

@@ -26,12 +26,6 @@ from dirl_min.tasks import render_prompt
 BENCH_FILES = ["math500", "gsm8k", "aime2024", "aime2025", "olympiadbench"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a 2-core machine
-    yield
-    torch.set_num_threads(old)
 
 
 def _deterministic_results(path: Path) -> dict:

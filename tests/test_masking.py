@@ -21,13 +21,6 @@ from reference import masking as ref
 FAST = settings(deadline=None, max_examples=40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tests use tiny tensors: one intra-op thread avoids OpenMP wake-up stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 lengths = st.integers(1, 40)

@@ -14,19 +14,7 @@ from safetensors.torch import load_file
 
 from dirl_min import model as M
 
-SDAR_ONLY = {
-    "auto_map",
-    "architectures",
-    "model_type",
-    "transformers_version",
-    "attn_implementation",
-    "fuse_cross_entropy",
-    "ep_size",
-    "use_deepep",
-    "micro_forward",
-    "skip_checkpoint",
-    "debug",
-}
+SDAR_ONLY = M.SDAR_ONLY_FIELDS
 SHRUNK = {
     "num_hidden_layers": 2,
     "hidden_size": 64,

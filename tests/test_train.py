@@ -15,12 +15,6 @@ from dirl_min.model import build_tiny
 from dirl_min.trainer import dipo_step, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add contention on a 2-core machine
-    yield
-    torch.set_num_threads(old)
 
 
 def _examples(tok, n=16):
