@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -301,8 +302,8 @@ def test_two_process_accelerate_run_matches_one_process(tmp_path):
 
     args = ["--eval.max_problems", "1", "--eval.samples", "1", "--eval.greedy", "false", "--eval.max_new_tokens", "4",
             "--sft.steps", "4", "--sft.batch_size", "8", "--sft.warmup_steps", "2", "--run.stages", "sft"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu-2proc.yaml"  # the shipped one
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "-m", "dirl_min.train", *args, "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -314,3 +315,14 @@ def test_two_process_accelerate_run_matches_one_process(tmp_path):
     moved = sum(float((one[k] - init[k]).pow(2).sum()) for k in one) ** 0.5
     assert moved > 0.1
     assert diff < 1e-3 * moved  # the same update up to float summation order
+
+
+def test_shipped_accelerate_configs_load(repo_root):
+    from accelerate.commands.config.config_args import ClusterConfig
+    from transformers.models.qwen3 import modeling_qwen3
+
+    files = sorted((repo_root / "configs" / "accelerate").glob("*.yaml"))
+    kinds = {ClusterConfig.from_yaml_file(str(f)).distributed_type.value for f in files}
+    assert {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"} <= kinds
+    fsdp = ClusterConfig.from_yaml_file(str(repo_root / "configs" / "accelerate" / "fsdp2-8gpu.yaml")).fsdp_config
+    assert hasattr(modeling_qwen3, fsdp["fsdp_transformer_layer_cls_to_wrap"])  # the class FSDP wraps exists
