@@ -397,7 +397,8 @@ def bench_size(size: str, args) -> dict[str, Any]:
     log(f"timing {len(cases)} decoding configurations × {args.repeats} repeat(s) at {n_new} new tokens")
     time_cases(cases, args.repeats)
     c = {case.name: case for case in cases}
-    base, unfused, static, batch = c["cached"].result, c["unfused"].result, c["static"].result, c[f"batch{args.batch}"].result
+    base, unfused, static = c["cached"].result, c["unfused"].result, c["static"].result
+    batch = c[f"batch{args.batch}"].result
     rate = {k: _n_tokens(v.result) / v.median for k, v in c.items() if k != "hf_ar"}
     hf_tokens = c["hf_ar"].result.shape[1] - len(p0)
     rate["hf_ar"] = hf_tokens / c["hf_ar"].median
@@ -477,7 +478,8 @@ def bench_size(size: str, args) -> dict[str, Any]:
             "a": f"{_fmt_rate(r_cached)}", "b": f"{_fmt_rate(r_ref)} [1 run]", "ratio": f"{ratio:.1f}×",
             "check": f"≥10×: {_verdict(ratio >= 10)}; same tokens: {'yes' if same else 'NO'}; {note}",
             "tokens_per_s_cached": r_cached, "tokens_per_s_reference": r_ref, "speedup": ratio,
-            "target_met": ratio >= 10, "new_tokens": n_ref, "reference_seconds": t_ref_wall, "reference_cpu_seconds": t_ref_cpu,
+            "target_met": ratio >= 10, "new_tokens": n_ref,
+            "reference_seconds": t_ref_wall, "reference_cpu_seconds": t_ref_cpu,
             "reference_estimated_seconds": estimate(n_ref), "reference_forwards": ref["num_forwards"],
             "cached_forwards": cached_ro.num_forwards, "same_tokens": same,
             "cached_seconds": cached_case.times, "cached_cpu_seconds": cached_case.cpu_times,
@@ -555,7 +557,8 @@ def bench_size(size: str, args) -> dict[str, Any]:
             "row": 6, "name": f"packed vs per-round rescore ({len(ro)}×{args.rescore_new_tokens} tok)",
             "a": _fmt_s(rc[0].median), "b": _fmt_s(rc[1].median), "ratio": f"{ratio6:.2f}×",
             "check": f"≥1.5×: {_verdict(ratio6 >= 1.5)}; max|Δ| {agree['max_abs_diff']:.1e} ≤ 1e-5: "
-                     f"{_verdict(ok_diff)} (vs decoder logp {agree['max_abs_diff_recorded']:.1e}); R≤{lay['max_rounds']}, layout tok {lay['packed']} vs {lay['per_round']} "
+                     f"{_verdict(ok_diff)} (vs decoder logp {agree['max_abs_diff_recorded']:.1e}); "
+                     f"R≤{lay['max_rounds']}, layout tok {lay['packed']} vs {lay['per_round']} "
                      f"({lay['packed_padded']} vs {lay['per_round_padded']} padded)",
             "seconds_packed": rc[0].median, "seconds_per_round": rc[1].median, "speedup": ratio6,
             "target_met": ratio6 >= 1.5, "max_abs_diff": agree["max_abs_diff"], "diff_met": ok_diff,
