@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dirl_min.forward import layout_logits
+from dirl_min.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logits
 
 __all__ = [
     "step_rounds",
@@ -26,6 +26,7 @@ __all__ = [
     "LayoutBatch",
     "build_layout",
     "layout_logp",
+    "rounds_logp",
     "rescore",
 ]
 
@@ -247,6 +248,73 @@ def layout_logp(model, batch: LayoutBatch, *, temperature: float = 1.0, with_ent
     return logp
 
 
+def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size: int, *,
+                with_entropy: bool = False):
+    """Log-probs of every round's targets, with each clean sequence run once (SPEC §4.5).
+
+    A noisy copy only attends to itself inside its block and to *clean* earlier blocks,
+    and clean tokens never attend to noisy ones. So the clean ``x_0`` of each response is
+    run once (block-causally) and every round ``x_t^ρ`` is a row of queries against its
+    keys/values plus its own: the same numbers as the packed layout
+    ``[x_t^1; …; x_t^R; x_0]``, at ``L² + R·2L²`` attention cost instead of ``(R+1)²L²``.
+
+    Args:
+        model: a causal LM or a (possibly distributed-wrapped) :class:`SelectedLogits`.
+        clean_ids: per response, int64 ``[L_i]``.
+        noisy, targets: per response, bool ``[R_i, L_i]`` (:func:`step_rounds`).
+
+    With flex_attention (GPU) the single packed row ``[x_t^1; …; x_t^R; x_0]`` is used
+    instead: its ``BlockMask`` skips the masked-out blocks, so it wastes nothing there.
+
+    Returns:
+        ``(logp, response, position)`` float32 / int64 / int64 ``[num_targets]`` (and the
+        detached entropy ``[num_targets]`` as a fourth item with ``with_entropy``).
+    """
+    if attention_backend(model) == "flex_attention":
+        batch = build_layout(clean_ids, noisy, targets, mask_token_id, block_size)
+        out = layout_logp(model, batch, with_entropy=with_entropy)
+        row, col = batch.select.nonzero(as_tuple=True)
+        logp, rest = (out[0], out[1:]) if with_entropy else (out, ())
+        return (logp, row, batch.pos[row, col], *rest)
+    dev = next(model.parameters()).device
+    n, width = len(clean_ids), max(len(x) for x in clean_ids)
+    x0 = torch.full((n, width), mask_token_id, dtype=torch.long)
+    seg0 = torch.full((n, width), -1, dtype=torch.long)
+    for i, x in enumerate(clean_ids):
+        x0[i, : len(x)] = x
+        seg0[i, : len(x)] = 0
+    pos = torch.arange(width).expand(n, width)
+    owner = torch.tensor([i for i, nz in enumerate(noisy) for _ in range(len(nz))], dtype=torch.long)
+    rows = len(owner)
+    masked = torch.zeros(rows, width, dtype=torch.bool)
+    select = torch.zeros(rows, width, dtype=torch.bool)
+    masked_rows = [m for nz in noisy for m in nz]
+    for r, (m, t) in enumerate(zip(masked_rows, [t for tg in targets for t in tg])):
+        masked[r, : len(m)] = m
+        select[r, : len(t)] = t
+    xt = x0[owner].masked_fill(masked, mask_token_id)
+    seg_t = seg0[owner]
+    # pass 1: clean rows, block-causal (copy 0 is the clean copy here)
+    zeros = torch.zeros_like(seg0)
+    mask0 = layout_attention_mask(model, seg0.to(dev), pos.to(dev), zeros.to(dev), 0, block_size)
+    # pass 2: each round row's queries against [its clean row ; itself] (clean = copy 1, noisy = copy 0)
+    seg2 = torch.cat([seg_t, seg_t], dim=1)
+    pos2 = torch.cat([pos[owner], pos[owner]], dim=1)
+    copy2 = torch.cat([torch.ones(rows, width, dtype=torch.long), torch.zeros(rows, width, dtype=torch.long)], 1)
+    mask2 = layout_attention_mask(model, seg2.to(dev), pos2.to(dev), copy2.to(dev), 1, block_size, num_queries=width)
+    net = model if isinstance(model, SelectedLogits) or hasattr(model, "module") else SelectedLogits(model)
+    logits = net(xt.to(dev), pos[owner].to(dev), mask2, select.to(dev),
+                 prefix=(x0.to(dev), pos.to(dev), mask0, owner.to(dev))).float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    row, col = select.nonzero(as_tuple=True)
+    logp = logp_all.gather(-1, x0[owner[row], col].to(dev)[:, None])[:, 0]
+    out = (logp, owner[row], col)
+    if with_entropy:
+        with torch.no_grad():
+            out += (-(logp_all.exp() * logp_all).sum(-1),)
+    return out
+
+
 def _rollout_rounds(rollout, i):
     x0 = torch.tensor(rollout.prompt_ids[i] + rollout.response_ids[i], dtype=torch.long)
     full_steps = torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i], dtype=torch.long)
@@ -271,23 +339,21 @@ def rescore(model, rollout, *, packed: bool = True, batch_size: int = 8) -> list
     out: list[torch.Tensor] = []
     for start in range(0, len(rollout), batch_size):
         idx = list(range(start, min(start + batch_size, len(rollout))))
-        examples, owner = [], []  # one layout row each; owner = which sequence it scores
+        items = [_rollout_rounds(rollout, i) for i in idx]
+        if packed:
+            logp, resp, position = rounds_logp(model, *zip(*items), rollout.mask_token_id, rollout.block_size)
+            owner = torch.tensor(idx)[resp]
+        else:
+            # each round of each response is its own [x_t^ρ ; x_0] row
+            examples = [(x0, nz[r:r + 1], tg[r:r + 1]) for x0, nz, tg in items for r in range(len(nz))]
+            batch = build_layout(*zip(*examples), rollout.mask_token_id, rollout.block_size)
+            logp = layout_logp(model, batch)
+            row, col = batch.select.nonzero(as_tuple=True)
+            owner = torch.tensor([i for i, (_, nz, _) in zip(idx, items) for _ in range(len(nz))])[row]
+            position = batch.pos[row, col]
+        logp = logp.cpu()
         for i in idx:
-            x0, noisy, targets = _rollout_rounds(rollout, i)
-            splits = [(noisy, targets)] if packed else [(noisy[r:r + 1], targets[r:r + 1]) for r in range(len(noisy))]
-            for nz, tg in splits:
-                examples.append((x0, nz, tg))
-                owner.append(i)
-        if not examples:
-            out.extend(torch.zeros(0) for _ in idx)
-            continue
-        batch = build_layout(*zip(*examples), rollout.mask_token_id, rollout.block_size)
-        values = layout_logp(model, batch).cpu()
-        rows, cols = batch.select.nonzero(as_tuple=True)
-        row_owner = torch.tensor(owner)[rows]
-        for i in idx:
-            sel = row_owner == i
+            sel = owner == i
             # each generated position is a target exactly once: sorting by position aligns it
-            order = torch.argsort(batch.pos[rows[sel], cols[sel]])
-            out.append(values[sel][order])
+            out.append(logp[sel][torch.argsort(position[sel])])
     return out

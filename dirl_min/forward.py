@@ -74,6 +74,27 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
     return out.last_hidden_state
 
 
+class _PrefixCache:
+    """Keys/values of a clean prefix pass, then reused by later rows (duck-typed transformers Cache).
+
+    Concatenation, not in-place writes, so gradients flow through the prefix's K/V.
+    """
+
+    def __init__(self):
+        self.keys, self.values, self.rows = {}, {}, None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.rows is None:  # recording the prefix
+            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
+            return key_states, value_states
+        k = torch.cat([self.keys[layer_idx][self.rows], key_states], dim=2)
+        v = torch.cat([self.values[layer_idx][self.rows], value_states], dim=2)
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
 class SelectedLogits(torch.nn.Module):
     """A causal LM as a denoiser that returns logits only where asked.
 
@@ -85,28 +106,42 @@ class SelectedLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, position_ids, attention_mask, select):
-        """int64 ``[N, T]`` ×2, mask (see :func:`backbone_hidden`), bool ``[N, T]`` → float ``[select.sum(), V]``."""
-        hidden = backbone_hidden(self.lm, input_ids, position_ids, attention_mask)
+    def forward(self, input_ids, position_ids, attention_mask, select, prefix=None):
+        """int64 ``[N, T]`` ×2, mask (see :func:`backbone_hidden`), bool ``[N, T]`` → float ``[select.sum(), V]``.
+
+        ``prefix = (ids [P, Tp], positions [P, Tp], mask, rows [N])``: first run the prefix rows,
+        then let row ``i`` of the main input attend to prefix row ``rows[i]`` before itself
+        (``attention_mask`` then covers ``Tp + T`` keys).
+        """
+        cache = None
+        if prefix is not None:
+            ids, pos, mask, rows = prefix
+            cache = _PrefixCache()
+            backbone_hidden(self.lm, ids, pos, mask, cache)
+            cache.rows = rows
+        hidden = backbone_hidden(self.lm, input_ids, position_ids, attention_mask, cache)
         return self.lm.get_output_embeddings()(hidden[select])
 
 
-def layout_attention_mask(model, seg, pos, copy, clean_copy, block_size):
+def layout_attention_mask(model, seg, pos, copy, clean_copy, block_size, num_queries=None):
     """The attention mask for a training layout, in the form the back end wants.
 
-    Args: int64 ``[N, T]`` metadata as in :mod:`dirl_min.masking`; ``clean_copy`` int or ``[N]``.
+    Args: int64 ``[N, T]`` metadata as in :mod:`dirl_min.masking`; ``clean_copy`` int or ``[N]``;
+        ``num_queries``: only the last so many tokens are queries.
 
     Returns:
-        bool ``[N, 1, T, T]`` for sdpa/eager, a ``BlockMask`` for flex_attention.
+        bool ``[N, 1, Tq, T]`` for sdpa/eager, a ``BlockMask`` for flex_attention.
     """
+    n, t = seg.shape
+    tq = t if num_queries is None else num_queries
     if attention_backend(model) == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        n, t = seg.shape
         return create_block_mask(
-            mask_mod(seg, pos, copy, clean_copy, block_size), n, None, t, t, device=seg.device
+            mask_mod(seg, pos, copy, clean_copy, block_size, num_queries=num_queries), n, None, tq, t,
+            device=seg.device,
         )
-    return mask_from_metadata(seg, pos, copy, clean_copy, block_size)[:, None]
+    return mask_from_metadata(seg, pos, copy, clean_copy, block_size, num_queries=num_queries)[:, None]
 
 
 def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, select) -> torch.Tensor:

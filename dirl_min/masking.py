@@ -101,17 +101,22 @@ def mask_from_metadata(
     return allowed[0] if squeeze else allowed
 
 
-def mask_mod(seg: torch.Tensor, pos: torch.Tensor, copy: torch.Tensor, clean_copy, block_size: int):
+def mask_mod(seg: torch.Tensor, pos: torch.Tensor, copy: torch.Tensor, clean_copy, block_size: int,
+             *, num_queries: int | None = None):
     """The same rule as :func:`mask_from_metadata`, as a flex_attention ``mask_mod``.
 
-    Args: as :func:`mask_from_metadata`, with ``[N, T]`` metadata (``clean_copy`` int or ``[N]``).
+    Args: as :func:`mask_from_metadata`, with ``[N, T]`` metadata (``clean_copy`` int or ``[N]``);
+        with ``num_queries``, query index ``q`` is the ``(T - num_queries + q)``-th token.
 
     Returns:
         ``fn(b, h, q_idx, kv_idx) -> bool tensor`` for ``torch.nn.attention.flex_attention.create_block_mask``.
     """
-    clean = torch.as_tensor(clean_copy, device=seg.device).expand(seg.shape[0])
+    # contiguous: compiled flex kernels cannot capture a stride-0 (expanded) buffer
+    clean = torch.as_tensor(clean_copy, device=seg.device).expand(seg.shape[0]).contiguous()
+    offset = 0 if num_queries is None else seg.shape[1] - num_queries
 
     def fn(b, h, q_idx, kv_idx):
+        q_idx = q_idx + offset
         allowed = _allowed(
             seg[b, q_idx], pos[b, q_idx], copy[b, q_idx],
             seg[b, kv_idx], pos[b, kv_idx], copy[b, kv_idx],

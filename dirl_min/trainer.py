@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dirl_min.decoding import generate
-from dirl_min.dipo import build_layout, dipo_loss, filter_groups, group_advantages, layout_logp, step_rounds
+from dirl_min.dipo import build_layout, dipo_loss, layout_logp, rounds_logp, step_rounds
 from dirl_min.masking import add_noise
 from dirl_min.model import chat_prompt_ids, diffusion_settings, stop_token_ids
 from dirl_min.tasks import render_prompt
@@ -142,7 +142,7 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
 
 def dipo_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_tokens: float, eps_low: float,
               eps_high: float, beta: float = 0.0, ref_model=None, logp_old: torch.Tensor | None = None):
-    """DiPO loss on the kept responses of a rollout (SPEC §4.4–4.6), one packed forward.
+    """DiPO loss on the kept responses of a rollout (SPEC §4.4–4.6), in one call of the model.
 
     Args:
         model: the policy (possibly wrapped for distribution).
@@ -161,15 +161,13 @@ def dipo_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_
         nz, tg = step_rounds(torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i]), block)
         noisy.append(nz)
         targets.append(tg)
-    batch = build_layout(clean, noisy, targets, mask_id, block)
-    logp, entropy = layout_logp(model, batch, with_entropy=True)
-    rows = batch.select.nonzero(as_tuple=True)[0]
-    adv = advantages.to(logp.device)[rows]
+    logp, resp, _, entropy = rounds_logp(model, clean, noisy, targets, mask_id, block, with_entropy=True)
+    adv = advantages.to(logp.device)[resp.to(logp.device)]
     old = logp.detach() if logp_old is None else logp_old
     ref = None
     if beta > 0:
         with torch.no_grad():
-            ref = layout_logp(ref_model, batch)
+            ref = rounds_logp(ref_model, clean, noisy, targets, mask_id, block)[0]
     loss, stats = dipo_loss(logp[:, None], old[:, None], adv, torch.ones_like(logp[:, None], dtype=torch.bool),
                             eps_low=eps_low, eps_high=eps_high, beta=beta,
                             logp_ref=None if ref is None else ref[:, None], num_tokens=num_tokens)
