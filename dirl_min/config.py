@@ -101,7 +101,7 @@ class DecodeConfig:
 
 @dataclass
 class EvalConfig:
-    samples: int = _f(8, "samples per problem at temperature 1 (avg@k, pass@k)")
+    samples: int = _f(16, "samples per problem at temperature 1 (avg@k, pass@k; DiRL: 16)")
     temperature: float = _f(1.0, "sampling temperature for avg@k")
     top_k: int = _f(0, "top-k for avg@k (0 = off)")
     top_p: float = _f(1.0, "top-p for avg@k")

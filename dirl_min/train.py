@@ -144,10 +144,24 @@ def build(cfg: Config):
     train_p, test_p = tasks.split_problems(problems, cfg.data.held_out, cfg.data.split_seed)
     sft = tasks.load_sft(cfg.data.sft_data, tok) if cfg.data.sft_data else tasks.sft_records(train_p, tok, cfg.data.prompt_template)
     rl = tasks.load_problems(cfg.data.rl_data) if cfg.data.rl_data else train_p
+    rl = _fitting_prompts(rl, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "rl")
     ev = tasks.load_problems(cfg.data.eval_data) if cfg.data.eval_data else test_p
     if cfg.eval.max_problems:
         ev = ev[: cfg.eval.max_problems]
     return model, tok, sft, rl, ev
+
+
+def _fitting_prompts(problems, tok, template, limit, what):
+    """Problems whose chat prompt fits ``limit`` tokens; the others are skipped and counted."""
+    from dirl_min.model import chat_prompt_ids
+
+    kept = [p for p in problems if len(chat_prompt_ids(tok, tasks.render_prompt(template, p.question))) <= limit]
+    if len(kept) < len(problems):
+        print(f"{what}: skipped {len(problems) - len(kept)} of {len(problems)} prompts longer than "
+              f"data.max_prompt_tokens={limit}", file=sys.stderr)
+    if not kept:
+        raise ValueError(f"{what}: no prompt fits data.max_prompt_tokens={limit}")
+    return kept
 
 
 def _dtype(name: str):

@@ -326,3 +326,15 @@ def test_shipped_accelerate_configs_load(repo_root):
     assert {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"} <= kinds
     fsdp = ClusterConfig.from_yaml_file(str(repo_root / "configs" / "accelerate" / "fsdp2-8gpu.yaml")).fsdp_config
     assert hasattr(modeling_qwen3, fsdp["fsdp_transformer_layer_cls_to_wrap"])  # the class FSDP wraps exists
+
+
+def test_prompts_longer_than_the_limit_are_skipped_and_counted(capsys):
+    from dirl_min.train import _fitting_prompts
+
+    _, tok = build_tiny()
+    probs = [tasks.Problem("What is 1 + 1?", "2"), tasks.Problem("x" * 500, "1")]
+    kept = _fitting_prompts(probs, tok, "{question}", 100, "rl")
+    assert kept == probs[:1]
+    assert "rl: skipped 1 of 2 prompts longer than data.max_prompt_tokens=100" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no prompt fits"):
+        _fitting_prompts(probs[1:], tok, "{question}", 100, "rl")
