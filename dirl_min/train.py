@@ -274,7 +274,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
     bar = tqdm(range(start, cfg.rl.steps), desc="DiPO", disable=not progress or not accel.is_main_process,
                initial=start, total=cfg.rl.steps)
     for step in bar:
-        times = {}
+        times = {"rollout": 0.0, "rewards": 0.0, "scoring": 0.0}  # seconds of this step
         t = time.perf_counter()
         kept = []  # (rollout, response indices, their advantages), one entry per kept group
         metrics_rows, sampled_groups, n_rounds = [], 0, 0
@@ -290,7 +290,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                 _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
                 decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
                 max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
-                reward_workers=cfg.rl.reward_workers)
+                reward_workers=cfg.rl.reward_workers, timings=times)
             sampled_groups += len(mine)
             adv = group_advantages(rewards, G)
             metrics_rows.append((roll, rewards, correct))
@@ -298,7 +298,6 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                 kept.append((roll, list(range(g * G, (g + 1) * G)), adv[g * G:(g + 1) * G]))
             if len(kept) >= want:
                 break
-        times["rollout_and_reward"] = time.perf_counter() - t
         cap_hit = len(kept) < want
         kept = kept[:want]
         rew = torch.cat([r for _, r, _ in metrics_rows])
@@ -326,9 +325,11 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             for it in range(cfg.rl.num_iterations):
                 loss_total, stats = 0.0, {}
                 for k, (roll, idx, adv) in enumerate(micro):
+                    t_score = time.perf_counter()
                     loss, stats_k, logp = dipo_step(
                         wrapped, roll, idx, adv, num_tokens=n_tok, eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high,
                         beta=cfg.rl.beta, ref_model=ref_model, logp_old=logp_old[k])
+                    times["scoring"] += time.perf_counter() - t_score
                     if it == 0 and cfg.rl.num_iterations > 1:
                         logp_old[k] = logp  # the sampling policy's log-probs, computed once and reused
                     with accel.no_sync(wrapped) if k < len(micro) - 1 else _nullcontext():
@@ -339,7 +340,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             row.update(loss=loss_total, grad_norm=float(gnorm), **stats)
-        times["update"] = time.perf_counter() - t
+        times["update"] = time.perf_counter() - t - times["scoring"]  # backward + optimizer
         row.update({f"time_{k}": v for k, v in times.items()})
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kept=f"{row['kept_fraction']:.2f}")
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.rl.steps:

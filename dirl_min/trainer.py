@@ -101,10 +101,12 @@ def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float):
 
 
 def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_template, decode_cfg, temperature, top_k,
-                       top_p, max_new_tokens, rewards, generator=None, seeds=None, reward_workers=0, batch_size=0):
+                       top_p, max_new_tokens, rewards, generator=None, seeds=None, reward_workers=0, batch_size=0,
+                       timings: dict | None = None):
     """Sample ``group_size`` responses per problem and score them.
 
     The per-response sampling seeds are ``seeds`` (``n·G`` ints) or drawn from ``generator``.
+    ``timings``, if given, receives the seconds spent in ``rollout`` and ``rewards``.
 
     Returns:
         ``(rollout, total_rewards [n·G], correct [n·G], parts)`` — groups contiguous.
@@ -116,6 +118,7 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
     kw = dict(max_new_tokens=max_new_tokens, strategy=decode_cfg.strategy, threshold=decode_cfg.threshold,
               steps=decode_cfg.steps or None, temperature=temperature, top_k=top_k, top_p=top_p,
               stop_token_ids=stop_token_ids(tokenizer), fused_commit=decode_cfg.fused_commit, tokenizer=tokenizer)
+    t0 = time.perf_counter()
     policy_was_training = policy.training
     policy.eval()
     chunk = batch_size or len(prompts)
@@ -129,6 +132,7 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
                      "text_lengths"):
             getattr(rollout, name).extend(getattr(extra, name))
         rollout.num_forwards += extra.num_forwards
+    t1 = time.perf_counter()
     block_size = rollout.block_size
     samples = [
         RewardInput(response=rollout.text[i], ground_truth=problems[i // group_size].answer,
@@ -137,6 +141,9 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
         for i in range(len(rollout))
     ]
     total, parts = compute_rewards(samples, rewards, num_workers=reward_workers)
+    if timings is not None:
+        timings["rollout"] = timings.get("rollout", 0.0) + t1 - t0
+        timings["rewards"] = timings.get("rewards", 0.0) + time.perf_counter() - t1
     return rollout, torch.tensor(total, dtype=torch.float32), torch.tensor(parts["correct"], dtype=torch.float32), parts
 
 

@@ -281,7 +281,8 @@ def test_main_job_writes_its_outputs(tmp_path):
         assert {"accuracy", "tokens_per_step"} <= saved[stage].keys()
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["stage"] == "sft"] == list(range(1, 7))
-    assert {"reward", "kept_fraction", "time_update", "tokens_per_step"} <= rows[-1].keys()
+    assert {"reward", "kept_fraction", "time_rollout", "time_rewards", "time_scoring", "time_update",
+            "tokens_per_step"} <= rows[-1].keys()
     from PIL import Image
 
     assert Image.open(out / "curves.png").size[0] > 500
