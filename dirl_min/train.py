@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import shutil
@@ -223,7 +224,7 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
                 accel.backward(loss * world)
             total_loss += loss.detach()
         total_loss = float(accel.reduce(total_loss, "sum")) if world > 1 else float(total_loss)
-        if not torch.isfinite(torch.tensor(total_loss)):
+        if not math.isfinite(total_loss):
             raise FloatingPointError(f"SFT step {step}: the loss is {total_loss}; lower sft.lr or raise sft.t_min")
         gnorm = accel.clip_grad_norm_(params, cfg.sft.grad_clip) if cfg.sft.grad_clip > 0 else torch.tensor(0.0)
         opt.step()
@@ -336,6 +337,8 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                         accel.backward(loss * world)
                     loss_total += float(loss.detach())
                     stats = {key: stats.get(key, 0.0) + v / len(micro) for key, v in stats_k.items()}
+                if not math.isfinite(loss_total):
+                    raise FloatingPointError(f"DiPO step {step}: the loss is {loss_total}; lower rl.lr")
                 gnorm = accel.clip_grad_norm_(params, cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else torch.tensor(0.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

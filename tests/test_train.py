@@ -339,3 +339,17 @@ def test_prompts_longer_than_the_limit_are_skipped_and_counted(capsys):
     assert "rl: skipped 1 of 2 prompts longer than data.max_prompt_tokens=100" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no prompt fits"):
         _fitting_prompts(probs[1:], tok, "{question}", 100, "rl")
+
+
+def test_a_nan_loss_stops_training_with_a_clear_message(tmp_path, monkeypatch):
+    from dirl_min import train
+
+    real = train.sft_loss
+
+    def nan_loss(*a, **k):
+        loss, stats = real(*a, **k)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(train, "sft_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="SFT step 0: the loss is nan"):
+        train.main(_tiny_run_args(tmp_path / "run"))
