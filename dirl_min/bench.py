@@ -40,6 +40,7 @@ from typing import Any, Callable
 
 import torch
 
+from dirl_min.forward import dense_denoiser
 from dirl_min.decoding import Rollout, generate
 from dirl_min.dipo import rescore
 from dirl_min.model import build_tiny, chat_prompt_ids
@@ -314,18 +315,6 @@ def _import_reference():
     return decoding
 
 
-def _denoiser(model):
-    """The reference decoder's ``denoiser(ids, mask) -> logits`` over ``model`` (as in tests/test_engine.py)."""
-    from dirl_min.forward import backbone_hidden
-
-    def denoise(ids, mask):
-        with torch.no_grad():
-            hidden = backbone_hidden(model, ids[None], torch.arange(len(ids))[None], mask[None, None])
-            return model.lm_head(hidden)[0]
-
-    return denoise
-
-
 def _subset(rollout: Rollout, k: int) -> Rollout:
     """The first ``k`` sequences of a rollout (for cheap warm-ups)."""
     lists = {f: getattr(rollout, f)[:k] for f in ("prompt_ids", "response_ids", "step_map", "logp", "truncated",
@@ -413,7 +402,7 @@ def bench_size(size: str, args) -> dict[str, Any]:
                      "check": "skipped (--no-reference)" if args.no_reference else
                      "skipped: reference/ not found (run from the repository checkout)"})
     else:
-        denoise = _denoiser(model)
+        denoise = dense_denoiser(model)
         spb = steps_per_block(base)  # the reference runs the same steps (same tokens, tested)
         P = len(p0)
         first = P // B

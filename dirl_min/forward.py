@@ -19,7 +19,8 @@ import torch
 
 from dirl_min.masking import mask_from_metadata, mask_mod
 
-__all__ = ["attention_backend", "backbone_hidden", "SelectedLogits", "layout_logits", "layout_attention_mask"]
+__all__ = ["attention_backend", "backbone_hidden", "dense_denoiser", "SelectedLogits", "layout_logits",
+           "layout_attention_mask"]
 
 
 def _unwrap(model):
@@ -72,6 +73,18 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
     finally:
         config._attn_implementation = backend
     return out.last_hidden_state
+
+
+def dense_denoiser(model):
+    """``model`` as the reference decoder's ``denoiser(ids [T], mask [T, T]) -> logits [T, V]``
+    (positions ``0..T-1``, no cache, no gradient)."""
+
+    def denoise(ids, mask):
+        with torch.no_grad():
+            hidden = backbone_hidden(model, ids[None], torch.arange(len(ids), device=ids.device)[None], mask[None, None])
+            return model.get_output_embeddings()(hidden)[0]
+
+    return denoise
 
 
 class _PrefixCache:

@@ -25,7 +25,7 @@ from dirl_min.decoding import generate
 from dirl_min.dipo import _rollout_rounds, build_layout
 from dirl_min.model import build_tiny
 from reference.decoding import decode
-from tests.test_engine import denoiser_of
+from dirl_min.forward import dense_denoiser
 
 B = 4
 
@@ -85,7 +85,7 @@ def test_steps_per_block_equal_the_reference_decoders_forwards(tiny):
     p = bench_prompts(tok, 1)[0]
     kw = dict(max_new_tokens=24, temperature=0.0, threshold=0.9)
     out = generate(model, [p], seeds=[0], **kw)
-    ref = decode(denoiser_of(model), p, block_size=B, mask_token_id=model.config.mask_token_id, seed=0, **kw)
+    ref = decode(dense_denoiser(model), p, block_size=B, mask_token_id=model.config.mask_token_id, seed=0, **kw)
     spb = steps_per_block(out)
     assert len(spb) == 6 and all(1 <= s <= B for s in spb)
     assert sum(spb) == ref["num_forwards"] == out.num_forwards  # fused: the prefill rides on step 1

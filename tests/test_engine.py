@@ -14,7 +14,7 @@ import torch
 
 from dirl_min.decoding import generate
 from dirl_min.dipo import rescore
-from dirl_min.forward import backbone_hidden
+from dirl_min.forward import backbone_hidden, dense_denoiser
 from dirl_min.masking import block_causal_mask, block_diffusion_mask
 from dirl_min.model import build_tiny
 from reference.decoding import decode
@@ -30,17 +30,6 @@ def sharp_tiny(block_size: int, seed: int = 0):
     return model.eval(), tok
 
 
-def denoiser_of(model):
-    """The reference decoder's interface over the same weights: full sequence, dense mask."""
-
-    def denoise(ids, mask):
-        with torch.no_grad():
-            hidden = backbone_hidden(model, ids[None], torch.arange(len(ids))[None], mask[None, None])
-            return model.lm_head(hidden)[0]
-
-    return denoise
-
-
 GRID = list(itertools.product([1, 2, 4, 8], ["low_confidence_static", "low_confidence_dynamic", "sequential"]))
 
 
@@ -54,7 +43,7 @@ def test_cached_batched_decoding_equals_uncached_reference(block_size, strategy)
                   temperature=temperature, top_k=top_k, top_p=top_p, stop_token_ids=stops)
         out = generate(model, prompts, seeds=[11, 12, 13], fused_commit=fused, **kw)
         for i, p in enumerate(prompts):
-            ref = decode(denoiser_of(model), p, block_size=block_size, mask_token_id=model.config.mask_token_id,
+            ref = decode(dense_denoiser(model), p, block_size=block_size, mask_token_id=model.config.mask_token_id,
                          seed=[11, 12, 13][i], **kw)
             assert out.response_ids[i] == ref["response_ids"], (temperature, fused, i)
             assert out.step_map[i] == ref["step_map"], (temperature, fused, i)
