@@ -27,6 +27,7 @@ __all__ = [
     "build_layout",
     "layout_logp",
     "rounds_logp",
+    "rollout_rounds",
     "rescore",
 ]
 
@@ -315,7 +316,8 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
     return out
 
 
-def _rollout_rounds(rollout, i):
+def rollout_rounds(rollout, i: int):
+    """Sequence ``i`` of a rollout as ``(clean ids [L], noisy [R, L], targets [R, L])`` (:func:`step_rounds`)."""
     x0 = torch.tensor(rollout.prompt_ids[i] + rollout.response_ids[i], dtype=torch.long)
     full_steps = torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i], dtype=torch.long)
     noisy, targets = step_rounds(full_steps, rollout.block_size)
@@ -339,7 +341,7 @@ def rescore(model, rollout, *, packed: bool = True, batch_size: int = 8) -> list
     out: list[torch.Tensor] = []
     for start in range(0, len(rollout), batch_size):
         idx = list(range(start, min(start + batch_size, len(rollout))))
-        items = [_rollout_rounds(rollout, i) for i in idx]
+        items = [rollout_rounds(rollout, i) for i in idx]
         if packed:
             logp, resp, position = rounds_logp(model, *zip(*items), rollout.mask_token_id, rollout.block_size)
             owner = torch.tensor(idx)[resp]

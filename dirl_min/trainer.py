@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dirl_min.decoding import generate
-from dirl_min.dipo import build_layout, dipo_loss, layout_logp, rounds_logp, step_rounds
+from dirl_min.dipo import build_layout, dipo_loss, layout_logp, rollout_rounds, rounds_logp
 from dirl_min.masking import add_noise
 from dirl_min.model import chat_prompt_ids, diffusion_settings, stop_token_ids
 from dirl_min.tasks import render_prompt
@@ -162,12 +162,7 @@ def dipo_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_
         ``(loss, stats, logp)`` — ``logp`` detached, reusable as the next pass's ``logp_old``.
     """
     mask_id, block = rollout.mask_token_id, rollout.block_size
-    clean, noisy, targets = [], [], []
-    for i in keep:
-        clean.append(torch.tensor(rollout.prompt_ids[i] + rollout.response_ids[i], dtype=torch.long))
-        nz, tg = step_rounds(torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i]), block)
-        noisy.append(nz)
-        targets.append(tg)
+    clean, noisy, targets = zip(*(rollout_rounds(rollout, i) for i in keep))
     logp, resp, _, entropy = rounds_logp(model, clean, noisy, targets, mask_id, block, with_entropy=True)
     adv = advantages.to(logp.device)[resp.to(logp.device)]
     old = logp.detach() if logp_old is None else logp_old
