@@ -22,7 +22,7 @@ from dirl_min.bench import (
     time_cases,
 )
 from dirl_min.decoding import generate
-from dirl_min.dipo import _rollout_rounds, build_layout
+from dirl_min.dipo import rollout_rounds, build_layout
 from dirl_min.model import build_tiny
 from reference.decoding import decode
 from dirl_min.forward import dense_denoiser
@@ -115,7 +115,7 @@ def test_layout_token_counts_match_the_layouts_rescore_builds(tiny):
     ro = generate(model, bench_prompts(tok, 3), max_new_tokens=16, temperature=1.0, top_k=50, threshold=0.6,
                   seeds=[4, 5, 6])
     lay = _layout_tokens(ro)
-    rounds = [_rollout_rounds(ro, i) for i in range(len(ro))]
+    rounds = [rollout_rounds(ro, i) for i in range(len(ro))]
     packed = build_layout(*zip(*rounds), ro.mask_token_id, B)
     per_round = build_layout(
         *zip(*[(x0, nz[r:r + 1], tg[r:r + 1]) for x0, nz, tg in rounds for r in range(len(nz))]), ro.mask_token_id, B
