@@ -66,6 +66,7 @@ class SFTConfig:
     t_min: float = _f(0.1, "lowest noise level t (avoids huge 1/p weights)")
     eps: float = _f(1e-3, "mask probability floor: p = (1-eps) t + eps")
     max_seq_len: int = _f(2048, "examples longer than this (tokens) are skipped and counted")
+    pack_tokens: int = _f(0, "pack several examples per row up to this many layout tokens (0 = one per row)")
 
 
 @dataclass

@@ -158,11 +158,12 @@ def dipo_loss(
 
 @dataclass
 class LayoutBatch:
-    """A padded batch of ``[x_t^1; …; x_t^R; x_0]`` layouts, one example per row.
+    """A padded batch of ``[x_t^1; …; x_t^R; x_0]`` layouts.
 
     Tensors are ``[N, T]``; ``clean_copy`` is ``[N]`` (= R of each row). ``select`` marks
     the target positions (in noisy copies) whose logits are needed, ``target_ids`` holds
-    the clean token at every position, and ``target_pos`` the position in the example.
+    the clean token at every position, ``example`` the index of the example a token
+    belongs to (-1 on padding): a row holds one example, or several when packed.
     """
 
     input_ids: torch.Tensor
@@ -172,6 +173,7 @@ class LayoutBatch:
     clean_copy: torch.Tensor
     select: torch.Tensor
     target_ids: torch.Tensor
+    example: torch.Tensor
     block_size: int
 
 
@@ -181,6 +183,8 @@ def build_layout(
     targets: list[torch.Tensor],
     mask_token_id: int,
     block_size: int,
+    *,
+    pack_tokens: int = 0,
 ) -> LayoutBatch:
     """Stack examples into padded ``[x_t^1; …; x_t^R; x_0]`` rows.
 
@@ -189,21 +193,34 @@ def build_layout(
         noisy: per example, bool ``[R_i, L_i]``: which positions each noisy copy masks.
         targets: per example, bool ``[R_i, L_i]``: where each copy's logits are scored.
         mask_token_id, block_size: M and B.
+        pack_tokens: if > 0, consecutive examples with the same R share a row while it
+            holds at most this many tokens; each keeps its own positions (block grid) and
+            the mask is block-diagonal over examples.
 
     Returns:
         a :class:`LayoutBatch` (SFT is the case ``R_i = 1``).
     """
-    rows = []
+    pieces = []
     for x0, nz, tg in zip(clean_ids, noisy, targets):
         r, length = nz.shape
         copies = torch.where(nz, torch.full_like(nz, mask_token_id, dtype=torch.long), x0[None].expand(r, length))
-        ids = torch.cat([copies.reshape(-1), x0])
-        pos = torch.arange(length).repeat(r + 1)
-        copy = torch.arange(r + 1).repeat_interleave(length)
-        select = torch.cat([tg.reshape(-1), torch.zeros(length, dtype=torch.bool)])
-        target_ids = x0.repeat(r + 1)
-        rows.append((ids, pos, copy, select, target_ids, r))
-    width = max(len(row[0]) for row in rows)
+        pieces.append({
+            "input_ids": torch.cat([copies.reshape(-1), x0]),
+            "pos": torch.arange(length).repeat(r + 1),
+            "copy": torch.arange(r + 1).repeat_interleave(length),
+            "select": torch.cat([tg.reshape(-1), torch.zeros(length, dtype=torch.bool)]),
+            "target_ids": x0.repeat(r + 1),
+            "rounds": r,
+        })
+    rows: list[list[int]] = []
+    for i, piece in enumerate(pieces):
+        last = rows[-1] if rows else None
+        if (pack_tokens and last and pieces[last[0]]["rounds"] == piece["rounds"]
+                and sum(len(pieces[j]["input_ids"]) for j in last) + len(piece["input_ids"]) <= pack_tokens):
+            last.append(i)
+        else:
+            rows.append([i])
+    width = max(sum(len(pieces[j]["input_ids"]) for j in row) for row in rows)
     n = len(rows)
     out = {
         "input_ids": torch.full((n, width), mask_token_id, dtype=torch.long),
@@ -212,16 +229,18 @@ def build_layout(
         "copy": torch.zeros((n, width), dtype=torch.long),
         "select": torch.zeros((n, width), dtype=torch.bool),
         "target_ids": torch.zeros((n, width), dtype=torch.long),
+        "example": torch.full((n, width), -1, dtype=torch.long),
     }
-    for i, (ids, pos, copy, select, target_ids, _) in enumerate(rows):
-        t = len(ids)
-        out["input_ids"][i, :t] = ids
-        out["seg"][i, :t] = 0
-        out["pos"][i, :t] = pos
-        out["copy"][i, :t] = copy
-        out["select"][i, :t] = select
-        out["target_ids"][i, :t] = target_ids
-    clean_copy = torch.tensor([row[5] for row in rows], dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = 0
+        for k, j in enumerate(row):
+            piece, t = pieces[j], len(pieces[j]["input_ids"])
+            for name in ("input_ids", "pos", "copy", "select", "target_ids"):
+                out[name][i, start:start + t] = piece[name]
+            out["seg"][i, start:start + t] = k
+            out["example"][i, start:start + t] = j
+            start += t
+    clean_copy = torch.tensor([pieces[row[0]]["rounds"] for row in rows], dtype=torch.long)
     return LayoutBatch(clean_copy=clean_copy, block_size=block_size, **out)
 
 
@@ -276,7 +295,7 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
         out = layout_logp(model, batch, with_entropy=with_entropy)
         row, col = batch.select.nonzero(as_tuple=True)
         logp, rest = (out[0], out[1:]) if with_entropy else (out, ())
-        return (logp, row, batch.pos[row, col], *rest)
+        return (logp, batch.example[row, col], batch.pos[row, col], *rest)
     dev = next(model.parameters()).device
     n, width = len(clean_ids), max(len(x) for x in clean_ids)
     x0 = torch.full((n, width), mask_token_id, dtype=torch.long)
@@ -351,7 +370,7 @@ def rescore(model, rollout, *, packed: bool = True, batch_size: int = 8) -> list
             batch = build_layout(*zip(*examples), rollout.mask_token_id, rollout.block_size)
             logp = layout_logp(model, batch)
             row, col = batch.select.nonzero(as_tuple=True)
-            owner = torch.tensor([i for i, (_, nz, _) in zip(idx, items) for _ in range(len(nz))])[row]
+            owner = torch.tensor([i for i, (_, nz, _) in zip(idx, items) for _ in range(len(nz))])[batch.example[row, col]]
             position = batch.pos[row, col]
         logp = logp.cpu()
         for i in idx:

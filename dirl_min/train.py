@@ -219,7 +219,7 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
             # losses are normalised by the step's global token count; DDP averages over
             # processes, which the factor `world` undoes, so gradients add up to the full batch's
             loss, _ = sft_loss(wrapped, [batch[i] for i in idx], M, B, num_response_tokens=n_resp,
-                               masks=[masks[i] for i in idx], p=p[idx])
+                               masks=[masks[i] for i in idx], p=p[idx], pack_tokens=cfg.sft.pack_tokens)
             with accel.no_sync(wrapped) if k < len(micro) - 1 else _nullcontext():
                 accel.backward(loss * world)
             total_loss += loss.detach()

@@ -65,13 +65,14 @@ def sft_noise(examples: list[SFTExample], mask_token_id: int, *, t_min: float = 
 
 def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: int, *, num_response_tokens: float,
              masks: list[torch.Tensor] | None = None, p: torch.Tensor | None = None,
-             t_min: float = 0.0, eps: float = 1e-3, generator: torch.Generator | None = None):
+             t_min: float = 0.0, eps: float = 1e-3, generator: torch.Generator | None = None, pack_tokens: int = 0):
     """The random-masking loss of SPEC §2 on a micro-batch.
 
     ``L = (1 / N_resp) Σ_{masked i} −log p(x0_i | x_t ; x_0) / p``, with ``N_resp`` the
     response tokens of the whole optimizer step (``num_response_tokens``), so the
     micro-batch losses of one step add up to the step's loss. The noise is drawn here
-    unless ``masks`` and ``p`` (from :func:`sft_noise`) are given.
+    unless ``masks`` and ``p`` (from :func:`sft_noise`) are given. ``pack_tokens > 0`` packs
+    several examples into one row (see :func:`dirl_min.dipo.build_layout`).
 
     Returns:
         ``(loss, stats)``: scalar tensor (with grad) and floats ``masked`` (count) and
@@ -80,12 +81,12 @@ def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: 
     if masks is None:
         masks, p = sft_noise(examples, mask_token_id, t_min=t_min, eps=eps, generator=generator)
     batch = build_layout([e.ids for e in examples], [m[None] for m in masks], [m[None] for m in masks],
-                         mask_token_id, block_size)
+                         mask_token_id, block_size, pack_tokens=pack_tokens)
     logp = layout_logp(model, batch)
-    rows = batch.select.nonzero(as_tuple=True)[0]
-    weight = (1.0 / p[rows]).to(logp.device)
+    owner = batch.example[batch.select]
+    weight = (1.0 / p[owner]).to(logp.device)
     loss = -(logp * weight).sum() / num_response_tokens
-    return loss, {"masked": float(len(rows)), "nll": float(-logp.detach().mean())}
+    return loss, {"masked": float(len(owner)), "nll": float(-logp.detach().mean())}
 
 
 def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float):

@@ -328,3 +328,13 @@ def test_build_layout_by_hand():
     sel_pos = batch.pos[0][batch.select[0]].sort().values
     assert sel_pos.tolist() == [3, 4, 5]
     assert batch.target_ids[0][batch.select[0]].tolist() == [13, 15, 14]
+
+
+def test_build_layout_packs_examples_block_diagonally():
+    x = [torch.arange(6), torch.arange(10, 15), torch.arange(20, 28)]
+    nz = [torch.zeros(1, len(t), dtype=torch.bool) for t in x]
+    b = build_layout(x, nz, nz, 99, 4, pack_tokens=24)
+    assert b.input_ids.shape[0] == 2  # 12 + 10 tokens share a row; 16 more do not fit
+    assert b.example[0, :22].tolist() == [0] * 12 + [1] * 10 and b.seg[0, :22].tolist() == [0] * 12 + [1] * 10
+    assert b.pos[0, 12:17].tolist() == [0, 1, 2, 3, 4]  # the second example restarts its own grid
+    assert (b.seg[0, 22:] == -1).all() and b.example[1, :16].tolist() == [2] * 16
