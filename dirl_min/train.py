@@ -92,6 +92,16 @@ class EpochSampler:
         self.order, self.cursor = state["order"], state["cursor"]
 
 
+def _truncate_log(path: Path, state: dict) -> None:
+    """Drop log rows written after the checkpoint being resumed, so no step appears twice."""
+    if not path.exists():
+        return
+    done, stage, step = set(state.get("done", [])), state["stage"], state["step"]
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and ((row := json.loads(line))["stage"] in done or (row["stage"] == stage and row["step"] <= step))]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -117,7 +127,7 @@ def save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
 
 def latest_checkpoint(out: Path) -> Path | None:
     ckpts = sorted(p for p in (out / "checkpoints").glob("*-*") if (p / "trainer_state.pt").is_file() and not p.name.endswith(".tmp"))
-    return max(ckpts, key=lambda p: torch.load(p / "trainer_state.pt", weights_only=False)["ckpt_index"], default=None)
+    return max(ckpts, key=lambda p: torch.load(p / "trainer_state.pt", weights_only=True)["ckpt_index"], default=None)
 
 
 def build(cfg: Config):
@@ -407,11 +417,13 @@ def main(argv=None) -> dict:
     if cfg.run.resume and (ck := latest_checkpoint(out)) is not None:
         loaded, _ = load_model(ck / "model")
         model.load_state_dict(loaded.state_dict())
-        state = torch.load(ck / "trainer_state.pt", weights_only=False)
+        state = torch.load(ck / "trainer_state.pt", weights_only=True)
         summary = state.get("summary", {})
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         print(f"resumed from {ck} ({state['stage']} step {state['step']})", file=sys.stderr)
+        if accel.is_main_process:
+            _truncate_log(out / "metrics.jsonl", state)
     elif accel.is_main_process and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
     log = MetricsLog(out, accel.is_main_process)

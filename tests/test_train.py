@@ -252,15 +252,24 @@ def test_resume_mid_stage_continues_from_the_step(tmp_path, monkeypatch):
     interrupted = tmp_path / "interrupted"
     real_save = train.save_checkpoint
 
-    def crash_at_rl_step_2(path, *a, **k):
+    def crash_after_rl_step_3(path, *a, **k):
         real_save(path, *a, **k)
         if path.name == "rl-000002":
-            raise KeyboardInterrupt
+            crash_after_rl_step_3.armed = True
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_at_rl_step_2)
+    real_write = train.MetricsLog.write
+
+    def write_then_crash(self, stage, step, values):
+        real_write(self, stage, step, values)
+        if getattr(crash_after_rl_step_3, "armed", False) and stage == "rl" and step == 3:
+            raise KeyboardInterrupt  # step 3 is logged but not checkpointed: resume must not log it twice
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_rl_step_3)
+    monkeypatch.setattr(train.MetricsLog, "write", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(_tiny_run_args(interrupted, "--run.save_every", "2"))
     monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(train.MetricsLog, "write", real_write)
     train.main(_tiny_run_args(interrupted, "--run.save_every", "2", "--resume"))
     a, b = _final_params(straight), _final_params(interrupted)
     for k in a:
