@@ -65,10 +65,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from dirl_min.model import build_tiny, load_model
+    from dirl_min.model import build_tiny, load_model, resolve_dtype
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    dtype = resolve_dtype(args.dtype)
     if args.model:
         model, tok = load_model(args.model, dtype=dtype)
     else:

@@ -380,13 +380,12 @@ def _resolve_dtype(name: str, device=None):
     """``--dtype``: auto = bfloat16 on GPU, float32 on CPU (as dirl_min.train's model.dtype)."""
     import torch
 
-    if name == "auto":
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        return torch.bfloat16 if on_gpu else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise EvalError(f"--dtype: expected auto, float32, bfloat16 or float16, got {name!r}")
-    return table[name]
+    from dirl_min.model import resolve_dtype
+
+    try:
+        return resolve_dtype(name, cuda=device is not None and torch.device(device).type == "cuda")
+    except ValueError as e:
+        raise EvalError(f"--{e}") from None
 
 
 def _weights_digest(path: Path) -> str:

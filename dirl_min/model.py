@@ -384,6 +384,16 @@ def chat_prompt_ids(tokenizer, prompt) -> list[int]:
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_dtype(name: str, *, cuda: bool | None = None) -> torch.dtype:
+    """A dtype setting: ``auto`` = bfloat16 on a GPU (``cuda``, default: if one is available), else float32."""
+    if name == "auto":
+        return torch.bfloat16 if (torch.cuda.is_available() if cuda is None else cuda) else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype: expected auto, float32, bfloat16 or float16, got {name!r}")
+    return table[name]
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """The ids that end a response: eos, pad and ``<|im_end|>`` where the tokenizer has them."""
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}

@@ -12,6 +12,7 @@ Outputs under ``--run.out``: ``summary.json``, ``metrics.jsonl``, TensorBoard ev
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 
 from dirl_min.config import Config, parse_config
 from dirl_min.forward import SelectedLogits, _unwrap
-from dirl_min.model import build_tiny, diffusion_settings, load_model, save_model
+from dirl_min.model import build_tiny, diffusion_settings, load_model, resolve_dtype, save_model
 from dirl_min import tasks
 from dirl_min.trainer import (
     dipo_step,
@@ -137,7 +138,7 @@ def build(cfg: Config):
             cfg.model.path,
             block_size=cfg.model.block_size or None,
             mask_token_id=cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else None,
-            dtype=_dtype(cfg.model.dtype),
+            dtype=resolve_dtype(cfg.model.dtype),
         )
     else:
         model, tok = build_tiny(
@@ -173,12 +174,6 @@ def _fitting_prompts(problems, tok, template, limit, what):
     if not kept:
         raise ValueError(f"{what}: no prompt fits data.max_prompt_tokens={limit}")
     return kept
-
-
-def _dtype(name: str):
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def run_eval(cfg, model, tok, problems, name, seed_offset):
@@ -230,7 +225,7 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
             # processes, which the factor `world` undoes, so gradients add up to the full batch's
             loss, _ = sft_loss(wrapped, [batch[i] for i in idx], M, B, num_response_tokens=n_resp,
                                masks=[masks[i] for i in idx], p=p[idx], pack_tokens=cfg.sft.pack_tokens)
-            with accel.no_sync(wrapped) if k < len(micro) - 1 else _nullcontext():
+            with accel.no_sync(wrapped) if k < len(micro) - 1 else nullcontext():
                 accel.backward(loss * world)
             total_loss += loss.detach()
         total_loss = float(accel.reduce(total_loss, "sum")) if world > 1 else float(total_loss)
@@ -252,14 +247,6 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
                                  "sampler": sampler.state_dict()}
     if skipped:
         print(f"SFT: skipped {skipped} examples longer than sft.max_seq_len={cfg.sft.max_seq_len}", file=sys.stderr)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
@@ -343,7 +330,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                     times["scoring"] += time.perf_counter() - t_score
                     if it == 0 and cfg.rl.num_iterations > 1:
                         logp_old[k] = logp  # the sampling policy's log-probs, computed once and reused
-                    with accel.no_sync(wrapped) if k < len(micro) - 1 else _nullcontext():
+                    with accel.no_sync(wrapped) if k < len(micro) - 1 else nullcontext():
                         accel.backward(loss * world)
                     loss_total += float(loss.detach())
                     stats = {key: stats.get(key, 0.0) + v / len(micro) for key, v in stats_k.items()}
