@@ -54,30 +54,39 @@ def test_a_few_sft_steps_lower_the_loss_on_a_fixed_batch():
     assert loss_at_fixed_noise() < 0.7 * before
 
 
-def test_accumulated_micro_batches_give_the_same_loss_and_gradient_as_one_batch():
-    """k micro-batches of n (step-normalised, as the trainer does) equal one batch of k·n."""
-    model, tok = build_tiny(seed=1)
-    ex = _examples(tok, 12)[::-1]  # mixed lengths, so rows are padded differently in each split
+def _sft_runner(seed: int, n: int):
+    """A tiny model, n examples (mixed lengths) with fixed noise, and ``run(splits, pack)`` →
+    (summed step-normalised loss, gradients) over the micro-batches ``splits``."""
+    model, tok = build_tiny(seed=seed)
+    ex = _examples(tok, n)[::-1]
     w = SelectedLogits(model)
     M = model.config.mask_token_id
     n_resp = sum(len(e.ids) - e.prompt_len for e in ex)
-    masks, p = sft_noise(ex, M, t_min=0.1, generator=torch.Generator().manual_seed(0))
+    masks, p = sft_noise(ex, M, t_min=0.1, generator=torch.Generator().manual_seed(seed))
 
-    def run(splits):
+    def run(splits, pack=0):
         model.zero_grad()
         total = 0.0
         for idx in splits:
             loss, _ = sft_loss(w, [ex[i] for i in idx], M, 4, num_response_tokens=n_resp,
-                               masks=[masks[i] for i in idx], p=p[idx])
+                               masks=[masks[i] for i in idx], p=p[idx], pack_tokens=pack)
             loss.backward()
             total += float(loss.detach())
         return total, [q.grad.clone() for q in model.parameters()]
 
-    one_loss, one = run([list(range(12))])
-    k_loss, k = run([list(range(i, 12, 3)) for i in range(3)])
-    assert k_loss == pytest.approx(one_loss, rel=1e-5)
-    for a, b in zip(one, k):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    return ex, masks, M, run
+
+
+def _assert_same(a, b):
+    assert a[0] == pytest.approx(b[0], rel=1e-5)
+    for x, y in zip(a[1], b[1]):
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-4)
+
+
+def test_accumulated_micro_batches_give_the_same_loss_and_gradient_as_one_batch():
+    """k micro-batches of n (step-normalised, as the trainer does) equal one batch of k·n."""
+    _, _, _, run = _sft_runner(seed=1, n=12)
+    _assert_same(run([list(range(12))]), run([list(range(i, 12, 3)) for i in range(3)]))
 
 
 def test_a_few_dipo_steps_raise_the_mean_reward_on_a_toy_reward():
@@ -366,26 +375,10 @@ def test_a_nan_loss_stops_training_with_a_clear_message(tmp_path, monkeypatch):
 
 def test_packing_several_examples_per_row_gives_the_same_loss_and_gradient():
     """Each packed example keeps its own block grid and sees only itself (block-diagonal mask)."""
-    model, tok = build_tiny(seed=6)
-    ex = _examples(tok, 10)[::-1]
-    w = SelectedLogits(model)
-    M = model.config.mask_token_id
-    n_resp = sum(len(e.ids) - e.prompt_len for e in ex)
-    masks, p = sft_noise(ex, M, t_min=0.1, generator=torch.Generator().manual_seed(1))
-
-    def run(pack):
-        model.zero_grad()
-        loss, _ = sft_loss(w, ex, M, 4, num_response_tokens=n_resp, masks=masks, p=p, pack_tokens=pack)
-        loss.backward()
-        return float(loss.detach()), [q.grad.clone() for q in model.parameters()]
-
     from dirl_min.dipo import build_layout
 
+    ex, masks, M, run = _sft_runner(seed=6, n=10)
     rows = build_layout([e.ids for e in ex], [m[None] for m in masks], [m[None] for m in masks], M, 4,
                         pack_tokens=400).input_ids.shape[0]
     assert rows <= 4  # the 10 examples really share rows
-    one_per_row, g1 = run(0)
-    packed, g2 = run(400)
-    assert packed == pytest.approx(one_per_row, rel=1e-5)
-    for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+    _assert_same(run([list(range(10))], pack=0), run([list(range(10))], pack=400))
