@@ -312,21 +312,31 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
     for r, (m, t) in enumerate(zip(masked_rows, [t for tg in targets for t in tg])):
         masked[r, : len(m)] = m
         select[r, : len(t)] = t
-    xt = x0[owner].masked_fill(masked, mask_token_id)
-    seg_t = seg0[owner]
+    # A round row's prompt blocks are never targets and no target attends to them (they are
+    # clean in x_0), so its queries start at the block holding the first generated token.
+    lengths = torch.tensor([len(x) for x in clean_ids])
+    starts = torch.tensor([int(nz.any(0).nonzero()[0]) // block_size * block_size if nz.any() else len(x)
+                           for x, nz in zip(clean_ids, noisy)], dtype=torch.long)
+    span = max(1, int((lengths - starts).max()))
+    cols = starts[owner][:, None] + torch.arange(span)  # [rows, span]: each query's position
+    valid = cols < lengths[owner][:, None]
+    cols = cols.clamp(max=width - 1)
+    masked, select = masked.gather(1, cols) & valid, select.gather(1, cols) & valid
+    xt = x0[owner].gather(1, cols).masked_fill(masked, mask_token_id)
     # pass 1: clean rows, block-causal (copy 0 is the clean copy here)
     zeros = torch.zeros_like(seg0)
     mask0 = layout_attention_mask(model, seg0.to(dev), pos.to(dev), zeros.to(dev), 0, block_size)
     # pass 2: each round row's queries against [its clean row ; itself] (clean = copy 1, noisy = copy 0)
-    seg2 = torch.cat([seg_t, seg_t], dim=1)
-    pos2 = torch.cat([pos[owner], pos[owner]], dim=1)
-    copy2 = torch.cat([torch.ones(rows, width, dtype=torch.long), torch.zeros(rows, width, dtype=torch.long)], 1)
-    mask2 = layout_attention_mask(model, seg2.to(dev), pos2.to(dev), copy2.to(dev), 1, block_size, num_queries=width)
+    seg2 = torch.cat([seg0[owner], torch.where(valid, 0, -1)], dim=1)
+    pos2 = torch.cat([pos[owner], cols], dim=1)
+    copy2 = torch.cat([torch.ones(rows, width, dtype=torch.long), torch.zeros(rows, span, dtype=torch.long)], 1)
+    mask2 = layout_attention_mask(model, seg2.to(dev), pos2.to(dev), copy2.to(dev), 1, block_size, num_queries=span)
     net = model if isinstance(model, SelectedLogits) or hasattr(model, "module") else SelectedLogits(model)
-    logits = net(xt.to(dev), pos[owner].to(dev), mask2, select.to(dev),
+    logits = net(xt.to(dev), cols.to(dev), mask2, select.to(dev),
                  prefix=(x0.to(dev), pos.to(dev), mask0, owner.to(dev))).float()
     logp_all = torch.log_softmax(logits, dim=-1)
     row, col = select.nonzero(as_tuple=True)
+    col = cols[row, col]
     logp = logp_all.gather(-1, x0[owner[row], col].to(dev)[:, None])[:, 0]
     out = (logp, owner[row], col)
     if with_entropy:

@@ -269,6 +269,9 @@ def _refusal_reason(answer: str) -> str | None:
     return None
 
 
+_INTEGER = re.compile(r"[+-]?\d{1,30}")
+
+
 def _squash(s: str) -> str:
     """Whitespace-normalised string: runs of whitespace become one space, ends stripped."""
     return " ".join(s.split())
@@ -395,7 +398,7 @@ def verifier_stats(reset: bool = False) -> dict[str, int]:
     """Counters of the accuracy checker since start (or the last reset).
 
     Keys: ``calls`` (answers that reached the checker), ``fast_path`` (equal to the ground
-    truth as strings), ``guarded`` (refused as sympy traps), ``verified`` (sent to
+    truth as strings, or both integer literals), ``guarded`` (refused as sympy traps), ``verified`` (sent to
     math-verify), ``soft_timeouts`` (interrupted in the child, child reused),
     ``hard_timeouts`` and ``crashes`` (child killed / died; scored 0), ``worker_starts``,
     ``worker_start_failures`` and ``inline`` (verified in-process as a fallback).
@@ -653,6 +656,9 @@ def math_reward(
         if _squash(pred) and _squash(pred) == _squash(gold):
             _count("fast_path")
             return 1.0
+        if _INTEGER.fullmatch(pred.strip()) and _INTEGER.fullmatch(gold.strip()):
+            _count("fast_path")  # two integer literals: their values decide, no verifier needed
+            return float(int(pred) == int(gold))
         if not pred.strip() or _refusal_reason(pred) is not None:
             _count("guarded")
             return 0.0

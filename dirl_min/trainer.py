@@ -80,10 +80,13 @@ def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: 
     """
     if masks is None:
         masks, p = sft_noise(examples, mask_token_id, t_min=t_min, eps=eps, generator=generator)
-    batch = build_layout([e.ids for e in examples], [m[None] for m in masks], [m[None] for m in masks],
-                         mask_token_id, block_size, pack_tokens=pack_tokens)
-    logp = layout_logp(model, batch)
-    owner = batch.example[batch.select]
+    ids, rounds = [e.ids for e in examples], [m[None] for m in masks]
+    if pack_tokens:
+        batch = build_layout(ids, rounds, rounds, mask_token_id, block_size, pack_tokens=pack_tokens)
+        logp = layout_logp(model, batch)
+        owner = batch.example[batch.select]
+    else:  # the same numbers, with x_0 run once and x_t's response blocks as queries against it
+        logp, owner, _ = rounds_logp(model, ids, rounds, rounds, mask_token_id, block_size)
     weight = (1.0 / p[owner]).to(logp.device)
     loss = -(logp * weight).sum() / num_response_tokens
     return loss, {"masked": float(len(owner)), "nll": float(-logp.detach().mean())}

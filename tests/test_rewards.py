@@ -255,7 +255,7 @@ _SLOW_UNGUARDED = "\\boxed{(10^{1000})^{100000}}"
 
 def test_slow_answer_is_cut_by_timeout_in_a_thread():
     assert R._refusal_reason("(10^{1000})^{100000}") is None  # really reaches math-verify
-    R.math_reward("\\boxed{2}", "3")  # a warm verifier child, so no start-up in the timing
+    R.math_reward("\\boxed{2.5}", "3")  # a warm verifier child, so no start-up in the timing
     before = R.verifier_stats()
     out = {}
 
@@ -273,6 +273,19 @@ def test_slow_answer_is_cut_by_timeout_in_a_thread():
     cut = sum(after.get(k, 0) - before.get(k, 0) for k in ("soft_timeouts", "hard_timeouts"))
     assert cut == 1
     assert R.math_reward("\\boxed{\\frac{1}{2}}", "0.5") == 1.0  # the checker still works
+
+
+def test_integer_answers_are_decided_without_the_verifier():
+    pairs = [("\\boxed{19}", "20", 0.0), ("\\boxed{-3}", "-3", 1.0), ("\\boxed{007}", "7", 1.0),
+             ("\\boxed{+4}", "4", 1.0), ("\\boxed{ 12 }", "\\boxed{12}", 1.0), ("\\boxed{-0}", "0", 1.0)]
+    before = R.verifier_stats()
+    assert [R.math_reward(r, g) for r, g, _ in pairs] == [want for _, _, want in pairs]
+    after = R.verifier_stats()
+    assert after.get("verified", 0) == before.get("verified", 0)
+    assert after["fast_path"] - before.get("fast_path", 0) == len(pairs)
+    # not integer literals on both sides: still math-verify's call
+    assert R.math_reward("\\boxed{20.0}", "20") == 1.0
+    assert R.verifier_stats()["verified"] > after.get("verified", 0)
 
 
 def test_hung_or_crashed_child_is_killed_and_counted():
