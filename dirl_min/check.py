@@ -50,6 +50,39 @@ def consistency(model, tokenizer, prompts, *, max_new_tokens: int, temperature: 
     }
 
 
+def engine_agreement(native, other) -> dict:
+    """How far two engines' greedy rollouts of the same prompts agree (tokens *and* step map).
+
+    Returns:
+        ``sequences``: fraction of responses identical in both; ``tokens``: fraction of the
+        native engine's response tokens before the first position where they differ.
+    """
+    same = agree = total = 0
+    for a, sa, b, sb in zip(native.response_ids, native.step_map, other.response_ids, other.step_map):
+        pairs_a, pairs_b = list(zip(a, sa)), list(zip(b, sb))
+        same += pairs_a == pairs_b
+        agree += next((j for j, (x, y) in enumerate(zip(pairs_a, pairs_b)) if x != y), min(len(a), len(b)))
+        total += len(a)
+    return {"sequences": same / max(1, len(native)), "tokens": agree / max(1, total)}
+
+
+def lmdeploy_agreement(model, tokenizer, model_path: str, prompts, *, max_new_tokens: int, threshold: float) -> dict:
+    """Greedy decoding by LMDeploy (with the step hook) vs the native engine (CUDA only)."""
+    from dirl_min.decoding import generate
+    from dirl_min.lmdeploy_engine import LMDeployEngine
+    from dirl_min.model import chat_prompt_ids, diffusion_settings, stop_token_ids
+
+    block, mask_id = diffusion_settings(model)
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    kw = dict(max_new_tokens=max_new_tokens, threshold=threshold, temperature=0.0, stop_token_ids=stop_token_ids(tokenizer))
+    native = generate(model, ids, **kw)
+    engine = LMDeployEngine(model_path, block_size=block, mask_token_id=mask_id, threshold=threshold)
+    try:
+        return engine_agreement(native, engine.generate(ids, **kw))
+    finally:
+        engine.close()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -63,7 +96,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--tolerance", type=float, default=0.0,
                         help="fail (exit 1) above this max |difference|; 0 = 1e-4 in float32, 0.1 in bf16")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lmdeploy", action="store_true",
+                        help="also decode greedily with LMDeploy (CUDA, lmdeploy 0.18) and report how often its tokens "
+                             "and step maps equal the native engine's (bf16 rounding may flip a few near-threshold steps)")
     args = parser.parse_args(argv)
+    if args.lmdeploy and not args.model:
+        parser.error("--lmdeploy needs --model: a checkpoint folder LMDeploy can load")
 
     from dirl_min.model import build_tiny, load_model, resolve_dtype
 
@@ -79,6 +117,9 @@ def main(argv=None) -> dict:
         prompts = [line for line in open(args.prompts, encoding="utf-8").read().splitlines() if line.strip()]
     result = consistency(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          threshold=args.threshold, seed=args.seed)
+    if args.lmdeploy:
+        result["lmdeploy_agreement"] = lmdeploy_agreement(model, tok, args.model, prompts, threshold=args.threshold,
+                                                          max_new_tokens=args.max_new_tokens)
     tolerance = args.tolerance or (1e-4 if dtype == torch.float32 else 0.1)
     result.update(model=args.model or "tiny", dtype=str(dtype).replace("torch.", ""), tolerance=tolerance,
                   ok=result["max_abs_diff"] <= tolerance)

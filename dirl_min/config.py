@@ -90,6 +90,7 @@ class RLConfig:
     top_p: float = _f(1.0, "rollout top-p")
     max_new_tokens: int = _f(16, "rollout length limit (whole blocks)")
     reward_workers: int = _f(0, "processes for reward computation (0 = in-process)")
+    rollout_backend: str = _f("native", "native = dirl_min's KV-cached decoder on the trained module; lmdeploy = LMDeploy's PyTorch engine (CUDA, lmdeploy 0.18; weights synced in memory each step)")
 
 
 @dataclass

@@ -254,18 +254,10 @@ def layout_logp(model, batch: LayoutBatch, *, temperature: float = 1.0, with_ent
     """
     dev = next(model.parameters()).device  # works through DDP / SelectedLogits wrappers too
     b = {k: getattr(batch, k).to(dev) for k in ("input_ids", "seg", "pos", "copy", "clean_copy", "select", "target_ids")}
-    logits = layout_logits(
-        model, b["input_ids"], b["seg"], b["pos"], b["copy"], b["clean_copy"], batch.block_size, b["select"]
-    ).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, b["target_ids"][b["select"]][:, None])[:, 0]
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy
-    return logp
+    logp, entropy = layout_logits(
+        model, b["input_ids"], b["seg"], b["pos"], b["copy"], b["clean_copy"], batch.block_size, b["select"],
+        targets=b["target_ids"][b["select"]], temperature=temperature)
+    return (logp, entropy) if with_entropy else logp
 
 
 def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size: int, *,
@@ -276,7 +268,9 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
     and clean tokens never attend to noisy ones. So the clean ``x_0`` of each response is
     run once (block-causally) and every round ``x_t^ρ`` is a row of queries against its
     keys/values plus its own: the same numbers as the packed layout
-    ``[x_t^1; …; x_t^R; x_0]``, at ``L² + R·2L²`` attention cost instead of ``(R+1)²L²``.
+    ``[x_t^1; …; x_t^R; x_0]``. A round row holds only the blocks from the first generated
+    token on (``L_r`` of them; prompt blocks are never targets), so the cost is
+    ``L² + R·L_r(L + L_r)`` instead of ``(R+1)²L²``. SFT is the case ``R = 1``.
 
     Args:
         model: a causal LM or a (possibly distributed-wrapped) :class:`SelectedLogits`.
@@ -332,17 +326,11 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
     copy2 = torch.cat([torch.ones(rows, width, dtype=torch.long), torch.zeros(rows, span, dtype=torch.long)], 1)
     mask2 = layout_attention_mask(model, seg2.to(dev), pos2.to(dev), copy2.to(dev), 1, block_size, num_queries=span)
     net = model if isinstance(model, SelectedLogits) or hasattr(model, "module") else SelectedLogits(model)
-    logits = net(xt.to(dev), cols.to(dev), mask2, select.to(dev),
-                 prefix=(x0.to(dev), pos.to(dev), mask0, owner.to(dev))).float()
-    logp_all = torch.log_softmax(logits, dim=-1)
     row, col = select.nonzero(as_tuple=True)
     col = cols[row, col]
-    logp = logp_all.gather(-1, x0[owner[row], col].to(dev)[:, None])[:, 0]
-    out = (logp, owner[row], col)
-    if with_entropy:
-        with torch.no_grad():
-            out += (-(logp_all.exp() * logp_all).sum(-1),)
-    return out
+    logp, entropy = net(xt.to(dev), cols.to(dev), mask2, select.to(dev),
+                        prefix=(x0.to(dev), pos.to(dev), mask0, owner.to(dev)), targets=x0[owner[row], col].to(dev))
+    return (logp, owner[row], col, entropy) if with_entropy else (logp, owner[row], col)
 
 
 def rollout_rounds(rollout, i: int):

@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_ks
@@ -722,13 +723,14 @@ def run_shard(run: EvalRun, model, tok, rank: int = 0, world: int = 1, *, progre
     bar = tqdm(total=total, desc=f"eval[{rank}]" if world > 1 else "eval", unit="sample", dynamic_ncols=True,
                disable=not progress or rank != 0)
     model.eval()
+    decode = _lmdeploy_engine(args, model).generate if args.backend == "lmdeploy" else partial(generate, model)
     try:
         with open(own, "a", encoding="utf-8") as f:
             for b, thr, items in todo:
                 bar.set_description(f"{b.name} t={thr:g}")
                 t0 = time.perf_counter()
-                roll = generate(
-                    model, [b.prompts[i] for i, _, _ in items], seeds=[s for _, _, s in items],
+                roll = decode(
+                    [b.prompts[i] for i, _, _ in items], seeds=[s for _, _, s in items],
                     max_new_tokens=args.max_new_tokens, strategy=args.strategy, threshold=thr,
                     steps=args.steps or None, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     stop_token_ids=stop_ids, tokenizer=tok)
@@ -860,7 +862,7 @@ def summarize(results: dict) -> str:
 def _check_lmdeploy() -> None:
     """``--backend lmdeploy``: exit with a clear message when lmdeploy or CUDA is missing."""
     try:
-        import lmdeploy  # noqa: F401
+        import lmdeploy
     except ImportError:
         raise SystemExit("dirl_min.eval: --backend lmdeploy needs the lmdeploy package (pip install -e '.[lmdeploy]'; "
                          "lmdeploy 0.18 needs CUDA and torch <= 2.12.1). Use --backend native (the default).") from None
@@ -869,8 +871,26 @@ def _check_lmdeploy() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("dirl_min.eval: --backend lmdeploy needs a CUDA GPU and none is visible. "
                          "Use --backend native (the default).")
-    raise SystemExit("dirl_min.eval: lmdeploy and CUDA are present, but the lmdeploy backend is not implemented "
-                     "in dirl_min yet. Use --backend native (the default).")
+    from dirl_min.lmdeploy_engine import check_version
+
+    try:
+        check_version(lmdeploy.__version__)
+    except RuntimeError as exc:
+        raise SystemExit(f"dirl_min.eval: {exc}") from None
+
+
+def _lmdeploy_engine(args, model):
+    """The LMDeploy engine for ``--backend lmdeploy`` (one confidence threshold per engine)."""
+    from dirl_min.lmdeploy_engine import LMDeployEngine
+    from dirl_min.model import diffusion_settings
+
+    if len(args.thresholds) != 1:
+        raise SystemExit("dirl_min.eval: --backend lmdeploy takes one --thresholds value per run")
+    if not args.model or args.model == "tiny":
+        raise SystemExit("dirl_min.eval: --backend lmdeploy needs --model: a checkpoint folder LMDeploy can load")
+    block, mask_id = diffusion_settings(model)
+    return LMDeployEngine(args.model, block_size=block, mask_token_id=mask_id, strategy=args.strategy,
+                          threshold=args.thresholds[0], steps=args.steps)
 
 
 def _remove_outputs(out: Path) -> None:

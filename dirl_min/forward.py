@@ -19,7 +19,7 @@ import torch
 
 from dirl_min.masking import mask_from_metadata, mask_mod
 
-__all__ = ["attention_backend", "backbone_hidden", "dense_denoiser", "SelectedLogits", "layout_logits",
+__all__ = ["attention_backend", "backbone_hidden", "dense_denoiser", "SelectedLogits", "selected_logp", "layout_logits",
            "layout_attention_mask"]
 
 
@@ -119,12 +119,16 @@ class SelectedLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, position_ids, attention_mask, select, prefix=None):
+    def forward(self, input_ids, position_ids, attention_mask, select, prefix=None, targets=None,
+                temperature: float = 1.0):
         """int64 ``[N, T]`` ×2, mask (see :func:`backbone_hidden`), bool ``[N, T]`` → float ``[select.sum(), V]``.
 
         ``prefix = (ids [P, Tp], positions [P, Tp], mask, rows [N])``: first run the prefix rows,
         then let row ``i`` of the main input attend to prefix row ``rows[i]`` before itself
         (``attention_mask`` then covers ``Tp + T`` keys).
+
+        With ``targets`` (int64 ``[select.sum()]``) it returns :func:`selected_logp` instead of
+        the logits: ``(logp, entropy)``, never holding all ``[n, V]`` logits at once.
         """
         cache = None
         if prefix is not None:
@@ -133,7 +137,39 @@ class SelectedLogits(torch.nn.Module):
             backbone_hidden(self.lm, ids, pos, mask, cache)
             cache.rows = rows
         hidden = backbone_hidden(self.lm, input_ids, position_ids, attention_mask, cache)
-        return self.lm.get_output_embeddings()(hidden[select])
+        if targets is None:
+            return self.lm.get_output_embeddings()(hidden[select])
+        return selected_logp(hidden[select], self.lm.get_output_embeddings(), targets, temperature=temperature)
+
+
+LOGP_CHUNK = 4096  # target tokens whose [·, V] logits are alive at once (151,936 × 4096 × 4 B ≈ 2.5 GB)
+
+
+def selected_logp(hidden, head, targets, *, temperature: float = 1.0, chunk: int = LOGP_CHUNK):
+    """``log softmax(head(hidden) / T)[targets]`` and its entropy, ``chunk`` rows at a time.
+
+    Args:
+        hidden: float ``[n, H]``; head: the output projection; targets: int64 ``[n]``.
+
+    Returns:
+        ``(logp, entropy)``: float32 ``[n]`` each (``entropy`` detached). When there is more
+        than one chunk and a gradient is needed, each chunk is checkpointed: its logits are
+        recomputed in the backward pass, so ``[n, V]`` is never stored (a long response
+        times a 152k vocabulary would not fit).
+    """
+
+    def piece(h, t):
+        logp_all = torch.log_softmax(head(h).float() / temperature, dim=-1)
+        return logp_all.gather(-1, t[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
+
+    n = hidden.shape[0]
+    if n <= chunk:
+        logp, entropy = piece(hidden, targets)
+        return logp, entropy.detach()
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    parts = [torch.utils.checkpoint.checkpoint(piece, hidden[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
+             if grad else piece(hidden[s:s + chunk], targets[s:s + chunk]) for s in range(0, n, chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
 
 
 def layout_attention_mask(model, seg, pos, copy, clean_copy, block_size, num_queries=None):
@@ -157,7 +193,7 @@ def layout_attention_mask(model, seg, pos, copy, clean_copy, block_size, num_que
     return mask_from_metadata(seg, pos, copy, clean_copy, block_size, num_queries=num_queries)[:, None]
 
 
-def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, select) -> torch.Tensor:
+def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, select, **logp_kw):
     """Logits at selected positions of a training layout; ``lm_head`` runs only there.
 
     Args:
@@ -168,9 +204,10 @@ def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, sele
         select: bool ``[N, T]``, where logits are needed (e.g. masked noisy positions).
 
     Returns:
-        float ``[select.sum(), V]`` in row-major order of ``select``.
+        float ``[select.sum(), V]`` in row-major order of ``select``; with ``targets=`` (and
+        ``temperature=``) in ``logp_kw``, :func:`selected_logp`'s ``(logp, entropy)`` instead.
     """
     mask = layout_attention_mask(model, seg, pos, copy, clean_copy, block_size)
     if not isinstance(model, SelectedLogits) and not hasattr(model, "module"):
         model = SelectedLogits(model)
-    return model(input_ids, pos.clamp(min=0), mask, select)
+    return model(input_ids, pos.clamp(min=0), mask, select, **logp_kw)

@@ -249,6 +249,25 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
         print(f"SFT: skipped {skipped} examples longer than sft.max_seq_len={cfg.sft.max_seq_len}", file=sys.stderr)
 
 
+def make_rollout_engine(cfg, policy):
+    """None for the native decoder; an :class:`LMDeployEngine` for ``rl.rollout_backend: lmdeploy``."""
+    if cfg.rl.rollout_backend == "native":
+        return None
+    if cfg.rl.rollout_backend != "lmdeploy":
+        raise SystemExit(f"rl.rollout_backend must be native or lmdeploy, not {cfg.rl.rollout_backend!r}")
+    if not cfg.model.path:
+        raise SystemExit("rl.rollout_backend lmdeploy needs --model: a checkpoint folder LMDeploy can load")
+    try:
+        from dirl_min.lmdeploy_engine import LMDeployEngine
+        import lmdeploy  # noqa: F401
+    except ImportError:
+        raise SystemExit("rl.rollout_backend lmdeploy needs the lmdeploy package (pip install -e '.[lmdeploy]' on a "
+                         "CUDA machine; lmdeploy 0.18 needs torch <= 2.12.1)") from None
+    block, mask_id = diffusion_settings(_unwrap(policy))
+    return LMDeployEngine(cfg.model.path, block_size=block, mask_token_id=mask_id, strategy=cfg.decode.strategy,
+                          threshold=cfg.decode.threshold, steps=cfg.decode.steps)
+
+
 def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
     """DiPO (SPEC §4) for ``cfg.rl.steps`` steps."""
     from tqdm.auto import tqdm
@@ -269,6 +288,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         sampler.load_state_dict(state["sampler"])
     world, rank = accel.num_processes, accel.process_index
     G = cfg.rl.group_size
+    engine = make_rollout_engine(cfg, policy)
     bar = tqdm(range(start, cfg.rl.steps), desc="DiPO", disable=not progress or not accel.is_main_process,
                initial=start, total=cfg.rl.steps)
     for step in bar:
@@ -283,12 +303,14 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             mine = chosen[rank::world]
             # sampling seeds for the global batch, then this process's share: same samples for any world size
             seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
-            # the engine decodes with the module being trained: on one device the weight sync is free
+            # native: the engine decodes with the module being trained, so the weight sync is free
+            if engine is not None:
+                engine.load_weights(_unwrap(wrapped))
             roll, rewards, correct, _ = rollout_and_reward(
                 _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
                 decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
                 max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
-                reward_workers=cfg.rl.reward_workers, timings=times)
+                reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
             sampled_groups += len(mine)
             adv = group_advantages(rewards, G)
             metrics_rows.append((roll, rewards, correct))
@@ -296,6 +318,8 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                 kept.append((roll, list(range(g * G, (g + 1) * G)), adv[g * G:(g + 1) * G]))
             if len(kept) >= want:
                 break
+        if engine is not None:
+            engine.release()  # the update gets the rollout's GPU memory
         cap_hit = len(kept) < want
         kept = kept[:want]
         rew = torch.cat([r for _, r, _ in metrics_rows])

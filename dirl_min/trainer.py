@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -106,10 +107,12 @@ def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float):
 
 def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_template, decode_cfg, temperature, top_k,
                        top_p, max_new_tokens, rewards, generator=None, seeds=None, reward_workers=0, batch_size=0,
-                       timings: dict | None = None):
+                       timings: dict | None = None, engine=None):
     """Sample ``group_size`` responses per problem and score them.
 
     The per-response sampling seeds are ``seeds`` (``n·G`` ints) or drawn from ``generator``.
+    ``engine``: an object with :func:`dirl_min.decoding.generate`'s signature minus the model
+    (e.g. :class:`dirl_min.lmdeploy_engine.LMDeployEngine`); default: decode with ``policy``.
     ``timings``, if given, receives the seconds spent in ``rollout`` and ``rewards``.
 
     Returns:
@@ -128,7 +131,8 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
     chunk = batch_size or len(prompts)
     if seeds is None:
         seeds = torch.randint(0, 2**32, (len(prompts),), generator=generator).tolist()
-    parts_out = [generate(policy, prompts[s:s + chunk], seeds=seeds[s:s + chunk], **kw) for s in range(0, len(prompts), chunk)]
+    decode = engine.generate if engine is not None else partial(generate, policy)
+    parts_out = [decode(prompts[s:s + chunk], seeds=seeds[s:s + chunk], **kw) for s in range(0, len(prompts), chunk)]
     policy.train(policy_was_training)
     rollout = parts_out[0]
     for extra in parts_out[1:]:

@@ -36,3 +36,20 @@ def test_check_on_an_sdar_standin_checkpoint(tmp_path, sdar_source):
     path = make_standin_checkpoint(tmp_path / "sdar", source=sdar_source)
     result = check.main(["--model", str(path), "--dtype", "float32", "--max-new-tokens", "8"])
     assert result["ok"] and result["tokens"] > 0
+
+
+
+def test_engine_agreement_counts_identical_sequences_and_the_agreeing_prefix():
+    from dirl_min.decoding import Rollout
+
+    def roll(responses, steps):
+        n = len(responses)
+        return Rollout(prompt_ids=[[0]] * n, response_ids=responses, step_map=steps, logp=[[]] * n,
+                       truncated=[False] * n, stopped_at=[None] * n, block_size=4, mask_token_id=9)
+
+    native = roll([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 1, 2, 3], [1, 2, 2, 3]])
+    assert check.engine_agreement(native, native) == {"sequences": 1.0, "tokens": 1.0}
+    token_differs = roll([[1, 2, 3, 4], [5, 6, 9, 8]], [[1, 1, 2, 3], [1, 2, 2, 3]])
+    assert check.engine_agreement(native, token_differs) == {"sequences": 0.5, "tokens": 6 / 8}
+    step_differs = roll([[1, 2, 3, 4], [5, 6, 7, 8]], [[1, 2, 2, 3], [1, 2, 2, 3]])  # same tokens, other order
+    assert check.engine_agreement(native, step_differs) == {"sequences": 0.5, "tokens": 5 / 8}

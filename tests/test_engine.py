@@ -206,3 +206,22 @@ def test_sdar_standin_chats_generates_and_round_trips(tmp_path, sdar_source):
     again, _ = load_model(saved, dtype=torch.float32)
     again_out = generate_text(again, tok, ["Solve: If x + 5 = 12, what is x?"], max_new_tokens=16, temperature=0.0)
     assert again_out.response_ids == out.response_ids and again_out.logp == out.logp
+
+
+def test_chunked_log_probs_equal_the_plain_formula_in_values_and_gradients():
+    from dirl_min.forward import selected_logp
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    logp_all = torch.log_softmax(head(hidden) / 0.7, dim=-1)
+    want = logp_all.gather(-1, targets[:, None])[:, 0]
+    want_entropy = -(logp_all.exp() * logp_all).sum(-1)
+    want_grads = torch.autograd.grad((want * torch.arange(37.0)).sum(), [hidden, head.weight])
+    for chunk in (8, 37, 1000):  # several checkpointed chunks, exactly one, and the unchunked path
+        logp, entropy = selected_logp(hidden, head, targets, temperature=0.7, chunk=chunk)
+        grads = torch.autograd.grad((logp * torch.arange(37.0)).sum(), [hidden, head.weight])
+        assert torch.allclose(logp, want, atol=1e-6) and torch.allclose(entropy, want_entropy, atol=1e-5)
+        assert not entropy.requires_grad
+        assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(grads, want_grads))
