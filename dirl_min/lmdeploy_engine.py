@@ -185,6 +185,7 @@ class LMDeployEngine:
         self.engine = Engine.from_pretrained(model_path, engine_config=config)
         self.instance = self.engine.create_instance()
         self.block_size, self.mask_token_id, self.bucket_bytes = block_size, mask_token_id, bucket_bytes
+        self.rule = {"strategy": strategy, "threshold": threshold, "steps": steps or None}
         self.recorder = StepRecorder()
         self._next_session = 1
         self.sleeping = False
@@ -193,9 +194,20 @@ class LMDeployEngine:
         return self.instance.req_sender.run_until_complete(coro)
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, stop_token_ids=(), seeds=None, tokenizer=None, **_) -> Rollout:
-        """Decode ``prompts`` (token ids) concurrently; the same record as :func:`dirl_min.decoding.generate`."""
+                 top_p: float = 1.0, stop_token_ids=(), seeds=None, tokenizer=None, strategy=None, threshold=None,
+                 steps=None, fused_commit=None) -> Rollout:
+        """Decode ``prompts`` (token ids) concurrently; the same record as :func:`dirl_min.decoding.generate`.
+
+        The unmasking rule is the engine's own (fixed when it was built); asking for another is an
+        error rather than a silent mismatch. ``fused_commit`` does not apply: LMDeploy caches a
+        finished block with one more forward.
+        """
         import asyncio
+
+        asked = {"strategy": strategy, "threshold": threshold, "steps": steps}
+        wrong = {k: v for k, v in asked.items() if v is not None and v != self.rule[k]}
+        if wrong:
+            raise ValueError(f"this LMDeploy engine decodes with {self.rule}; asked for {wrong}: build another engine")
 
         from lmdeploy import GenerationConfig
 
