@@ -297,6 +297,8 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         kept = []  # (rollout, response indices, their advantages), one entry per kept group
         metrics_rows, sampled_groups, n_rounds = [], 0, 0
         want = max(1, cfg.rl.prompts_per_step // world)  # groups this process trains on
+        if engine is not None:
+            engine.load_weights(_unwrap(wrapped))  # this step's policy, sent through memory
         for _ in range(max(1, cfg.rl.sampling_rounds)):
             n_rounds += 1
             chosen = sampler.take(cfg.rl.prompts_per_step)
@@ -304,8 +306,6 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             # sampling seeds for the global batch, then this process's share: same samples for any world size
             seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
             # native: the engine decodes with the module being trained, so the weight sync is free
-            if engine is not None:
-                engine.load_weights(_unwrap(wrapped))
             roll, rewards, correct, _ = rollout_and_reward(
                 _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
                 decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,

@@ -382,3 +382,38 @@ def test_packing_several_examples_per_row_gives_the_same_loss_and_gradient():
                         pack_tokens=400).input_ids.shape[0]
     assert rows <= 4  # the 10 examples really share rows
     _assert_same(run([list(range(10))], pack=0), run([list(range(10))], pack=400))
+
+
+def test_an_external_rollout_engine_synced_each_step_trains_like_the_native_one(tmp_path, monkeypatch):
+    """The LMDeploy wiring on CPU: an engine that holds its *own* copy of the weights and sees
+    the policy only through ``load_weights`` must give the native run's parameters, bit for
+    bit; a sync skipped after a release would decode with stale weights and diverge."""
+    import copy
+
+    from dirl_min import train
+    from dirl_min.decoding import generate
+
+    class CopyEngine:
+        def __init__(self):
+            self.model, self.awake, self.loads = None, False, 0
+
+        def load_weights(self, policy):
+            self.model = copy.deepcopy(policy).eval()
+            self.awake, self.loads = True, self.loads + 1
+
+        def release(self):
+            self.model, self.awake = None, False  # a released engine holds no weights
+
+        def generate(self, prompts, **kw):
+            assert self.awake, "decoding with a released engine"
+            return generate(self.model, prompts, **kw)
+
+    native = tmp_path / "native"
+    train.main(_tiny_run_args(native, "--run.stages", '["rl"]'))
+    engine = CopyEngine()
+    monkeypatch.setattr(train, "make_rollout_engine", lambda cfg, policy: engine)
+    train.main(_tiny_run_args(tmp_path / "external", "--run.stages", '["rl"]'))
+    assert engine.loads == 4 and not engine.awake  # one sync per RL step; released for every update
+    a, b = _final_params(native), _final_params(tmp_path / "external")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
