@@ -160,16 +160,17 @@ def selected_logp(hidden, head, targets, *, temperature: float = 1.0, chunk: int
 
     def piece(h, t):
         logp_all = torch.log_softmax(head(h).float() / temperature, dim=-1)
-        return logp_all.gather(-1, t[:, None])[:, 0], -(logp_all.exp() * logp_all).sum(-1)
+        with torch.no_grad():  # a statistic: no graph, nothing saved for the backward pass
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, t[:, None])[:, 0], entropy
 
     n = hidden.shape[0]
     if n <= chunk:
-        logp, entropy = piece(hidden, targets)
-        return logp, entropy.detach()
+        return piece(hidden, targets)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     parts = [torch.utils.checkpoint.checkpoint(piece, hidden[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
              if grad else piece(hidden[s:s + chunk], targets[s:s + chunk]) for s in range(0, n, chunk)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).detach()
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def layout_attention_mask(model, seg, pos, copy, clean_copy, block_size, num_queries=None):
