@@ -71,7 +71,7 @@ class SFTConfig:
 
 @dataclass
 class RLConfig:
-    steps: int = _f(700, "DiPO steps (0 = skip RL)")
+    steps: int = _f(600, "DiPO steps (0 = skip RL)")
     prompts_per_step: int = _f(16, "groups (prompts) per step")
     group_size: int = _f(8, "responses per prompt (G)")
     lr: float = _f(3e-4, "learning rate")

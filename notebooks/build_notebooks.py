@@ -967,7 +967,7 @@ NB04 = [
     arithmetic itself.
 
     Here it runs with small step counts to finish in well under a minute on a busy 2-core CPU. The full
-    default, `python -m dirl_min.train` (2200 SFT steps and 700 DiPO steps), takes several minutes.
+    default, `python -m dirl_min.train` (2200 SFT steps and 600 DiPO steps), takes several minutes.
     '''),
     code(SETUP),
     code(r'''
@@ -982,8 +982,8 @@ NB04 = [
     RUN = pathlib.Path("runs") / "notebook04"  # relative to the notebook's folder (ignored by git)
     argv = [
         "--sft.steps", "150", "--sft.batch_size", "16",            # default 2200 × 32
-        "--rl.steps", "20", "--rl.prompts_per_step", "8",          # default 700 × 16 (G = 8 responses each)
-        "--eval.max_problems", "24", "--eval.samples", "4",        # default 88 × 8
+        "--rl.steps", "20", "--rl.prompts_per_step", "8",          # default 600 × 16 (G = 8 responses each)
+        "--eval.max_problems", "24", "--eval.samples", "4",        # default 88 × 16
         "--run.log_every", "2", "--run.threads", "1", "--run.out", str(RUN),
     ]
     t0 = time.perf_counter()
