@@ -46,7 +46,7 @@ class DataConfig:
     eval_data: str = _f("", "evaluation file (question + ground_truth_answer); empty = the embedded held-out split")
     task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'")
     task_max_operand: int = _f(20, "embedded task: operands run over 0..N")
-    held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on)")
+    held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together)")
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
     prompt_template: str = _f("{question}", "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
     max_prompt_tokens: int = _f(1024, "prompts longer than this are skipped and counted")

@@ -41,6 +41,7 @@ class Problem:
     question: str
     answer: str
     level: int = 0
+    family: tuple = ()  # problems of one family (e.g. a + b and b + a) fall on the same side of a split
 
 
 def arithmetic_problems(max_operand: int = 20, levels: tuple[int, ...] = (1, 2)) -> list[Problem]:
@@ -56,12 +57,13 @@ def arithmetic_problems(max_operand: int = 20, levels: tuple[int, ...] = (1, 2))
     rng = range(max_operand + 1)
     for a in rng:
         for b in rng:
+            family = (min(a, b), max(a, b))  # the unordered operand pair: a + b and b + a are twins
             if 1 in levels:
-                out.append(Problem(f"What is {a} + {b}?", str(a + b), 1))
+                out.append(Problem(f"What is {a} + {b}?", str(a + b), 1, family))
             if 2 in levels:
-                out.append(Problem(f"What is {a} - {b}?", str(a - b), 2))
+                out.append(Problem(f"What is {a} - {b}?", str(a - b), 2, family))
             if 3 in levels:
-                out.append(Problem(f"Solve: If x + {a} = {a + b}, what is x?", str(b), 3))
+                out.append(Problem(f"Solve: If x + {a} = {a + b}, what is x?", str(b), 3, family))
     return out
 
 
@@ -74,12 +76,28 @@ def render_prompt(template: str, question: str) -> str:
 
 
 def split_problems(problems: list[Problem], held_out: int, seed: int = 0) -> tuple[list[Problem], list[Problem]]:
-    """A seeded train / held-out split; held-out problems are never trained on."""
-    order = list(range(len(problems)))
-    random.Random(seed).shuffle(order)
-    test = sorted(order[:held_out])
-    train = sorted(order[held_out:])
-    return [problems[i] for i in train], [problems[i] for i in test]
+    """A seeded train / held-out split that never separates a family of problems.
+
+    All problems sharing a ``family`` (the embedded task: the unordered operand pair, so
+    ``a + b``, ``b + a``, ``a - b``, ``b - a`` …) go to the same side, so no held-out problem
+    has a twin (same question, or same operands and answer) in training. Families are
+    taken in seeded random order while they fit, so the held-out set has exactly
+    ``held_out`` problems whenever the family sizes allow it. Problems without a family
+    are their own family, keyed by the question. Both lists keep the input order.
+    """
+    families: dict = {}
+    for i, p in enumerate(problems):
+        families.setdefault(p.family or (p.question,), []).append(i)
+    keys = list(families)
+    random.Random(seed).shuffle(keys)
+    test: list[int] = []
+    for k in keys:
+        if len(test) + len(families[k]) <= held_out:
+            test += families[k]
+        if len(test) == held_out:
+            break
+    held = set(test)
+    return [p for i, p in enumerate(problems) if i not in held], [problems[i] for i in sorted(held)]
 
 
 def sft_records(problems: list[Problem], tokenizer, prompt_template: str = "{question}") -> list[dict]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dirl_min import tasks
 from dirl_min.config import Config, parse_config
@@ -196,6 +199,31 @@ def test_embedded_split_is_disjoint_and_seeded():
     assert len(test) == 88 and len(train) + len(test) == len(probs) == 882
     assert not {p.question for p in train} & {p.question for p in test}
     assert tasks.split_problems(probs, 88, seed=0)[1] == test
+    assert tasks.split_problems(probs, 88, seed=1)[1] != test
+
+
+def _operands(question: str) -> tuple[int, ...]:
+    """The unordered operands of an embedded question, read from its text (independent of ``family``)."""
+    nums = [int(n) for n in re.findall(r"\d+", question)]
+    if question.startswith("Solve"):  # x + a = c: the operands are a and x = c - a
+        nums = [nums[0], nums[1] - nums[0]]
+    return tuple(sorted(nums))
+
+
+@settings(max_examples=40, deadline=None)
+@given(levels=st.sets(st.sampled_from([1, 2, 3]), min_size=1), max_operand=st.integers(1, 25),
+       frac=st.floats(0.05, 0.5), seed=st.integers(0, 10**6))
+def test_no_held_out_problem_has_a_twin_in_training(levels, max_operand, frac, seed):
+    """a + b held out while b + a (same answer) is trained on would measure memory, not generalisation."""
+    probs = tasks.arithmetic_problems(max_operand, tuple(sorted(levels)))
+    held_out = max(1, int(frac * len(probs)))
+    train, test = tasks.split_problems(probs, held_out, seed)
+    assert sorted(train + test, key=probs.index) == probs
+    assert held_out - 4 < len(test) <= held_out  # whole families (at most 4 problems each) fill the count
+    train_operands, train_questions = {_operands(p.question) for p in train}, {p.question for p in train}
+    for p in test:
+        assert p.question not in train_questions
+        assert _operands(p.question) not in train_operands, p  # no training problem on the same operands
 
 
 def test_shipped_tiny_config_is_the_default(repo_root):
