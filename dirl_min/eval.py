@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from dirl_min.benchmarks import BENCHMARKS, HubError
 from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_ks
 from dirl_min.model import stop_token_ids
 from dirl_min.tasks import DataError, Problem, render_prompt
@@ -50,7 +51,6 @@ __all__ = [
     "EvalError",
     "Benchmark",
     "EvalRun",
-    "default_data_dir",
     "plot_sweep",
     "build_parser",
     "parse_args",
@@ -71,14 +71,6 @@ __all__ = [
 ]
 
 DIRL_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
-#: benchmark name -> the name of DiRL's Hugging Face dataset ``Auraithm/<name>`` (a single ``<name>.json``)
-BENCHMARKS = {
-    "math500": "MATH500",
-    "gsm8k": "GSM8K",
-    "aime2024": "AIME2024",
-    "aime2025": "AIME2025",
-    "olympiadbench": "OlympiadBench",
-}
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
@@ -237,12 +229,6 @@ class Benchmark:
     prompt_texts: list[str] = field(default_factory=list)
 
 
-def default_data_dir() -> Path | None:
-    """``<repo>/../shared/data/benchmarks`` when it exists."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
-    return path if path.is_dir() else None
-
-
 def _data_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
 
@@ -284,9 +270,9 @@ def resolve_benchmarks(spec: str, data_dir: Path | None) -> list[tuple[str, Path
             raise EvalError(f"--benchmarks: no such file or folder: {item}")
         if data_dir is None:
             raise EvalError(
-                f"--benchmarks: {item!r} is a benchmark name but no benchmark folder was found "
-                "(the default is ../shared/data/benchmarks next to the repository); pass --data-dir DIR, "
-                "give the files themselves (--benchmarks path/to/math500.jsonl,...), or use --hub")
+                f"--benchmarks: {item!r} is a benchmark name but no --data-dir was given; pass --hub (downloads "
+                "DiRL's sets once, then reads the local cache), --data-dir DIR, or the files themselves "
+                "(--benchmarks path/to/math500.jsonl,...)")
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise EvalError(f"--data-dir: {data_dir} is not a folder")
@@ -306,25 +292,6 @@ def resolve_benchmarks(spec: str, data_dir: Path | None) -> list[tuple[str, Path
     return out
 
 
-def _hub_file(name: str, cache: Path) -> Path:
-    """Download ``Auraithm/<Name>`` (DiRL's eval sets) with ``datasets``; returns a local JSONL copy."""
-    key = name.lower()
-    if key not in BENCHMARKS:
-        raise EvalError(f"--hub: unknown benchmark {name!r}; DiRL's hub sets are {', '.join(BENCHMARKS)}")
-    repo = f"Auraithm/{BENCHMARKS[key]}"
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(repo, split="train")
-    except Exception as e:  # offline, no such repo, ...
-        raise EvalError(f"--hub: could not load {repo} from the Hugging Face Hub ({type(e).__name__}: {e}); "
-                        "use the local files (--data-dir) instead") from None
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{key}.jsonl"
-    _atomic_write(path, "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in ds))
-    return path
-
-
 def load_benchmarks(args) -> list[Benchmark]:
     """The benchmarks selected by the command line, with problems loaded and ``--limit`` applied.
 
@@ -340,11 +307,15 @@ def load_benchmarks(args) -> list[Benchmark]:
         spec = ",".join(BENCHMARKS)
     if spec:
         if args.hub:
-            names = [s.strip() for s in spec.split(",") if s.strip()]
-            files = [(n.lower(), _hub_file(n, Path(args.out) / "hub_data")) for n in names]
-            sources = [f"hf://datasets/Auraithm/{BENCHMARKS[n]}" for n, _ in files]
+            from dirl_min.benchmarks import fetch
+
+            try:
+                got = fetch([s.strip() for s in spec.split(",") if s.strip()])
+            except HubError as e:
+                raise EvalError(str(e)) from None
+            files, sources = [(n, p) for n, p, _ in got], [src for _, _, src in got]
         else:
-            data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+            data_dir = Path(args.data_dir) if args.data_dir else None
             files = resolve_benchmarks(spec, data_dir)
             sources = [str(p.resolve()) for _, p in files]
         template = args.prompt_template if args.prompt_template is not None else DIRL_PROMPT
@@ -409,23 +380,22 @@ def load_eval_model(spec: str, *, dtype: str = "auto", device=None):
     """``(model, tokenizer, identity)`` for ``--model``.
 
     ``''`` / ``'tiny'``: :func:`dirl_min.model.build_tiny` (random weights, seed 0; smoke
-    tests only). Otherwise the checkpoint folder ``spec`` via :func:`dirl_min.model.load_model`;
-    a ``dirl_min.train`` checkpoint folder (``<ckpt>/model/config.json``) means its
-    ``model`` subfolder. ``identity`` names exactly what was loaded (resolved path and a
-    content digest).
+    tests only). Otherwise the checkpoint folder ``spec`` via :func:`dirl_min.model.load_model`,
+    found by :func:`dirl_min.model.checkpoint_folder` (the rule train and check use too: a
+    ``dirl_min.train`` checkpoint means its ``model`` subfolder). ``identity`` names exactly
+    what was loaded (resolved path and a content digest).
     """
-    from dirl_min.model import build_tiny, load_model
+    from dirl_min.model import build_tiny, checkpoint_folder, load_model
 
     want = _resolve_dtype(dtype, device)
     if spec in ("", "tiny"):
         model, tok = build_tiny(seed=0, dtype=want)
         identity = {"model": "tiny", "path": None, "digest": "build_tiny(seed=0)"}
     else:
-        path = Path(spec).expanduser()
-        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-            path = path / "model"  # a dirl_min.train checkpoint: <ckpt>/model + trainer_state.pt
-        if not (path / "config.json").is_file():
-            raise EvalError(f"--model: {spec} is not a checkpoint folder (no config.json in it or in {spec}/model)")
+        try:
+            path = checkpoint_folder(spec)
+        except ValueError as e:
+            raise EvalError(f"--model: {e}") from None
         model, tok = load_model(path, dtype=want)
         identity = {"model": str(spec), "path": str(path.resolve()), "digest": _weights_digest(path)}
     if device is not None:
@@ -488,11 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "ground_truth_answer) or folders of such files (default: "
                         f"{','.join(BENCHMARKS)}, unless --task is given)")
     g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding the benchmark files (default: ../shared/data/benchmarks next to the "
-                        "repository, when it exists)")
+                   help="folder holding the benchmark files, one per name: math500.jsonl (or DiRL's MATH500.json), "
+                        "gsm8k.jsonl, ... (default: none; see --hub)")
     g.add_argument("--hub", action="store_true",
-                   help="load the benchmarks from DiRL's Hugging Face datasets Auraithm/{MATH500,GSM8K,AIME2024,"
-                        "AIME2025,OlympiadBench} with `datasets` (needs the network) instead of --data-dir")
+                   help="get the benchmarks from DiRL's Hugging Face datasets Auraithm/{MATH500,GSM8K,AIME2024,"
+                        "AIME2025,OlympiadBench} with `datasets`, converted to JSONL and cached in $DIRL_MIN_DATA "
+                        "(default ~/.cache/dirl_min/benchmarks); cached copies are read offline")
     g.add_argument("--task", default=None, choices=["embedded"],
                    help="also evaluate the embedded arithmetic task's held-out split (the one dirl_min.train "
                         "evaluates and never trains on); alone unless --benchmarks is given (default: none)")

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dirl_min.decoding import Rollout
+from dirl_min.model import checkpoint_folder
 
 __all__ = ["SUPPORTED_VERSIONS", "check_version", "StepRecorder", "step_hook", "rollout_from_records",
            "weight_buckets", "LMDeployEngine"]
@@ -161,7 +162,8 @@ class LMDeployEngine:
     """LMDeploy's PyTorch engine as dirl_min's rollout engine (needs CUDA and lmdeploy 0.18).
 
     Args:
-        model_path: the checkpoint folder the engine loads first (SDAR / DiRL / TraDo).
+        model_path: the checkpoint folder the engine loads first (SDAR / DiRL / TraDo, or a
+            dirl_min.train checkpoint: :func:`dirl_min.model.checkpoint_folder`).
         block_size, mask_token_id: the model's (SPEC §3); the engine's DLLM block length.
         strategy, threshold, steps: the unmasking rule (as :class:`dirl_min.config.DecodeConfig`).
         tp: tensor-parallel GPUs; cache_max_entry_count: fraction of free memory for the KV cache.
@@ -182,7 +184,8 @@ class LMDeployEngine:
         config = PytorchEngineConfig(tp=tp, session_len=session_len, cache_max_entry_count=cache_max_entry_count,
                                      dllm_block_length=block_size, dllm_unmasking_strategy=strategy,
                                      dllm_denoising_steps=steps or block_size, dllm_confidence_threshold=threshold)
-        self.engine = Engine.from_pretrained(model_path, engine_config=config)
+        # the same folder rule as load_model: a dirl_min.train checkpoint means its model/ subfolder
+        self.engine = Engine.from_pretrained(str(checkpoint_folder(model_path)), engine_config=config)
         self.instance = self.engine.create_instance()
         self.block_size, self.mask_token_id, self.bucket_bytes = block_size, mask_token_id, bucket_bytes
         self.rule = {"strategy": strategy, "threshold": threshold, "steps": steps or None}

@@ -32,6 +32,7 @@ __all__ = [
     "QWEN3_CHAT_TEMPLATE",
     "build_tiny_tokenizer",
     "build_tiny",
+    "checkpoint_folder",
     "load_model",
     "save_model",
     "make_standin_checkpoint",
@@ -42,7 +43,7 @@ __all__ = [
 
 # Qwen3's chat template, verbatim as shipped with SDAR-4B-Chat (chat_template.jinja). Embedded so
 # that the tiny tokenizer and qwen_tokenizer() render exactly what the real checkpoint renders
-# without needing the shared folder (tests check equality with the file when it is present).
+# without any file from the checkpoint (tests check equality with SDAR-4B-Chat's file).
 QWEN3_CHAT_TEMPLATE = r'''{%- if tools %}
     {{- '<|im_start|>system\n' }}
     {%- if messages[0].role == 'system' %}
@@ -194,10 +195,6 @@ _TOKENIZER_FILES = (
 )
 
 
-def _default_shared_dir() -> Path:
-    return Path(__file__).resolve().parents[1].parent / "shared"
-
-
 # --------------------------------------------------------------------------------------------
 # Tokenizers
 # --------------------------------------------------------------------------------------------
@@ -313,7 +310,7 @@ def qwen_tokenizer():
     wrapped in transformers' standard ``Qwen2Tokenizer`` (same pre-tokenizer regex and NFC
     normaliser as the real one), with SDAR's added tokens at their ids: ``<|endoftext|>`` 151643
     (eos, pad), ``<|im_start|>`` 151644, ``<|im_end|>`` 151645, ..., ``<|MASK|>`` 151669 (mask).
-    Chat template: Qwen3's (:data:`QWEN3_CHAT_TEMPLATE`). Does not need the shared folder.
+    Chat template: Qwen3's (:data:`QWEN3_CHAT_TEMPLATE`). Needs no checkpoint file.
 
     Returns:
         transformers.Qwen2Tokenizer with ``len(tokenizer) == 151670``.
@@ -588,6 +585,32 @@ def _attach_mask_token(tokenizer, mask_token_id: int) -> None:
         raise RuntimeError(f"could not set the tokenizer's mask token to id {mask_token_id}")
 
 
+#: the subfolder of a ``dirl_min.train`` checkpoint (``<ckpt>/model`` + ``<ckpt>/trainer_state.pt``)
+TRAIN_CHECKPOINT_MODEL_DIR = "model"
+
+
+def checkpoint_folder(path) -> Path:
+    """The folder that holds the model of ``path``: the one rule for ``--model`` everywhere.
+
+    ``path`` itself when it has a ``config.json``; else ``path/model`` when that has one (a
+    checkpoint written by ``dirl_min.train``, e.g. ``runs/default/checkpoints/rl-final``,
+    whose ``model`` subfolder is the model and ``trainer_state.pt`` the optimizer state).
+    :func:`load_model` applies it, so train, eval and check accept the same folders.
+
+    Raises:
+        ValueError: neither folder has a config.json (the message names both).
+    """
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    inner = path / TRAIN_CHECKPOINT_MODEL_DIR
+    if (inner / "config.json").is_file():
+        return inner
+    what = "does not exist" if not path.exists() else ("is not a folder" if not path.is_dir() else "has no config.json")
+    raise ValueError(f"{path} is not a checkpoint folder: it {what}, and there is no {inner}/config.json "
+                     "(a dirl_min.train checkpoint)")
+
+
 def load_model(
     path,
     *,
@@ -611,7 +634,7 @@ def load_model(
     Passing ``block_size`` / ``mask_token_id`` that differ from the checkpoint's is an error.
 
     Args:
-        path: checkpoint folder.
+        path: checkpoint folder, or a ``dirl_min.train`` checkpoint (see :func:`checkpoint_folder`).
         block_size, mask_token_id: required when the checkpoint's config lacks them.
         dtype: parameter dtype; ``None`` keeps the stored dtype (``torch_dtype`` of the config).
         attn_implementation: transformers attention backend; default ``"sdpa"`` (SDAR's
@@ -628,11 +651,8 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"{path} is not a checkpoint folder (no config.json)")
-    cfg_dict = json.loads(cfg_file.read_text())
+    path = checkpoint_folder(path)
+    cfg_dict = json.loads((path / "config.json").read_text())
     model_type = cfg_dict.get("model_type")
 
     if model_type in _SDAR_TYPES:
@@ -823,7 +843,7 @@ def _moe_fields(num_experts: int, top_k: int, moe_intermediate: int) -> dict:
 def make_standin_checkpoint(
     path,
     *,
-    source=None,
+    source,
     num_layers: int = 2,
     hidden_size: int = 64,
     intermediate_size: int = 128,
@@ -848,7 +868,8 @@ def make_standin_checkpoint(
 
     Args:
         path: destination folder (written atomically).
-        source: a real SDAR checkpoint folder without weights; default ``<repo>/../shared/data/sdar-4b-chat``.
+        source: a real SDAR checkpoint folder, weights not needed (config.json, tokenizer files,
+            chat template); the tests build one from ``tests/fixtures/sdar-4b-chat``.
         num_layers, hidden_size, intermediate_size, num_heads, num_kv_heads, head_dim: shrunk sizes.
         seed: weights are a deterministic function of the seed.
         moe: write an SDAR-MoE stand-in.
@@ -859,7 +880,7 @@ def make_standin_checkpoint(
     from safetensors.torch import save_file
     from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-    source = Path(source) if source is not None else _default_shared_dir() / "data" / "sdar-4b-chat"
+    source = Path(source)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no SDAR checkpoint metadata at {source} (config.json missing)")
     cfg = json.loads((source / "config.json").read_text())

@@ -24,8 +24,8 @@ from dirl_min.model import build_tiny, save_model
 from dirl_min.tasks import render_prompt
 
 BENCH_FILES = ["math500", "gsm8k", "aime2024", "aime2025", "olympiadbench"]
-
-
+#: a few records of each benchmark, kept in the repository (the full files are not needed)
+BENCH_DIR = Path(__file__).resolve().parent / "fixtures" / "benchmarks"
 
 
 def _deterministic_results(path: Path) -> dict:
@@ -89,19 +89,23 @@ def _score(responses, gts, truncated=False):
     return [ok for _, ok in E.score_responses(responses, gts, flags)]
 
 
+@pytest.mark.parametrize("data", ["fixtures", "full"])
 @pytest.mark.parametrize("name", BENCH_FILES)
-def test_oracle_answers_score_correct_and_perturbed_answers_wrong(shared_dir, name):
+def test_oracle_answers_score_correct_and_perturbed_answers_wrong(request, name, data):
     """Every ground truth of the file, boxed at the end of a reasoning text, is correct (plain,
     with extra spaces, and after an earlier wrong box); truncated or unboxed it is not.
 
+    ``fixtures``: the few records kept in tests/fixtures (chosen to cover the answer shapes);
+    ``full``: the complete benchmark files from ../shared (skipped without them).
     math-verify costs 3-25 ms per check, too slow for every form of all ~2.5k problems in the
     test budget, so the forms that reach math-verify ($-delimiters toggled, \\dfrac, 18.0, 025,
     1,234) and the perturbed answers are checked on a fixed random subset: 32 problems per
     file (all 30 for AIME). The plain forms use every problem.
     """
-    problems = tasks.load_problems(shared_dir / "data" / "benchmarks" / f"{name}.jsonl")
+    folder = BENCH_DIR if data == "fixtures" else request.getfixturevalue("shared_dir") / "data" / "benchmarks"
+    problems = tasks.load_problems(folder / f"{name}.jsonl")
     gts = [p.answer for p in problems]
-    assert len(gts) >= 30
+    assert len(gts) >= (10 if data == "fixtures" else 30)
 
     def wrap(ans):
         return f"Let me work through it step by step.\nSo the final answer is \\boxed{{{ans}}}."
@@ -214,11 +218,11 @@ def test_help_states_dirl_defaults():
         assert needle in text
 
 
-def test_benchmark_names_resolve_in_the_data_dir_and_missing_ones_say_what_to_do(shared_dir, tmp_path):
-    bench_dir = shared_dir / "data" / "benchmarks"
+def test_benchmark_names_resolve_in_the_data_dir_and_missing_ones_say_what_to_do(tmp_path):
+    bench_dir = BENCH_DIR
     got = E.resolve_benchmarks("math500,gsm8k,aime2024,aime2025,olympiadbench", bench_dir)
     assert [(n, p.name) for n, p in got] == [(n, f"{n}.jsonl") for n in BENCH_FILES]
-    with pytest.raises(E.EvalError, match="--data-dir"):
+    with pytest.raises(E.EvalError, match="--hub .*--data-dir"):
         E.resolve_benchmarks("math500", None)
     with pytest.raises(E.EvalError, match="holds: aime2024"):
         E.resolve_benchmarks("math501", bench_dir)
@@ -231,15 +235,136 @@ def test_benchmark_names_resolve_in_the_data_dir_and_missing_ones_say_what_to_do
 
 
 # --------------------------------------------------------------------------------------
+# Benchmarks from the Hub (--hub): conversion, cache, offline failure (no network in tests)
+# --------------------------------------------------------------------------------------
+
+
+def test_hub_layouts_convert_to_question_and_ground_truth_answer():
+    """The field layouts public copies of the five benchmarks use all become the eval layout."""
+    from dirl_min.benchmarks import to_records
+
+    rows = [
+        {"question": "Q1", "ground_truth_answer": "\\frac{1}{2}"},  # DiRL's own layout
+        {"problem": "Q2", "solution": "... \\boxed{3}", "answer": "3", "unique_id": "test/algebra/1.json"},  # MATH-500
+        {"question": "Q3", "answer": "She pays 2 + 3 = <<2+3=5>>5.\n#### 1,234"},  # GSM8K solution text
+        {"question": "Q4", "final_answer": ["$x=2$"], "id": 7},  # OlympiadBench: a one-element list
+        {"question": "Q5", "answer": 70.0},  # AIME 2025 copies store floats
+        {"Problem": "Q6", "Answer": 25},
+    ]
+    got = to_records(rows, "stand-in")
+    assert [(r["question"], r["ground_truth_answer"]) for r in got] == [
+        ("Q1", "\\frac{1}{2}"), ("Q2", "3"), ("Q3", "1234"), ("Q4", "$x=2$"), ("Q5", "70"), ("Q6", "25")]
+    assert got[1]["unique_id"] == "test/algebra/1.json" and got[3]["id"] == 7 and "solution" in got[1]
+    with pytest.raises(ValueError, match="stand-in: row 1 has no answer"):
+        to_records([{"question": "a", "answer": "1"}, {"question": "b", "solution": "2"}], "stand-in")
+    with pytest.raises(ValueError, match="row 0: final_answer is a list of 2"):
+        to_records([{"question": "a", "final_answer": ["1", "2"]}], "stand-in")
+
+
+def _forbid_network(monkeypatch):
+    """Any attempt to reach the Hub fails the test."""
+    import socket
+
+    import datasets
+    import huggingface_hub
+
+    def refuse(*a, **k):
+        raise AssertionError("the network was used")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_hub_offline_fails_at_once_with_what_to_do(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 and nothing cached: an error naming the cache and --data-dir, without
+    any network call (datasets' own path retried for ~26 s before failing)."""
+    _forbid_network(monkeypatch)
+    monkeypatch.setenv("DIRL_MIN_DATA", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as e:
+        E.main(["--hub", "--benchmarks", "gsm8k,math500", "--model", "tiny", "--out", str(tmp_path / "o")])
+    msg = str(e.value.code)
+    assert "gsm8k, math500 not in the local cache" in msg and "HF_HUB_OFFLINE=1" in msg and "--data-dir" in msg
+
+
+def test_hub_unreachable_fails_after_one_short_probe(tmp_path, monkeypatch):
+    import socket
+
+    from dirl_min import benchmarks as B
+
+    _forbid_network(monkeypatch)
+    for name in B.OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    probes = []
+
+    def no_route(address, timeout=None):
+        probes.append((address, timeout))
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    with pytest.raises(B.HubError, match=r"hub.example:8443 did not answer within 3 s .*--data-dir"):
+        B.fetch(["aime2024"], tmp_path / "cache")
+    assert probes == [(("hub.example", 8443), B.PROBE_TIMEOUT_S)]
+    with pytest.raises(B.HubError, match="unknown benchmark"):
+        B.fetch(["math501"], tmp_path / "cache")
+
+
+def test_hub_download_is_converted_cached_and_then_read_offline(tmp_path, monkeypatch):
+    """A (faked) Hub answer in DiRL's file layout becomes a JSONL file that the evaluation reads
+    exactly like --data-dir files; the next run uses that copy with the network forbidden."""
+    import datasets
+    import huggingface_hub
+
+    from dirl_min import benchmarks as B
+
+    rows = [json.loads(line) for line in (BENCH_DIR / "gsm8k.jsonl").read_text().splitlines()]
+    hub_rows = [{"question": r["question"], "answer": f"work...\n#### {r['ground_truth_answer']}"} for r in rows]
+    calls = []
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class Info:
+        sha = commit
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info",
+                        lambda self, repo, revision=None, timeout=None: calls.append(("info", repo, revision)) or Info)
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: calls.append(("load", repo, kw)) or hub_rows)
+    monkeypatch.setattr(B, "hub_unreachable", lambda timeout=B.PROBE_TIMEOUT_S: None)
+    monkeypatch.setenv("DIRL_MIN_DATA", str(tmp_path / "cache"))
+    for name in B.OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    args = ["--hub", "--benchmarks", "gsm8k", "--model", "tiny", "--limit", "3", "--samples", "1",
+            "--max-new-tokens", "4", "--no-progress"]
+    assert E.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert calls == [("info", "Auraithm/GSM8K", "main"),
+                     ("load", "Auraithm/GSM8K", {"revision": commit, "data_files": "GSM8K.json", "split": "train"})]
+    cached = tmp_path / "cache" / "gsm8k.jsonl"
+    got = tasks.load_problems(cached)
+    assert [(p.question, p.answer) for p in got] == [(r["question"], r["ground_truth_answer"]) for r in rows]
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    source = f"hf://datasets/Auraithm/GSM8K@{commit}/GSM8K.json"
+    assert json.dumps(res).count(source) >= 1
+
+    _forbid_network(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert E.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert _samples(tmp_path / "b" / "samples.jsonl") == _samples(tmp_path / "a" / "samples.jsonl")
+    # the cache folder is also a --data-dir
+    assert E.resolve_benchmarks("gsm8k", tmp_path / "cache") == [("gsm8k", cached)]
+
+
+# --------------------------------------------------------------------------------------
 # End to end on the tiny model
 # --------------------------------------------------------------------------------------
 
-TINY = ["--model", "tiny", "--benchmarks", "gsm8k,aime2024", "--limit", "5", "--samples", "3",
+TINY = ["--model", "tiny", "--data-dir", str(BENCH_DIR), "--benchmarks", "gsm8k,aime2024", "--limit", "5",
+        "--samples", "3",
         "--max-new-tokens", "12", "--batch-size", "4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, shared_dir):
+def single_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     assert E.main([*TINY, "--out", str(out)]) == 0
     return out
@@ -335,7 +460,8 @@ def test_the_model_path_given_is_the_model_evaluated(tmp_path):
     model1, tok = build_tiny(seed=1)
     ckpt = save_model(model1, tok, tmp_path / "ckpt")
     save_model(model1, tok, tmp_path / "train_ckpt" / "model")  # dirl_min.train's layout
-    common = ["--benchmarks", "gsm8k", "--limit", "2", "--samples", "2", "--max-new-tokens", "8", "--no-progress"]
+    common = ["--data-dir", str(BENCH_DIR), "--benchmarks", "gsm8k", "--limit", "2", "--samples", "2",
+              "--max-new-tokens", "8", "--no-progress"]
     E.main([*common, "--model", str(ckpt), "--out", str(tmp_path / "a")])
     E.main([*common, "--model", "tiny", "--out", str(tmp_path / "b")])
     E.main([*common, "--model", str(tmp_path / "train_ckpt"), "--out", str(tmp_path / "c")])

