@@ -86,7 +86,8 @@ def lmdeploy_agreement(model, tokenizer, model_path: str, prompts, *, max_new_to
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="", help="checkpoint folder; empty = a random tiny model")
+    parser.add_argument("--model", default="", help="checkpoint folder, or a dirl_min.train checkpoint (its model/ "
+                        "subfolder); empty = a random tiny model")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="auto = bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--prompts", default="", help="a file with one prompt per line (default: four built-in)")

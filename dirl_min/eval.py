@@ -1,4 +1,4 @@
-"""``python -m dirl_min.eval``: DiRL's evaluation protocol (SPEC §6) on math benchmarks.
+"""``python -m dirl_min.eval``: DiRL's evaluation protocol (docs/method.md §6) on math benchmarks.
 
 For every benchmark (and every dynamic-unmasking threshold of a sweep) each problem is
 answered ``--samples`` times by block-diffusion decoding (:func:`dirl_min.decoding.generate`)
@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dirl_min.eval",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Evaluate a block-diffusion model with DiRL's protocol (SPEC §6): sampled answers per "
+        description="Evaluate a block-diffusion model with DiRL's protocol (docs/method.md §6): sampled answers per "
                     "problem, math-verify accuracy (avg@k, pass@k), tokens per step, response length, "
                     "truncation rate and throughput. Defaults are DiRL's settings.",
         epilog="Outputs in --out: samples.jsonl (one record per sample, appended as batches finish), "
@@ -436,11 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
                "Rerunning with the same --out skips finished samples (identical final results). Under "
                "'accelerate launch' the problems are split across processes by index; the main process merges.\n\n"
                "Examples:\n"
-               "  python -m dirl_min.eval --model /ckpt/DiRL-8B-Instruct --out runs/eval-dirl8b\n"
-               "  python -m dirl_min.eval --model tiny --benchmarks gsm8k --limit 8 --samples 2 --max-new-tokens 32\n"
+               "  python -m dirl_min.eval --model /ckpt/DiRL-8B-Instruct --hub --out runs/eval-dirl8b\n"
+               "  python -m dirl_min.eval --model tiny --data-dir my_benchmarks --benchmarks gsm8k --limit 8 "
+               "--samples 2 --max-new-tokens 32\n"
                "  python -m dirl_min.eval --model runs/default/checkpoints/rl-final --task embedded --samples 8 "
                "--max-new-tokens 16\n"
-               "  accelerate launch -m dirl_min.eval --model /ckpt --thresholds 0.7,0.8,0.9,0.95")
+               "  accelerate launch -m dirl_min.eval --model /ckpt --hub --thresholds 0.7,0.8,0.9,0.95\n\n"
+               "The method and the protocol: docs/method.md (benchmark sources: its section 6).")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="", metavar="PATH",
                    help="checkpoint folder to evaluate (SDAR / DiRL / TraDo / Qwen3, or a dirl_min.train checkpoint, "
@@ -453,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "CUDA (default: native)")
     g = p.add_argument_group("data")
     g.add_argument("--benchmarks", default=None, metavar="LIST",
-                   help="comma-separated benchmark names looked up in --data-dir (math500, gsm8k, aime2024, "
-                        "aime2025, olympiadbench), and/or files (JSON/JSONL/parquet records with question and "
-                        "ground_truth_answer) or folders of such files (default: "
+                   help="comma-separated benchmark names, fetched with --hub or looked up in --data-dir (math500, "
+                        "gsm8k, aime2024, aime2025, olympiadbench), and/or files (JSON/JSONL/parquet records with "
+                        "question and ground_truth_answer) or folders of such files (default: "
                         f"{','.join(BENCHMARKS)}, unless --task is given)")
     g.add_argument("--data-dir", default=None, metavar="DIR",
                    help="folder holding the benchmark files, one per name: math500.jsonl (or DiRL's MATH500.json), "
