@@ -141,7 +141,10 @@ def _cached(name: str, src: HubSource, folder: Path) -> tuple[Path, dict] | None
     path, meta_path = folder / f"{name}.jsonl", folder / f"{name}.source.json"
     if not (path.is_file() and meta_path.is_file()):
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None  # a copy whose record is unreadable is fetched again
     if (meta.get("repo"), meta.get("revision"), meta.get("file")) != (src.repo, src.revision, src.file):
         return None  # the pinned source changed since the copy was made
     return path, meta
