@@ -268,5 +268,5 @@ EVAL_CROSS_RULES: list[Callable] = [_eval_cross]
 CHECK_RULES: list[Rule] = [
     at_least("max_new_tokens", 1), number("temperature", 0, why="0 = greedy"), number("threshold", 0, 1),
     number("tolerance", 0, why="0 = the dtype's default"), at_least("seed", 0),
-    Rule("prompts", lambda v: not v or Path(v).is_file(), "a text file with one prompt per line"),
+    Rule("model", lambda v: not v or Path(v).is_dir(), "a checkpoint folder (empty = the tiny model)"),
 ]

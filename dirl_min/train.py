@@ -422,8 +422,8 @@ def plot_curves(out: Path) -> None:
 def _start(argv):
     """Settings, output folder, model and data — every check before any work; nothing is written
     to ``run.out`` until all of them pass. Returns ``(cfg, accel, out, built, state)``."""
-    cfg = parse_config(argv, description=__doc__.split("\n\n")[0], prog="python -m dirl_min.train")
     try:
+        cfg = parse_config(argv, description=__doc__.split("\n\n")[0], prog="python -m dirl_min.train")
         validate(cfg)
         runs.check_out(cfg)
     except SettingsError as e:
