@@ -5,7 +5,8 @@ stderr is not a terminal, e.g.::
 
     rl step 120/600 (20%) | reward 0.512 | accuracy 0.512 | elapsed 0:01:02 | remaining ~0:04:08
 
-On a terminal a tqdm bar shows instead; ``DIRL_PROGRESS=1`` forces the bar (and no lines).
+On a terminal a tqdm bar shows instead. The environment variable ``DIRL_PROGRESS``
+overrides the choice: ``1`` = the bar, ``lines`` = the lines, ``0`` = neither.
 """
 
 from __future__ import annotations
@@ -14,10 +15,23 @@ import math
 import sys
 import time
 
-__all__ = ["SHOWN", "clock_text", "progress_line", "ProgressLines"]
+from dirl_min.config import SettingsError
+
+__all__ = ["SHOWN", "progress_mode", "clock_text", "progress_line", "ProgressLines"]
 
 #: logged values shown in a line, in this order, when present
 SHOWN = ("loss", "reward", "accuracy", "kept_fraction")
+
+
+def progress_mode(isatty: bool, env: str | None) -> str:
+    """``"bar"``, ``"lines"`` or ``"off"``: from ``DIRL_PROGRESS`` (``env``) when set, else
+    the bar on a terminal and lines otherwise."""
+    choices = {"1": "bar", "lines": "lines", "0": "off"}
+    if env:
+        if env not in choices:
+            raise SettingsError(f"DIRL_PROGRESS = {env!r}: expected 1 (progress bar), lines or 0 (neither)")
+        return choices[env]
+    return "bar" if isatty else "lines"
 
 
 def clock_text(seconds: float) -> str:

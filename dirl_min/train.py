@@ -28,7 +28,7 @@ from dirl_min.config import Config, SettingsError, parse_config
 from dirl_min.forward import SelectedLogits, _unwrap
 from dirl_min.model import build_tiny, diffusion_settings, load_model, resolve_dtype, save_model
 from dirl_min import runs, tasks
-from dirl_min.progress import ProgressLines
+from dirl_min.progress import ProgressLines, progress_mode
 from dirl_min.settings import validate
 from dirl_min.trainer import (
     dipo_step,
@@ -425,6 +425,7 @@ def _start(argv):
     try:
         cfg = parse_config(argv, description=__doc__.split("\n\n")[0], prog="python -m dirl_min.train")
         validate(cfg)
+        progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))  # a bad value fails here, not later
         runs.check_out(cfg)
     except SettingsError as e:
         raise SystemExit(f"dirl_min.train: error: {e}") from None
@@ -464,8 +465,9 @@ def main(argv=None) -> dict:
     model, tok, sft_data, rl_problems, eval_problems = built
     model.to(accel.device)
     summary = state.get("summary", {})
-    progress = sys.stderr.isatty() or os.environ.get("DIRL_PROGRESS") == "1"
-    log = MetricsLog(out, accel.is_main_process, lines=not progress)  # no bar: a progress line per logged step
+    mode = progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))
+    progress = mode == "bar"
+    log = MetricsLog(out, accel.is_main_process, lines=mode == "lines")
     ckpt_index = state.get("ckpt_index", 0)  # orders checkpoints: "latest" = highest index
 
     def checkpoint(name, st):
