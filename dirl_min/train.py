@@ -182,7 +182,7 @@ def _fitting_prompts(problems, tok, template, limit, what):
         print(f"{what}: skipped {len(problems) - len(kept)} of {len(problems)} prompts longer than "
               f"data.max_prompt_tokens={limit}", file=sys.stderr)
     if not kept:
-        raise ValueError(f"{what}: no prompt fits data.max_prompt_tokens={limit}")
+        raise SettingsError(f"{what}: no prompt fits data.max_prompt_tokens={limit}")
     return kept
 
 
