@@ -18,6 +18,10 @@ from pathlib import Path
 import yaml
 
 
+class SettingsError(ValueError):
+    """Invalid settings; the message names each setting, its value and what is allowed."""
+
+
 def _f(default, help: str):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help})
@@ -119,7 +123,8 @@ class RunConfig:
     seed: int = _f(0, "global seed (model init, data order, noise, sampling)")
     threads: int = _f(0, "torch CPU threads (0 = torch's default)")
     save_every: int = _f(0, "checkpoint every N steps of each phase (0 = only at phase ends)")
-    resume: bool = _f(False, "resume from the latest checkpoint in --run.out")
+    resume: bool = _f(False, "resume from the latest checkpoint in --run.out (the settings must match the saved run's)")
+    overwrite: bool = _f(False, "replace an earlier run in --run.out (otherwise a fresh run there is refused)")
     log_every: int = _f(10, "write metrics every N steps")
     stages: list = _f(["sft", "rl"], "which stages to run, in order")
 
@@ -145,18 +150,18 @@ def _parse_value(text: str, current, name: str):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name}: expected true/false, got {text!r}")
+        raise SettingsError(f"--{name}: expected true/false, got {text!r}")
     if isinstance(current, (list, dict)):
         value = yaml.safe_load(text)
         if isinstance(current, list) and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, type(current)):
-            raise ValueError(f"--{name}: expected a {type(current).__name__} (YAML), got {text!r}")
+            raise SettingsError(f"--{name}: expected a {type(current).__name__} (YAML), got {text!r}")
         return value
     try:
         return type(current)(text)
     except ValueError:
-        raise ValueError(f"--{name}: expected {type(current).__name__}, got {text!r}") from None
+        raise SettingsError(f"--{name}: expected {type(current).__name__}, got {text!r}") from None
 
 
 def _apply(cfg: Config, dotted: str, value, source: str) -> None:
@@ -164,25 +169,41 @@ def _apply(cfg: Config, dotted: str, value, source: str) -> None:
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub) or not name or not hasattr(sub, name):
         known = ", ".join(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name)))
-        raise ValueError(f"{source}: unknown setting {dotted!r}; known settings: {known}")
+        raise SettingsError(f"{source}: unknown setting {dotted!r}; known settings: {known}")
     current = getattr(sub, name)
     if isinstance(value, str) and not isinstance(current, str):
         value = _parse_value(value, current, dotted)
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    elif not isinstance(value, type(current)):
-        raise ValueError(f"{source}: {dotted} must be {type(current).__name__}, got {value!r}")
+    elif not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool):
+        # bool is a subclass of int: without the second test YAML's `steps: true` would mean 1 step
+        raise SettingsError(f"{source}: {dotted} must be {type(current).__name__}, got {value!r}")
     setattr(sub, name, value)
 
 
 def load_yaml(cfg: Config, path: str | Path) -> None:
-    """Apply a YAML file of ``section: {name: value}`` onto ``cfg``."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    """Apply a YAML file of ``section: {name: value}`` onto ``cfg``.
+
+    Raises:
+        SettingsError: a missing or unreadable file, invalid YAML (with the line), an unknown
+            setting or a value of the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SettingsError(f"--config {path}: " + ("is a folder; expected a YAML file" if path.is_dir() else "no such file"))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise SettingsError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise SettingsError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of sections")
+        raise SettingsError(f"{path}: expected a mapping of sections")
     for section, values in data.items():
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping")
+            raise SettingsError(f"{path}: section {section!r} must be a mapping")
         for name, value in values.items():
             _apply(cfg, f"{section}.{name}", value, str(path))
 
@@ -196,18 +217,19 @@ ALIASES = {
     "--out": "run.out",
     "--seed": "run.seed",
     "--resume": "run.resume",
+    "--overwrite": "run.overwrite",
 }
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def build_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one ``--section.name`` option per setting (help = meaning, default)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML file of settings (overridden by the options below)")
     short = parser.add_argument_group("short forms")
     for flag, dotted in ALIASES.items():
-        if dotted == "run.resume":
+        if dotted in ("run.resume", "run.overwrite"):
             short.add_argument(flag, dest=dotted, action="store_const", const="true", default=argparse.SUPPRESS,
-                               help="same as --run.resume true")
+                               help=f"same as --{dotted} true")
         else:
             short.add_argument(flag, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE", help=f"same as --{dotted}")
     defaults = Config()
@@ -225,9 +247,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv=None, description: str = "dirl_min") -> Config:
-    """Defaults, then ``--config`` YAML, then ``--section.name`` overrides."""
-    parser = build_parser(description)
+def parse_config(argv=None, description: str = "dirl_min", prog: str | None = None) -> Config:
+    """Defaults, then ``--config`` YAML, then ``--section.name`` overrides (each value's type is
+    checked here; ranges and combinations by :func:`dirl_min.settings.validate`)."""
+    parser = build_parser(description, prog)
     args = vars(parser.parse_args(argv))
     cfg = Config()
     if args.pop("config", None):

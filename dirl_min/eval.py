@@ -524,22 +524,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the command line (argparse errors exit with status 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    checks = [
-        (args.samples >= 1, "--samples must be >= 1"),
-        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
-        (args.batch_size >= 1, "--batch-size must be >= 1"),
-        (args.limit >= 0, "--limit must be >= 0"),
-        (args.temperature >= 0, "--temperature must be >= 0"),
-        (args.top_k >= 0, "--top-k must be >= 0"),
-        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.steps >= 0, "--steps must be >= 0"),
-        (not (args.thresholds and args.strategy != "low_confidence_dynamic"),
-         "--thresholds sweeps the dynamic strategy's threshold; use --strategy low_confidence_dynamic"),
-        (not (args.hub and args.data_dir), "--hub and --data-dir exclude each other"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            parser.error(msg)
+    from dirl_min.settings import EVAL_CROSS_RULES, EVAL_RULES, problems
+
+    msgs = problems(args, EVAL_RULES, prefix="--")
+    for cross in EVAL_CROSS_RULES:
+        msgs += cross(args)
+    if msgs:
+        parser.error("; ".join(msgs))
     args.thresholds = [float(t) for t in (args.thresholds or [args.threshold])]
     if len(set(args.thresholds)) != len(args.thresholds):
         parser.error("--thresholds has repeated values")

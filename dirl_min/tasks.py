@@ -27,6 +27,7 @@ __all__ = [
     "load_sft",
     "DataError",
     "render_prompt",
+    "read_text",
 ]
 
 
@@ -112,21 +113,40 @@ def sft_records(problems: list[Problem], tokenizer, prompt_template: str = "{que
     return records
 
 
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file.
+
+    Raises:
+        DataError: no such file, a folder, or bytes that are not UTF-8 (the message names the
+            line: replacing them silently would train on corrupted text).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a file")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                        "convert the file to UTF-8") from None
+
+
 def load_records(path: str | Path) -> list[dict]:
     """Read records from a JSON list, a JSONL file or a parquet file.
 
     Raises:
-        DataError: missing or empty file, bad JSON (with the line number), or a record
-            that is not an object.
+        DataError: missing or empty file, a folder, text that is not UTF-8, bad JSON (with the
+            line number), or a record that is not an object.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix == ".parquet":
+    if path.suffix == ".parquet" and path.is_file():
         import datasets
 
         return [dict(r) for r in datasets.Dataset.from_parquet(str(path))]
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path)
     if not text.strip():
         raise DataError(f"{path}: the file is empty; expected JSON or JSONL records")
     records: list = []
@@ -173,14 +193,15 @@ def load_problems(path: str | Path) -> list[Problem]:
     return [Problem(_field(r, "question", path), _field(r, "ground_truth_answer", path)) for r in load_records(path)]
 
 
-def load_sft(path: str | Path, tokenizer) -> list[dict]:
+def load_sft(path: str | Path, tokenizer, records: list[dict] | None = None) -> list[dict]:
     """SFT records (``prompt``/``response``, or chat ``messages``) from a file.
 
     Chat messages are rendered with the tokenizer's chat template; the assistant
-    answer gets the end-of-turn and eos tokens, as in DiRL's SFT format.
+    answer gets the end-of-turn and eos tokens, as in DiRL's SFT format. ``records``:
+    the file's :func:`load_records`, when already read (before the tokenizer was loaded).
     """
     out = []
-    for r in load_records(path):
+    for r in load_records(path) if records is None else records:
         if "messages" in r:
             msgs = r["messages"]
             where = r.get("_where", str(path))

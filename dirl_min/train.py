@@ -24,10 +24,12 @@ from pathlib import Path
 
 import torch
 
-from dirl_min.config import Config, parse_config
+from dirl_min.config import Config, SettingsError, parse_config
 from dirl_min.forward import SelectedLogits, _unwrap
 from dirl_min.model import build_tiny, diffusion_settings, load_model, resolve_dtype, save_model
-from dirl_min import tasks
+from dirl_min import runs, tasks
+from dirl_min.progress import ProgressLines, progress_mode
+from dirl_min.settings import validate
 from dirl_min.trainer import (
     dipo_step,
     evaluate,
@@ -41,11 +43,13 @@ from dirl_min.dipo import filter_groups, group_advantages
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard (if importable); appends, so a resumed run continues the file."""
+    """metrics.jsonl + TensorBoard (if importable); appends, so a resumed run continues the file.
+    With ``lines``, each written row also prints a progress line (:mod:`dirl_min.progress`)."""
 
-    def __init__(self, out: Path, enabled: bool):
+    def __init__(self, out: Path, enabled: bool, lines: bool = False):
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
+        self.progress = ProgressLines() if enabled and lines else None
         self.tb = None
         if enabled:
             try:
@@ -60,10 +64,17 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"stage": stage, "step": step, **values}) + "\n")
+        if self.progress is not None:
+            self.progress.show(stage, step, values)
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{stage}/{k}", v, step)
+
+    def begin(self, stage: str, start: int, total: int) -> None:
+        """A stage runs from step ``start`` to ``total`` (for the progress lines' remaining time)."""
+        if self.progress is not None:
+            self.progress.begin(stage, start, total)
 
     def close(self):
         if self.tb is not None:
@@ -126,13 +137,15 @@ def save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(p for p in (out / "checkpoints").glob("*-*") if (p / "trainer_state.pt").is_file() and not p.name.endswith(".tmp"))
-    return max(ckpts, key=lambda p: torch.load(p / "trainer_state.pt", weights_only=True)["ckpt_index"], default=None)
-
-
 def build(cfg: Config):
-    """Model, tokenizer and the three data sets (SFT records, RL problems, eval problems)."""
+    """Model, tokenizer and the three data sets (SFT records, RL problems, eval problems).
+
+    The data files are read before the model is loaded, so that their errors come first."""
+    problems = tasks.arithmetic_problems(cfg.data.task_max_operand, tuple(cfg.data.task_levels))
+    train_p, test_p = tasks.split_problems(problems, cfg.data.held_out, cfg.data.split_seed)
+    sft_raw = tasks.load_records(cfg.data.sft_data) if cfg.data.sft_data else None
+    rl = tasks.load_problems(cfg.data.rl_data) if cfg.data.rl_data else train_p
+    ev = tasks.load_problems(cfg.data.eval_data) if cfg.data.eval_data else test_p
     if cfg.model.path:
         model, tok = load_model(
             cfg.model.path,
@@ -152,12 +165,9 @@ def build(cfg: Config):
     model.set_attn_implementation(attn)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    problems = tasks.arithmetic_problems(cfg.data.task_max_operand, tuple(cfg.data.task_levels))
-    train_p, test_p = tasks.split_problems(problems, cfg.data.held_out, cfg.data.split_seed)
-    sft = tasks.load_sft(cfg.data.sft_data, tok) if cfg.data.sft_data else tasks.sft_records(train_p, tok, cfg.data.prompt_template)
-    rl = tasks.load_problems(cfg.data.rl_data) if cfg.data.rl_data else train_p
+    sft = tasks.load_sft(cfg.data.sft_data, tok, sft_raw) if sft_raw is not None else tasks.sft_records(train_p, tok, cfg.data.prompt_template)
     rl = _fitting_prompts(rl, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "rl")
-    ev = tasks.load_problems(cfg.data.eval_data) if cfg.data.eval_data else test_p
+    ev = _fitting_prompts(ev, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "eval")  # as in training
     if cfg.eval.max_problems:
         ev = ev[: cfg.eval.max_problems]
     return model, tok, sft, rl, ev
@@ -172,7 +182,7 @@ def _fitting_prompts(problems, tok, template, limit, what):
         print(f"{what}: skipped {len(problems) - len(kept)} of {len(problems)} prompts longer than "
               f"data.max_prompt_tokens={limit}", file=sys.stderr)
     if not kept:
-        raise ValueError(f"{what}: no prompt fits data.max_prompt_tokens={limit}")
+        raise SettingsError(f"{what}: no prompt fits data.max_prompt_tokens={limit}")
     return kept
 
 
@@ -409,8 +419,16 @@ def plot_curves(out: Path) -> None:
     fig.savefig(out / "curves.png", dpi=110)
 
 
-def main(argv=None) -> dict:
-    cfg = parse_config(argv, description=__doc__.split("\n\n")[0])
+def _start(argv):
+    """Settings, output folder, model and data — every check before any work; nothing is written
+    to ``run.out`` until all of them pass. Returns ``(cfg, accel, out, built, state)``."""
+    try:
+        cfg = parse_config(argv, description=__doc__.split("\n\n")[0], prog="python -m dirl_min.train")
+        validate(cfg)
+        progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))  # a bad value fails here, not later
+        runs.check_out(cfg)
+    except SettingsError as e:
+        raise SystemExit(f"dirl_min.train: error: {e}") from None
     from accelerate import Accelerator
 
     if cfg.run.threads:
@@ -418,34 +436,45 @@ def main(argv=None) -> dict:
     _seed_everything(cfg.run.seed)
     accel = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.run.out)
-    if accel.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    t_start = time.perf_counter()
-    model, tok, sft_data, rl_problems, eval_problems = build(cfg)
-    model.to(accel.device)
-    state, summary = {}, {}
-    if cfg.run.resume and (ck := latest_checkpoint(out)) is not None:
-        loaded, _ = load_model(ck / "model")
-        model.load_state_dict(loaded.state_dict())
-        state = torch.load(ck / "trainer_state.pt", weights_only=True)
-        summary = state.get("summary", {})
+    try:
+        built = build(cfg)
+        found = runs.load_latest(out, cfg.to_dict(), lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
+    except (tasks.DataError, SettingsError) as e:
+        raise SystemExit(f"dirl_min.train: error: {e}") from None
+    state = {}
+    if found is not None:
+        ck, state, weights = found
+        built[0].load_state_dict(weights)
         random.setstate(state["rng"]["python"])
         torch.set_rng_state(state["rng"]["torch"])
         print(f"resumed from {ck} ({state['stage']} step {state['step']})", file=sys.stderr)
-        if accel.is_main_process:
+    elif cfg.run.resume:
+        print(f"run.resume: {out} holds no complete checkpoint; starting fresh", file=sys.stderr)
+    if accel.is_main_process:
+        if found is not None:
             _truncate_log(out / "metrics.jsonl", state)
-    elif accel.is_main_process and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()  # a fresh run starts a fresh log
-    log = MetricsLog(out, accel.is_main_process)
-    progress = sys.stderr.isatty() or os.environ.get("DIRL_PROGRESS") == "1"
+        else:
+            runs.start_fresh(out, cfg)  # a fresh run starts a fresh log (an earlier run's files: run.overwrite)
+    accel.wait_for_everyone()
+    return cfg, accel, out, built, state
+
+
+def main(argv=None) -> dict:
+    t_start = time.perf_counter()
+    cfg, accel, out, built, state = _start(argv)
+    model, tok, sft_data, rl_problems, eval_problems = built
+    model.to(accel.device)
+    summary = state.get("summary", {})
+    mode = progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))
+    progress = mode == "bar"
+    log = MetricsLog(out, accel.is_main_process, lines=mode == "lines")
     ckpt_index = state.get("ckpt_index", 0)  # orders checkpoints: "latest" = highest index
 
     def checkpoint(name, st):
         nonlocal ckpt_index
         ckpt_index += 1
         if accel.is_main_process:
-            st.update(rng=_rng_state(), summary=summary, ckpt_index=ckpt_index)
+            st.update(rng=_rng_state(), summary=summary, ckpt_index=ckpt_index, config=cfg.to_dict())
             save_checkpoint(out / "checkpoints" / name, _unwrap(model), tok, st)
         accel.wait_for_everyone()
 
@@ -456,13 +485,12 @@ def main(argv=None) -> dict:
     stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress),
               "rl": lambda st: run_rl(cfg, accel, model, tok, rl_problems, log, st, progress)}
     for stage in cfg.run.stages:
-        if stage not in stages:
-            raise ValueError(f"run.stages: unknown stage {stage!r}; expected sft and/or rl")
         steps = getattr(cfg, stage).steps
         if stage in done or steps <= 0:
             continue
         t0 = time.perf_counter()
         st = state if state.get("stage") == stage else {}
+        log.begin(stage, st.get("step", 0), steps)
         for _, ck_state in stages[stage](st):
             checkpoint(f"{stage}-{ck_state['step']:06d}", {**ck_state, "done": sorted(done)})
         done.add(stage)

@@ -985,6 +985,7 @@ NB04 = [
         "--rl.steps", "20", "--rl.prompts_per_step", "8",          # default 600 × 16 (G = 8 responses each)
         "--eval.max_problems", "24", "--eval.samples", "4",        # default 88 × 16
         "--run.log_every", "2", "--run.threads", "1", "--run.out", str(RUN),
+        "--overwrite",                                             # running the notebook again replaces its run
     ]
     t0 = time.perf_counter()
     summary = main(argv)

@@ -1,0 +1,144 @@
+"""One run per output folder: fresh runs never mix with earlier ones, resumed runs keep their settings.
+
+* A fresh run into a folder holding another run's outputs is refused unless
+  ``run.overwrite`` (which deletes exactly the files in :data:`OUTPUTS`, nothing else).
+* ``run.resume`` continues only with the saved run's settings: every setting outside
+  :data:`MAY_CHANGE_ON_RESUME` must equal the saved one (:func:`config_differences`).
+* A checkpoint that cannot be read (a truncated file) is reported by file name and the
+  previous complete one is used (:func:`load_latest`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from dirl_min.config import Config, SettingsError
+
+__all__ = ["OUTPUTS", "MAY_CHANGE_ON_RESUME", "config_differences", "check_out", "start_fresh", "load_latest"]
+
+#: what dirl_min.train writes in ``run.out`` (and ``run.overwrite`` deletes)
+OUTPUTS = ("config.json", "summary.json", "metrics.jsonl", "curves.png", "tensorboard", "checkpoints")
+
+#: settings a resumed run may change: none of them changes the trained weights or the reported
+#: numbers (run.threads: at most the rounding of threaded CPU kernels, see the README)
+MAY_CHANGE_ON_RESUME = frozenset({
+    "run.resume", "run.overwrite", "run.out", "run.threads", "run.save_every", "run.log_every",
+    "rl.reward_workers", "eval.batch_size", "model.gradient_checkpointing",
+})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"sft": {"lr": 1}}`` -> ``{"sft.lr": 1}`` (one level of sections)."""
+    return {f"{prefix}{s}.{k}": v for s, sub in d.items() for k, v in sub.items()}
+
+
+def config_differences(saved: dict, given: dict) -> list[str]:
+    """``"name: saved -> given"`` for each setting (outside :data:`MAY_CHANGE_ON_RESUME`) that differs.
+
+    A setting missing from ``saved`` (a run saved before the setting existed) counts as its default.
+    """
+    defaults = _flat(Config().to_dict())
+    a, b = _flat(saved), _flat(given)
+    out = []
+    for k in sorted(a.keys() | b.keys()):
+        if k in MAY_CHANGE_ON_RESUME:
+            continue
+        old, new = a.get(k, defaults.get(k)), b.get(k, defaults.get(k))
+        if old != new:
+            out.append(f"{k}: {old!r} -> {new!r}")
+    return out
+
+
+def _mismatch(where, diffs: list[str]) -> SettingsError:
+    return SettingsError(f"run.resume: {where} was saved with other settings (saved -> given):\n  " + "\n  ".join(diffs)
+                         + "\nresume with the saved settings, or start a new run (another --out, or --overwrite)")
+
+
+def check_out(cfg) -> None:
+    """Refuse an output folder that would mix runs; reads only (call before any work).
+
+    Raises:
+        SettingsError: a fresh run into a folder holding another run (without ``run.overwrite``),
+            ``run.resume`` with settings other than the saved run's, or both flags at once.
+    """
+    out = Path(cfg.run.out)
+    if cfg.run.resume and cfg.run.overwrite:
+        raise SettingsError("run.resume and run.overwrite exclude each other: resume continues the run in "
+                            "run.out, overwrite deletes it")
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"run.out = {str(out)!r}: is a file; expected a folder")
+    found = [n for n in OUTPUTS if (out / n).exists()]
+    if cfg.run.resume:
+        saved = out / "config.json"
+        if saved.is_file():
+            diffs = config_differences(json.loads(saved.read_text()), cfg.to_dict())
+            if diffs:
+                raise _mismatch(saved, diffs)
+    elif found and not cfg.run.overwrite:
+        raise SettingsError(f"run.out = {str(out)!r} holds another run ({', '.join(found)}); use --resume to continue "
+                            "it, --overwrite to replace it, or another --out")
+
+
+def start_fresh(out: Path, cfg) -> None:
+    """Delete an earlier run's outputs (only the names in :data:`OUTPUTS`) and record the settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+
+def _verify(ck: Path) -> None:
+    """Open every file of a checkpoint that a truncation would break; the error names the file."""
+    from safetensors import safe_open
+
+    for f in sorted((ck / "model").glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:
+            raise OSError(f"{f}: {type(e).__name__}: {e}") from None
+
+
+def _state(f: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(f, weights_only=True)
+    except Exception as e:
+        raise OSError(f"{f}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def load_latest(out: Path, given: dict, load_weights: Callable[[Path], object]):
+    """The latest complete checkpoint of ``out``: ``(folder, trainer state, load_weights(folder / "model"))``,
+    or None when there is none. Unreadable checkpoints are reported (file name) and skipped.
+
+    Raises:
+        SettingsError: the checkpoint was saved with settings other than ``given`` (a config dict).
+    """
+    index = {}
+    for ck in sorted((out / "checkpoints").glob("*-*")):
+        if ck.is_dir() and not ck.name.endswith(".tmp") and (ck / "trainer_state.pt").is_file():
+            try:
+                index[ck] = _state(ck / "trainer_state.pt")["ckpt_index"]
+            except OSError as e:
+                print(f"run.resume: skipping checkpoint {ck.name}, a file is unreadable (truncated?): {e}", file=sys.stderr)
+    for ck in sorted(index, key=index.get, reverse=True):
+        state = _state(ck / "trainer_state.pt")
+        if "config" in state and (diffs := config_differences(state["config"], given)):
+            raise _mismatch(ck, diffs)
+        try:
+            _verify(ck)
+            weights = load_weights(ck / "model")
+        except Exception as e:
+            print(f"run.resume: skipping checkpoint {ck.name}, a file is unreadable (truncated?): {e}", file=sys.stderr)
+            continue
+        return ck, state, weights
+    return None

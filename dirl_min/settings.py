@@ -1,0 +1,272 @@
+"""Every setting of every command checked in one place, before any work.
+
+A rule is a row of a table: the setting, a test of its value, and what is allowed, in
+words. :func:`problems` applies a table to any object (a :class:`~dirl_min.config.Config`,
+an ``argparse.Namespace``) and returns one message per broken rule, naming the setting,
+the value and what is allowed. To check a new setting, add a row.
+
+* :data:`CONFIG_RULES` + :data:`CONFIG_CROSS_RULES`: ``python -m dirl_min.train``
+  (:func:`validate`).
+* :data:`EVAL_RULES` / :data:`CHECK_RULES`: the options of ``python -m dirl_min.eval`` and
+  ``python -m dirl_min.check``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dirl_min.config import SettingsError
+from dirl_min.decoding import STRATEGIES
+
+__all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CONFIG_CROSS_RULES",
+           "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES"]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``name``: the setting (``sft.steps``) or option attribute (``max_new_tokens``);
+    ``ok(value)``: whether the value is allowed; ``allowed``: what is, in words."""
+
+    name: str
+    ok: Callable[[Any], bool]
+    allowed: str | Callable[[], str]  # a callable when the words need an import
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def at_least(name: str, lo: int, why: str = "") -> Rule:
+    """An integer >= lo."""
+    return Rule(name, lambda v: _int(v) and v >= lo, f"an integer >= {lo}" + (f" ({why})" if why else ""))
+
+
+def number(name: str, lo: float = -math.inf, hi: float = math.inf, *, lo_open=False, hi_open=False, why="") -> Rule:
+    """A finite number in the interval [lo, hi] (ends open where asked)."""
+    def ok(v):
+        return _num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    if hi == math.inf:
+        words = f"a number {'>' if lo_open else '>='} {lo:g}"
+    else:
+        words = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    return Rule(name, ok, words + (f" ({why})" if why else ""))
+
+
+def one_of(name: str, *choices) -> Rule:
+    return Rule(name, lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def _betas(name: str) -> Rule:
+    return Rule(name, lambda v: isinstance(v, list) and len(v) == 2 and all(_num(b) and 0 <= b < 1 for b in v),
+                "two numbers in [0, 1), e.g. [0.9, 0.98]")
+
+
+def _template(name: str, *, optional=False) -> Rule:
+    return Rule(name, lambda v: (optional and v is None) or (isinstance(v, str) and "{question}" in v),
+                "a text containing {question} (where the question goes)")
+
+
+def _rewards(v) -> bool:
+    from dirl_min.rewards import REWARDS
+
+    return isinstance(v, dict) and bool(v) and all(k in REWARDS and _num(w) for k, w in v.items())
+
+
+def _reward_words() -> str:
+    from dirl_min.rewards import REWARDS
+
+    return "a mapping of reward names to numeric weights; names: " + ", ".join(sorted(REWARDS))
+
+
+CONFIG_RULES: list[Rule] = [
+    at_least("model.block_size", 0, "0 = the checkpoint's own"),
+    at_least("model.mask_token_id", -1, "-1 = from the checkpoint"),
+    at_least("model.hidden_size", 1), at_least("model.num_layers", 1), at_least("model.num_heads", 1),
+    at_least("model.num_kv_heads", 1), at_least("model.intermediate_size", 1),
+    one_of("model.dtype", "auto", "float32", "bfloat16", "float16"),
+    one_of("model.attn_implementation", "auto", "sdpa", "flex_attention", "eager"),
+    Rule("data.task_levels", lambda v: isinstance(v, list) and bool(v) and all(_int(x) and x in (1, 2, 3) for x in v)
+         and len(set(v)) == len(v), "a non-empty list of distinct levels from 1, 2, 3"),
+    at_least("data.task_max_operand", 0),
+    at_least("data.held_out", 1, "the embedded task's evaluation problems"),
+    _template("data.prompt_template"),
+    at_least("data.max_prompt_tokens", 1),
+    at_least("sft.steps", 0, "0 = skip SFT"),
+    at_least("sft.batch_size", 1),
+    at_least("sft.grad_accum", 1, "micro-batches per optimizer step"),
+    number("sft.lr", 0, lo_open=True),
+    at_least("sft.warmup_steps", 0),
+    number("sft.min_lr_ratio", 0, 1),
+    number("sft.weight_decay", 0),
+    _betas("sft.betas"),
+    number("sft.grad_clip", 0, why="0 = off"),
+    number("sft.t_min", 0, 1, hi_open=True),
+    number("sft.eps", 0, 1, lo_open=True, hi_open=True),
+    at_least("sft.max_seq_len", 1),
+    at_least("sft.pack_tokens", 0, "0 = one example per row"),
+    at_least("rl.steps", 0, "0 = skip RL"),
+    at_least("rl.prompts_per_step", 1),
+    at_least("rl.group_size", 2, "DiPO compares responses within a group: a group of one has zero advantage "
+              "and never updates the model"),
+    number("rl.lr", 0, lo_open=True),
+    number("rl.weight_decay", 0),
+    _betas("rl.betas"),
+    number("rl.grad_clip", 0, why="0 = off"),
+    number("rl.eps_low", 0, 1, hi_open=True),
+    number("rl.eps_high", 0),
+    number("rl.beta", 0, why="0 = no reference model"),
+    at_least("rl.num_iterations", 1),
+    at_least("rl.micro_batch", 0, "0 = all kept responses at once"),
+    at_least("rl.sampling_rounds", 1),
+    Rule("rl.rewards", _rewards, _reward_words),
+    number("rl.temperature", 0, lo_open=True, why="a group sampled at temperature 0 is one response repeated"),
+    at_least("rl.top_k", 0, "0 = off"),
+    number("rl.top_p", 0, 1, lo_open=True),
+    at_least("rl.max_new_tokens", 1),
+    at_least("rl.reward_workers", 0),
+    one_of("rl.rollout_backend", "native", "lmdeploy"),
+    one_of("decode.strategy", *STRATEGIES),
+    number("decode.threshold", 0, 1),
+    at_least("decode.steps", 0, "0 = block size"),
+    at_least("eval.samples", 1),
+    number("eval.temperature", 0),
+    at_least("eval.top_k", 0, "0 = off"),
+    number("eval.top_p", 0, 1, lo_open=True),
+    at_least("eval.max_new_tokens", 1),
+    at_least("eval.batch_size", 1),
+    at_least("eval.max_problems", 0, "0 = all"),
+    Rule("run.out", lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"),
+    at_least("run.seed", 0),
+    at_least("run.threads", 0, "0 = torch's default"),
+    at_least("run.save_every", 0, "0 = only at stage ends"),
+    at_least("run.log_every", 1),
+    Rule("run.stages", lambda v: isinstance(v, list) and all(s in ("sft", "rl") for s in v) and len(set(v)) == len(v),
+         "a list of distinct stages from sft, rl"),
+]
+
+
+def _get(obj, name: str):
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _embedded_split(cfg):
+    """Messages for ``data.held_out`` against the embedded task it splits (when that task is used)."""
+    from dirl_min import tasks
+
+    d = cfg.data
+    if d.sft_data and d.rl_data and d.eval_data:
+        return []  # the embedded task is not used
+    problems = tasks.arithmetic_problems(d.task_max_operand, tuple(d.task_levels))
+    train, test = tasks.split_problems(problems, d.held_out, d.split_seed)
+    task = f"the embedded task (levels {d.task_levels}, operands 0..{d.task_max_operand}) has {len(problems)} problems"
+    if not train:
+        return [f"data.held_out = {d.held_out}: must be less than the number of problems; {task}"]
+    if not test:
+        return [f"data.held_out = {d.held_out}: no whole family of problems fits (a + b, b + a, a - b, b - a are "
+                f"held out together); use a larger value; {task}"]
+    return []
+
+
+def _tiny_heads(cfg):
+    m = cfg.model
+    if not cfg.model.path and m.num_heads % m.num_kv_heads:
+        return [f"model.num_kv_heads = {m.num_kv_heads}: must divide model.num_heads = {m.num_heads}"]
+    return []
+
+
+def _accumulation(cfg):
+    if cfg.sft.grad_accum > cfg.sft.batch_size:
+        return [f"sft.grad_accum = {cfg.sft.grad_accum}: must be at most sft.batch_size = {cfg.sft.batch_size} "
+                "(every micro-batch needs an example)"]
+    return []
+
+
+def _lmdeploy_needs_a_checkpoint(cfg):
+    if cfg.rl.rollout_backend == "lmdeploy" and not cfg.model.path and "rl" in cfg.run.stages and cfg.rl.steps:
+        return ["rl.rollout_backend = 'lmdeploy': needs model.path, a checkpoint folder LMDeploy can load"]
+    return []
+
+
+def _paths(cfg):
+    out = []
+    if cfg.model.path and not Path(cfg.model.path).is_dir():
+        out.append(f"model.path = {cfg.model.path!r}: expected a checkpoint folder; "
+                   + ("it is a file" if Path(cfg.model.path).exists() else "no such folder"))
+    for name in ("sft_data", "rl_data", "eval_data"):
+        p = getattr(cfg.data, name)
+        if p and not Path(p).is_file():
+            what = "it is a folder" if Path(p).is_dir() else "no such file"
+            out.append(f"data.{name} = {p!r}: expected a JSON, JSONL or parquet file; {what}")
+    return out
+
+
+#: checks across settings (and of the files named): ``cfg -> list of messages``
+CONFIG_CROSS_RULES: list[Callable] = [_tiny_heads, _accumulation, _lmdeploy_needs_a_checkpoint, _paths, _embedded_split]
+
+
+def problems(obj, rules: list[Rule], *, prefix: str = "") -> list[str]:
+    """One message per rule of ``rules`` that ``obj``'s value breaks (``prefix`` is put before names: ``--``)."""
+    out = []
+    for rule in rules:
+        value = _get(obj, rule.name)
+        if not rule.ok(value):
+            allowed = rule.allowed() if callable(rule.allowed) else rule.allowed
+            shown = prefix + (rule.name.replace("_", "-") if prefix else rule.name)
+            out.append(f"{shown} = {value!r}: expected {allowed}")
+    return out
+
+
+def validate(cfg) -> None:
+    """Check every setting of a :class:`~dirl_min.config.Config` (and that the files it names exist).
+
+    Raises:
+        SettingsError: listing every invalid setting, its value and what is allowed.
+    """
+    msgs = problems(cfg, CONFIG_RULES)
+    if not msgs:  # cross checks assume each setting is valid on its own
+        for cross in CONFIG_CROSS_RULES:
+            msgs += cross(cfg)
+    if msgs:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(msgs))
+
+
+# ---- the other commands' own options (attribute names of their argparse namespaces) ----
+
+EVAL_RULES: list[Rule] = [
+    at_least("samples", 1), at_least("max_new_tokens", 1), at_least("batch_size", 1), at_least("limit", 0, "0 = all"),
+    number("temperature", 0, why="0 = greedy"), at_least("top_k", 0, "0 = off"), number("top_p", 0, 1, lo_open=True),
+    at_least("steps", 0, "0 = block size"), number("threshold", 0, 1),
+    Rule("thresholds", lambda v: v is None or all(_num(t) and 0 <= t <= 1 for t in v), "numbers in [0, 1]"),
+    at_least("held_out", 1), at_least("task_max_operand", 0), at_least("seed", 0),
+    number("verify_timeout", 0, lo_open=True), at_least("verify_workers", 0),
+    _template("prompt_template", optional=True),
+]
+
+
+def _eval_cross(args) -> list[str]:
+    out = []
+    if args.thresholds and args.strategy != "low_confidence_dynamic":
+        out.append("--thresholds sweeps the dynamic strategy's threshold; use --strategy low_confidence_dynamic")
+    if args.hub and args.data_dir:
+        out.append("--hub and --data-dir exclude each other")
+    return out
+
+
+EVAL_CROSS_RULES: list[Callable] = [_eval_cross]
+
+CHECK_RULES: list[Rule] = [
+    at_least("max_new_tokens", 1), number("temperature", 0, why="0 = greedy"), number("threshold", 0, 1),
+    number("tolerance", 0, why="0 = the dtype's default"), at_least("seed", 0),
+    Rule("model", lambda v: not v or Path(v).is_dir(), "a checkpoint folder (empty = the tiny model)"),
+]
