@@ -241,6 +241,23 @@ def validate(cfg) -> None:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(msgs))
 
 
+def check_processes(cfg, world: int) -> None:
+    """Settings that depend on the number of processes, checked once it is known (before any work).
+
+    Every process runs ``sft.grad_accum`` non-empty micro-batches of its share of the batch, and
+    decodes at least one prompt per sampling round.
+    """
+    msgs = []
+    if "sft" in cfg.run.stages and cfg.sft.steps and cfg.sft.grad_accum > cfg.sft.batch_size // world:
+        msgs.append(f"sft.grad_accum = {cfg.sft.grad_accum}: expected at most the {cfg.sft.batch_size // world} "
+                    f"examples each of the {world} process(es) gets per step (sft.batch_size = {cfg.sft.batch_size})")
+    if "rl" in cfg.run.stages and cfg.rl.steps and cfg.rl.prompts_per_step < world:
+        msgs.append(f"rl.prompts_per_step = {cfg.rl.prompts_per_step}: expected at least one prompt for each of the "
+                    f"{world} processes")
+    if msgs:
+        raise SettingsError("invalid settings for this launch:\n  " + "\n  ".join(msgs))
+
+
 # ---- the other commands' own options (attribute names of their argparse namespaces) ----
 
 EVAL_RULES: list[Rule] = [

@@ -12,7 +12,6 @@ Outputs under ``--run.out``: ``summary.json``, ``metrics.jsonl``, TensorBoard ev
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
 import json
 import math
 import os
@@ -25,11 +24,12 @@ from pathlib import Path
 import torch
 
 from dirl_min.config import Config, SettingsError, parse_config
+from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
 from dirl_min.forward import SelectedLogits, _unwrap
 from dirl_min.model import build_tiny, diffusion_settings, load_model, resolve_dtype, save_model
 from dirl_min import runs, tasks
 from dirl_min.progress import ProgressLines, progress_mode
-from dirl_min.settings import validate
+from dirl_min.settings import check_processes, validate
 from dirl_min.trainer import (
     dipo_step,
     evaluate,
@@ -231,12 +231,10 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
         micro = [mine[i::cfg.sft.grad_accum] for i in range(cfg.sft.grad_accum)]
         total_loss = torch.zeros((), device=accel.device)
         for k, idx in enumerate(micro):
-            # losses are normalised by the step's global token count; DDP averages over
-            # processes, which the factor `world` undoes, so gradients add up to the full batch's
+            # losses are normalised by the step's global token count, so gradients add up to the full batch's
             loss, _ = sft_loss(wrapped, [batch[i] for i in idx], M, B, num_response_tokens=n_resp,
                                masks=[masks[i] for i in idx], p=p[idx], pack_tokens=cfg.sft.pack_tokens)
-            with accel.no_sync(wrapped) if k < len(micro) - 1 else nullcontext():
-                accel.backward(loss * world)
+            backward_micro(accel, wrapped, loss, last=k == len(micro) - 1)
             total_loss += loss.detach()
         total_loss = float(accel.reduce(total_loss, "sum")) if world > 1 else float(total_loss)
         if not math.isfinite(total_loss):
@@ -278,6 +276,57 @@ def make_rollout_engine(cfg, policy):
                           threshold=cfg.decode.threshold, steps=cfg.decode.steps)
 
 
+def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
+    """Dynamic sampling (SPEC §4.3) over all processes: rounds of ``rl.prompts_per_step`` prompts
+    until that many groups with mixed accuracy are kept, at most ``rl.sampling_rounds`` rounds.
+
+    Process r decodes prompts r, r + world, … of each round. Whether to stop and which groups to
+    keep are decided on all processes' groups in the round's order, so every process runs the
+    same rounds (the samplers stay in step) and the groups kept are those one process would keep.
+
+    Returns:
+        ``(kept, rolls, n_kept)``: this process's kept groups as (rollout, response indices,
+        advantages [G]); its (rollout, rewards, correct) per round; the kept count over all processes.
+    """
+    world, rank, G, P = accel.num_processes, accel.process_index, cfg.rl.group_size, cfg.rl.prompts_per_step
+    kept, rolls, n_kept = [], [], 0
+    for _ in range(max(1, cfg.rl.sampling_rounds)):
+        chosen = sampler.take(P)
+        mine = chosen[rank::world]
+        # sampling seeds for the global batch, then this process's share: same samples for any world size
+        seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
+        # native: the engine decodes with the module being trained, so the weight sync is free
+        roll, rewards, correct, _ = rollout_and_reward(
+            _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
+            decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
+            max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
+            reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
+        rolls.append((roll, rewards, correct))
+        adv = group_advantages(rewards, G)
+        mixed = all_ranks(accel, filter_groups(correct, G).tolist())  # per process, its groups in order
+        for g in [g for g in range(len(chosen)) if mixed[g % world][g // world]][: P - n_kept]:
+            if g % world == rank:
+                i = g // world
+                kept.append((roll, list(range(i * G, (i + 1) * G)), adv[i * G:(i + 1) * G]))
+            n_kept += 1
+        if n_kept >= P:
+            break
+    return kept, rolls, n_kept
+
+
+def _rollout_metrics(accel, rolls, n_kept, prompts_per_step) -> dict:
+    """Reward, accuracy, lengths and kept fraction over all processes' rollouts of a step."""
+    per_rank = all_ranks(accel, [(r.tolist(), c.tolist(), [roll.tokens_per_step(i) for i in range(len(roll))],
+                                  [len(x) for x in roll.response_ids]) for roll, r, c in rolls])
+    rew, acc, tps, lengths = (sum((list(part[j]) for rank in per_rank for part in rank), []) for j in range(4))
+    return {
+        "reward": float(torch.tensor(rew).mean()), "accuracy": float(torch.tensor(acc).mean()),
+        "tokens_per_step": sum(tps) / len(acc), "response_length": sum(lengths) / len(acc),
+        "kept_fraction": n_kept / (len(rolls) * prompts_per_step), "sampling_rounds": len(rolls),
+        "cap_hit": int(n_kept < prompts_per_step),
+    }
+
+
 def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
     """DiPO (SPEC §4) for ``cfg.rl.steps`` steps."""
     from tqdm.auto import tqdm
@@ -296,52 +345,17 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         start = state["step"]
         gen.set_state(state["sample_rng"])
         sampler.load_state_dict(state["sampler"])
-    world, rank = accel.num_processes, accel.process_index
-    G = cfg.rl.group_size
     engine = make_rollout_engine(cfg, policy)
     bar = tqdm(range(start, cfg.rl.steps), desc="DiPO", disable=not progress or not accel.is_main_process,
                initial=start, total=cfg.rl.steps)
     for step in bar:
         times = {"rollout": 0.0, "rewards": 0.0, "scoring": 0.0}  # seconds of this step
-        t = time.perf_counter()
-        kept = []  # (rollout, response indices, their advantages), one entry per kept group
-        metrics_rows, sampled_groups, n_rounds = [], 0, 0
-        want = max(1, cfg.rl.prompts_per_step // world)  # groups this process trains on
         if engine is not None:
             engine.load_weights(_unwrap(wrapped))  # this step's policy, sent through memory
-        for _ in range(max(1, cfg.rl.sampling_rounds)):
-            n_rounds += 1
-            chosen = sampler.take(cfg.rl.prompts_per_step)
-            mine = chosen[rank::world]
-            # sampling seeds for the global batch, then this process's share: same samples for any world size
-            seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
-            # native: the engine decodes with the module being trained, so the weight sync is free
-            roll, rewards, correct, _ = rollout_and_reward(
-                _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
-                decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
-                max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
-                reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
-            sampled_groups += len(mine)
-            adv = group_advantages(rewards, G)
-            metrics_rows.append((roll, rewards, correct))
-            for g in filter_groups(correct, G).nonzero()[:, 0].tolist():
-                kept.append((roll, list(range(g * G, (g + 1) * G)), adv[g * G:(g + 1) * G]))
-            if len(kept) >= want:
-                break
+        kept, rolls, n_kept = _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times)
         if engine is not None:
             engine.release()  # the update gets the rollout's GPU memory
-        cap_hit = len(kept) < want
-        kept = kept[:want]
-        rew = torch.cat([r for _, r, _ in metrics_rows])
-        acc = torch.cat([c for _, _, c in metrics_rows])
-        rolls = [r for r, _, _ in metrics_rows]
-        row = {
-            "reward": float(rew.mean()), "accuracy": float(acc.mean()),
-            "tokens_per_step": sum(r.tokens_per_step(i) for r in rolls for i in range(len(r))) / len(acc),
-            "response_length": sum(len(x) for r in rolls for x in r.response_ids) / len(acc),
-            "kept_fraction": len(kept) / max(1, sampled_groups), "sampling_rounds": n_rounds,
-            "cap_hit": int(cap_hit),
-        }
+        row = _rollout_metrics(accel, rolls, n_kept, cfg.rl.prompts_per_step)
         t = time.perf_counter()
         # micro-batches: kept responses of one rollout, at most rl.micro_batch of them per forward
         micro = []
@@ -350,13 +364,17 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             adv = torch.cat([a for r, _, a in kept if r is roll])
             size = cfg.rl.micro_batch or len(idx)
             micro += [(roll, idx[s:s + size], adv[s:s + size]) for s in range(0, len(idx), size)]
-        n_tok_local = sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx)
-        n_tok = float(accel.reduce(torch.tensor(float(n_tok_local), device=accel.device), "sum")) if world > 1 else float(n_tok_local)
-        if micro and n_tok > 0:
+        counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx), len(micro)))
+        n_tok = float(sum(c[0] for c in counts))  # the step's response tokens, all processes
+        last = rolls[-1][0]  # a filler for a process with fewer micro-batches than another: a non-empty response
+        filler = (last, [max(range(len(last)), key=lambda i: len(last.response_ids[i]))], torch.zeros(1))
+        micro = equal_micro_batches(micro, max(c[1] for c in counts), filler)
+        n_real = sum(m[3] for m in micro)
+        if n_tok > 0:
             logp_old = [None] * len(micro)
             for it in range(cfg.rl.num_iterations):
                 loss_total, stats = 0.0, {}
-                for k, (roll, idx, adv) in enumerate(micro):
+                for k, (roll, idx, adv, real) in enumerate(micro):
                     t_score = time.perf_counter()
                     loss, stats_k, logp = dipo_step(
                         wrapped, roll, idx, adv, num_tokens=n_tok, eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high,
@@ -364,10 +382,11 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                     times["scoring"] += time.perf_counter() - t_score
                     if it == 0 and cfg.rl.num_iterations > 1:
                         logp_old[k] = logp  # the sampling policy's log-probs, computed once and reused
-                    with accel.no_sync(wrapped) if k < len(micro) - 1 else nullcontext():
-                        accel.backward(loss * world)
-                    loss_total += float(loss.detach())
-                    stats = {key: stats.get(key, 0.0) + v / len(micro) for key, v in stats_k.items()}
+                    backward_micro(accel, wrapped, loss if real else loss * 0.0, last=k == len(micro) - 1)
+                    if real:
+                        loss_total += float(loss.detach())
+                        stats = {key: stats.get(key, 0.0) + v / n_real for key, v in stats_k.items()}
+                loss_total = sum(all_ranks(accel, loss_total))
                 if not math.isfinite(loss_total):
                     raise FloatingPointError(f"DiPO step {step}: the loss is {loss_total}; lower rl.lr")
                 gnorm = accel.clip_grad_norm_(params, cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else torch.tensor(0.0)
@@ -437,6 +456,7 @@ def _start(argv):
     accel = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.run.out)
     try:
+        check_processes(cfg, accel.num_processes)
         built = build(cfg)
         found = runs.load_latest(out, cfg.to_dict(), lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
     except (tasks.DataError, SettingsError) as e:
