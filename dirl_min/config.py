@@ -224,7 +224,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
                 dest=f"{section.name}.{f.name}",
                 default=argparse.SUPPRESS,
                 metavar=type(default).__name__.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {default!r})",
+                help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),  # argparse %-formats help
             )
     return parser
 
