@@ -64,7 +64,8 @@ def _panel_curves(ax, rows, keys, title, window):
         ax.plot(steps, running_mean(list(vals), window), color=line.get_color(), label=f"{key} (running mean)")
     ax.set_title(title)
     ax.set_xlabel("step")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a stage that did not run has nothing to label
+        ax.legend(fontsize=7)
 
 
 def _panel_stages(ax, summary):
