@@ -67,7 +67,9 @@ class SFTConfig:
     weight_decay: float = _f(0.01, "AdamW weight decay")
     betas: list = _f([0.9, 0.98], "AdamW betas")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
-    t_min: float = _f(0.1, "lowest noise level t (avoids huge 1/p weights)")
+    t_min: float = _f(0.1, "lowest noise level t; the spec draws t from (0, 1]. Kept at 0.1: on the default (seed 0, "
+                                 "2200 steps) t_min 0 gave SFT avg@16 27.3%, greedy 23.9%; t_min 0.1 gave 42.8%, 62.5% "
+                                 "(the 1/p weights of small t make the gradient noisy)")
     eps: float = _f(1e-3, "mask probability floor: p = (1-eps) t + eps")
     max_seq_len: int = _f(2048, "examples longer than this (tokens) are skipped and counted")
     pack_tokens: int = _f(0, "pack several examples per row up to this many layout tokens (0 = one per row)")
@@ -79,6 +81,7 @@ class RLConfig:
     prompts_per_step: int = _f(16, "groups (prompts) per step")
     group_size: int = _f(8, "responses per prompt (G)")
     lr: float = _f(3e-4, "learning rate")
+    warmup_steps: int = _f(10, "linear warm-up steps, then a constant learning rate (DiRL: 10)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: list = _f([0.9, 0.98], "AdamW betas")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
@@ -109,11 +112,12 @@ class DecodeConfig:
 class EvalConfig:
     samples: int = _f(16, "samples per problem at temperature 1 (avg@k, pass@k; DiRL: 16)")
     temperature: float = _f(1.0, "sampling temperature for avg@k")
-    top_k: int = _f(0, "top-k for avg@k (0 = off)")
+    top_k: int = _f(50, "top-k for avg@k (0 = off; DiRL: 50, as python -m dirl_min.eval)")
     top_p: float = _f(1.0, "top-p for avg@k")
     greedy: bool = _f(True, "also report greedy accuracy")
-    max_new_tokens: int = _f(16, "evaluation length limit (whole blocks)")
-    batch_size: int = _f(256, "sequences per decoding batch")
+    max_new_tokens: int = _f(16, "evaluation length limit (whole blocks); python -m dirl_min.eval and DiRL: 8192, "
+                                 "here the embedded task's answers fit in 16 and an untrained model never stops")
+    batch_size: int = _f(256, "sequences per decoding batch (memory and speed only)")
     max_problems: int = _f(0, "evaluate at most this many problems (0 = all)")
 
 
@@ -242,7 +246,7 @@ def build_parser(description: str, prog: str | None = None) -> argparse.Argument
                 dest=f"{section.name}.{f.name}",
                 default=argparse.SUPPRESS,
                 metavar=type(default).__name__.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {default!r})",
+                help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),  # argparse %-formats help
             )
     return parser
 

@@ -41,7 +41,7 @@ from functools import partial
 from pathlib import Path
 
 from dirl_min.benchmarks import BENCHMARKS, HubError
-from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_ks
+from dirl_min.metrics import avg_at_k, bootstrap_ci, format_percent, mean_pass_at_k, pass_ks
 from dirl_min.model import stop_token_ids
 from dirl_min.tasks import DataError, Problem, render_prompt
 
@@ -421,10 +421,11 @@ def _floats(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dirl_min.config import DataConfig
+    from dirl_min.config import DataConfig, DecodeConfig, EvalConfig
     from dirl_min.decoding import STRATEGIES
 
     dc = DataConfig()
+    ec, dec = EvalConfig(), DecodeConfig()  # one source for the defaults the main job's evaluation shares
     p = argparse.ArgumentParser(
         prog="python -m dirl_min.eval",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -485,22 +486,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model's chat template (default for benchmark files: DiRL's "
                         f"{DIRL_PROMPT!r}; for --task embedded: {dc.prompt_template!r}, dirl_min.train's default)")
     g = p.add_argument_group("decoding")
-    g.add_argument("--samples", type=int, default=16, metavar="N",
-                   help="sampled responses per problem: avg@N accuracy and pass@k (default: 16)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default: 1.0)")
-    g.add_argument("--top-k", type=int, default=50, help="top-k truncation, 0 = off (default: 50)")
-    g.add_argument("--top-p", type=float, default=1.0, help="top-p (nucleus) truncation, 1 = off (default: 1.0)")
-    g.add_argument("--strategy", default="low_confidence_dynamic", choices=list(STRATEGIES),
-                   help="which masked positions a denoising step commits (default: low_confidence_dynamic)")
-    g.add_argument("--threshold", type=float, default=0.9,
-                   help="confidence threshold of the dynamic strategy (default: 0.9)")
+    g.add_argument("--samples", type=int, default=ec.samples, metavar="N",
+                   help=f"sampled responses per problem: avg@N accuracy and pass@k (default: {ec.samples})")
+    g.add_argument("--temperature", type=float, default=ec.temperature,
+                   help=f"sampling temperature; 0 = greedy (default: {ec.temperature})")
+    g.add_argument("--top-k", type=int, default=ec.top_k, help=f"top-k truncation, 0 = off (default: {ec.top_k})")
+    g.add_argument("--top-p", type=float, default=ec.top_p,
+                   help=f"top-p (nucleus) truncation, 1 = off (default: {ec.top_p})")
+    g.add_argument("--strategy", default=dec.strategy, choices=list(STRATEGIES),
+                   help=f"which masked positions a denoising step commits (default: {dec.strategy})")
+    g.add_argument("--threshold", type=float, default=dec.threshold,
+                   help=f"confidence threshold of the dynamic strategy (default: {dec.threshold})")
     g.add_argument("--thresholds", type=_floats, default=None, metavar="LIST",
                    help="sweep several dynamic thresholds, e.g. 0.7,0.8,0.9,0.95 (replaces --threshold; "
                         "writes a plot of accuracy against tokens per step; default: off)")
     g.add_argument("--steps", type=int, default=0,
                    help="static/sequential strategies: denoising steps per block; 0 = block size (default: 0)")
     g.add_argument("--max-new-tokens", type=int, default=8192, metavar="N",
-                   help="response length limit, counted in whole blocks (default: 8192)")
+                   help="response length limit, counted in whole blocks (default: 8192, DiRL's; the main job's "
+                        f"evaluation uses {ec.max_new_tokens} for the embedded task, pass --max-new-tokens "
+                        f"{ec.max_new_tokens} with --task embedded to compare with its table)")
     g.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="sequences decoded together per process; results do not depend on it (default: 64)")
     g.add_argument("--seed", type=int, default=0,
@@ -729,6 +734,7 @@ def _metrics(b: Benchmark, thr: float, recs: list[dict], samples: int) -> dict:
         "problems": n,
         "samples": samples,
         "accuracy": avg_at_k(counts),
+        "accuracy_ci": list(bootstrap_ci([c / n_ for n_, c in counts])),  # 95%, over problems
         f"avg@{samples}": avg_at_k(counts),
         "pass@k": {str(k): mean_pass_at_k(counts, k) for k in pass_ks(samples)},
         "tokens_per_step": sum(r["tokens_per_step"] for r in recs) / m,
@@ -808,13 +814,16 @@ def summarize(results: dict) -> str:
         return "(nothing evaluated)"
     samples = runs[0]["samples"]
     kmax = max(int(k) for k in runs[0]["pass@k"])
-    head = ["benchmark", "thr", "problems", f"avg@{samples}", f"pass@{kmax}", "tok/step", "length", "trunc", "tok/s"]
+    head = ["benchmark", "thr", "problems", f"avg@{samples}", "95% CI", f"pass@{kmax}", "tok/step", "length", "trunc %",
+            "tok/s"]
     rows = []
     for r in runs:
         tps = r["runtime"]["tokens_per_second"]
-        rows.append([r["benchmark"], f"{r['threshold']:g}", str(r["problems"]), f"{100 * r['accuracy']:.2f}",
-                     f"{100 * r['pass@k'][str(kmax)]:.2f}", f"{r['tokens_per_step']:.2f}", f"{r['mean_length']:.1f}",
-                     f"{100 * r['truncation_rate']:.1f}%", "-" if tps is None else f"{tps:.1f}"])
+        ci = r.get("accuracy_ci")
+        rows.append([r["benchmark"], f"{r['threshold']:g}", str(r["problems"]), format_percent(r["accuracy"]),
+                     f"[{format_percent(ci[0])}, {format_percent(ci[1])}]" if ci else "-",
+                     format_percent(r["pass@k"][str(kmax)]), f"{r['tokens_per_step']:.2f}", f"{r['mean_length']:.1f}",
+                     format_percent(r["truncation_rate"]), "-" if tps is None else f"{tps:.1f}"])
     widths = [max(len(h), *(len(row[c]) for row in rows)) for c, h in enumerate(head)]
 
     def line(cells):

@@ -3,15 +3,19 @@
 For a problem with ``n`` samples of which ``c`` are correct, ``pass@k`` estimates the
 probability that at least one of ``k`` samples drawn without replacement from those ``n``
 is correct: ``1 - C(n - c, k) / C(n, k)`` (Chen et al., 2021). ``avg@n`` is ``c / n``.
-Benchmark values are the means over problems.
+Benchmark values are the means over problems. Their uncertainty from the finite problem set
+is a percentile bootstrap over problems (:func:`bootstrap_ci`). Accuracies are printed as
+percent with one decimal, as papers print them (:func:`format_percent`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-__all__ = ["pass_at_k", "mean_pass_at_k", "avg_at_k", "pass_ks"]
+import torch
+
+__all__ = ["pass_at_k", "mean_pass_at_k", "avg_at_k", "pass_ks", "bootstrap_ci", "format_percent"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -57,3 +61,36 @@ def pass_ks(samples: int) -> list[int]:
         ks.append(samples)
     return ks
 
+
+
+def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (one value per problem).
+
+    Draws ``resamples`` sets of ``n = len(values)`` problems with replacement (a seeded
+    generator: the same inputs give the same interval) and returns the ``(1 - level) / 2``
+    and ``(1 + level) / 2`` quantiles of their means. For a paired comparison of two stages on
+    the same problems pass the per-problem differences.
+
+    Args:
+        values: float ``[n]``, ``n >= 1``.
+
+    Returns:
+        ``(lo, hi)`` with ``lo <= mean(values) <= hi`` up to the resampling noise.
+    """
+    if len(values) < 1:
+        raise ValueError("bootstrap_ci: need at least one value")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"bootstrap_ci: need 0 < level < 1 and resamples >= 1; got level={level}, resamples={resamples}")
+    x = torch.as_tensor(values, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(x), (resamples, len(x)), generator=gen)  # [R, n]
+    means = x[idx].mean(dim=1)  # [R]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return lo, hi
+
+
+def format_percent(fraction: float) -> str:
+    """A fraction in [0, 1] as percent with one decimal: ``0.4137 -> '41.4'`` (nan -> ``'-'``)."""
+    return "-" if fraction is None or math.isnan(fraction) else f"{100 * fraction:.1f}"

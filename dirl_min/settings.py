@@ -118,6 +118,7 @@ CONFIG_RULES: list[Rule] = [
     at_least("rl.group_size", 2, "DiPO compares responses within a group: a group of one has zero advantage "
               "and never updates the model"),
     number("rl.lr", 0, lo_open=True),
+    at_least("rl.warmup_steps", 0, "0 = constant from the first step"),
     number("rl.weight_decay", 0),
     _betas("rl.betas"),
     number("rl.grad_clip", 0, why="0 = off"),

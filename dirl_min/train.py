@@ -40,6 +40,8 @@ from dirl_min.trainer import (
     tokenize_sft,
 )
 from dirl_min.dipo import filter_groups, group_advantages
+from dirl_min.metrics import bootstrap_ci
+from dirl_min.report import plot_curves, print_table  # noqa: F401  (print_table: part of this module's API)
 
 
 class MetricsLog:
@@ -333,6 +335,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
 
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl.lr, betas=tuple(cfg.rl.betas), weight_decay=cfg.rl.weight_decay)
+    sched = make_scheduler(opt, cfg.rl.warmup_steps, cfg.rl.steps, 1.0)  # DiRL: warm-up, then constant
     wrapped, opt = accel.prepare(SelectedLogits(policy), opt)
     ref_model = None
     if cfg.rl.beta > 0:
@@ -342,6 +345,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
     sampler = EpochSampler(problems, cfg.run.seed + 4)
     if state.get("stage") == "rl":
         opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
         start = state["step"]
         gen.set_state(state["sample_rng"])
         sampler.load_state_dict(state["sampler"])
@@ -392,6 +396,8 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
                 gnorm = accel.clip_grad_norm_(params, cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else torch.tensor(0.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+            row["lr"] = sched.get_last_lr()[0]  # the rate of this update; warm-up counts updates
+            sched.step()
             row.update(loss=loss_total, grad_norm=float(gnorm), **stats)
         times["update"] = time.perf_counter() - t - times["scoring"]  # backward + optimizer
         row.update({f"time_{k}": v for k, v in times.items()})
@@ -400,42 +406,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             log.write("rl", step + 1, row)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.steps:
             yield "checkpoint", {"stage": "rl", "step": step + 1, "optimizer": opt.state_dict(),
-                                 "sample_rng": gen.get_state(), "sampler": sampler.state_dict()}
-
-
-def print_table(summary: dict) -> str:
-    cols = [("accuracy", "avg@k"), ("greedy_accuracy", "greedy"), (f"pass@{summary.get('samples', 8)}", "pass@k"),
-            ("tokens_per_step", "tok/step"), ("mean_length", "length"), ("truncation_rate", "trunc")]
-    lines = [f"{'stage':<8}" + "".join(f"{h:>10}" for _, h in cols)]
-    for stage in ("base", "sft", "rl"):
-        if stage in summary:
-            r = summary[stage]
-            lines.append(f"{stage:<8}" + "".join(f"{r.get(k, float('nan')):>10.3f}" for k, _ in cols))
-    return "\n".join(lines)
-
-
-def plot_curves(out: Path) -> None:
-    """curves.png: SFT loss, RL reward/accuracy, tokens per step, kept-group fraction."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
-
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] if (out / "metrics.jsonl").exists() else []
-    sft = [r for r in rows if r["stage"] == "sft"]
-    rl = [r for r in rows if r["stage"] == "rl"]
-    fig = Figure(figsize=(18, 3.6))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 4)
-    panels = [(axes[0], sft, ["loss"], "SFT loss"), (axes[1], rl, ["reward", "accuracy"], "DiPO reward / accuracy"),
-              (axes[2], rl, ["tokens_per_step"], "tokens per step (rollouts)"), (axes[3], rl, ["kept_fraction"], "kept-group fraction")]
-    for ax, data, keys, title in panels:
-        for k in keys:
-            ax.plot([r["step"] for r in data if k in r], [r[k] for r in data if k in r], label=k)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if len(keys) > 1:
-            ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+                                 "scheduler": sched.state_dict(), "sample_rng": gen.get_state(), "sampler": sampler.state_dict()}
 
 
 def _start(argv):
@@ -501,7 +472,7 @@ def main(argv=None) -> dict:
     done = set(state.get("done", []))
     if "base" not in summary and accel.is_main_process:
         summary["base"] = run_eval(cfg, model, tok, eval_problems, "base", 0)
-        print(f"base: {json.dumps(summary['base'])}", file=sys.stderr)
+        print(f"base: {json.dumps({k: v for k, v in summary['base'].items() if k != 'per_problem'})}", file=sys.stderr)
     stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress),
               "rl": lambda st: run_rl(cfg, accel, model, tok, rl_problems, log, st, progress)}
     for stage in cfg.run.stages:
@@ -517,10 +488,13 @@ def main(argv=None) -> dict:
         summary[f"{stage}_seconds"] = summary.get(f"{stage}_seconds", 0.0) + time.perf_counter() - t0
         if accel.is_main_process:
             summary[stage] = run_eval(cfg, model, tok, eval_problems, stage, len(done))
-            print(f"{stage}: {json.dumps(summary[stage])}", file=sys.stderr)
+            print(f"{stage}: {json.dumps({k: v for k, v in summary[stage].items() if k != 'per_problem'})}", file=sys.stderr)
         checkpoint(f"{stage}-final", {"stage": f"{stage}-done", "step": steps, "done": sorted(done)})
     summary["wall_seconds"] = summary.get("wall_seconds", 0.0) + time.perf_counter() - t_start
     summary["samples"] = cfg.eval.samples
+    if "sft" in summary and "rl" in summary:  # paired: the same problems before and after DiPO
+        diff = [b - a for a, b in zip(summary["sft"]["per_problem"], summary["rl"]["per_problem"])]
+        summary["rl_minus_sft"] = {"mean": sum(diff) / len(diff), "ci": list(bootstrap_ci(diff))}
     summary["seed"] = cfg.run.seed
     if accel.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

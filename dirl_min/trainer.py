@@ -189,7 +189,12 @@ def dipo_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_
 def evaluate(model, tokenizer, problems, *, samples: int, temperature: float, top_k: int, top_p: float,
              greedy: bool, max_new_tokens: int, decode_cfg, prompt_template: str, seed: int, batch_size: int = 256):
     """DiRL's protocol at small scale: avg@k at temperature T, pass@k, greedy accuracy,
-    tokens per step, mean response length (to the stop token) and truncation rate."""
+    tokens per step, mean response length (to the stop token) and truncation rate.
+
+    ``accuracy_ci`` is the 95% bootstrap interval of avg@k over problems, and
+    ``per_problem`` the avg@k of each problem (float ``[n]``, for paired comparisons)."""
+    from dirl_min.metrics import bootstrap_ci
+
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     weights = {"accuracy": 1.0}
@@ -199,8 +204,11 @@ def evaluate(model, tokenizer, problems, *, samples: int, temperature: float, to
         generator=gen, batch_size=batch_size)
     per_problem = correct.view(-1, samples)
     n = len(rollout)
+    per_problem_acc = per_problem.mean(dim=1).tolist()  # [n]
     out = {
         "accuracy": float(per_problem.mean()),
+        "accuracy_ci": list(bootstrap_ci(per_problem_acc)),
+        "per_problem": per_problem_acc,
         f"pass@{samples}": float((per_problem.max(dim=1).values > 0).float().mean()),
         "tokens_per_step": sum(rollout.tokens_per_step(i) for i in range(n)) / n,
         "mean_length": sum(rollout.length_to_stop(i) for i in range(n)) / n,

@@ -1031,9 +1031,10 @@ NB04 = [
     '''),
     md(r'''
     The summary table: evaluation of the base model, after SFT and after DiPO on the same held-out
-    problems (`avg@k` = mean accuracy of the `k` samples at temperature 1, `greedy` = one greedy answer,
-    `pass@k` = at least one of `k` correct, `tok/step` = tokens per denoising step, `length` = response
-    tokens to the stop token, `trunc` = fraction that hit the length limit).
+    problems, accuracies in percent (`avg@k` = mean accuracy of the `k` samples at temperature 1, with
+    its 95% bootstrap interval over problems, `greedy` = one greedy answer, `pass@k` = at least one of
+    `k` correct, `tok/step` = tokens per denoising step, `length` = response tokens to the stop token,
+    `trunc` = share that hit the length limit), and the paired RL − SFT gain with its interval.
     '''),
     code(r'''
     print(print_table(summary))

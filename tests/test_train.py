@@ -445,3 +445,28 @@ def test_an_external_rollout_engine_synced_each_step_trains_like_the_native_one(
     a, b = _final_params(native), _final_params(tmp_path / "external")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_rl_learning_rate_is_dirls_warm_up_then_constant():
+    """run_rl's schedule, make_scheduler(opt, rl.warmup_steps, rl.steps, 1.0): lr·k/10 for the first 10
+    updates, then lr to the end (no decay); SFT's floor < 1 does decay."""
+    from dirl_min.config import Config
+    from dirl_min.trainer import make_scheduler
+
+    cfg = Config()
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.rl.lr)
+    sched = make_scheduler(opt, cfg.rl.warmup_steps, cfg.rl.steps, 1.0)
+    lrs = []
+    for _ in range(cfg.rl.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert cfg.rl.warmup_steps == 10
+    assert lrs[:10] == pytest.approx([cfg.rl.lr * (k + 1) / 10 for k in range(10)])
+    assert lrs[10:] == pytest.approx([cfg.rl.lr] * (cfg.rl.steps - 10))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = make_scheduler(opt, 2, 20, 0.1)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
