@@ -154,7 +154,7 @@ def build(cfg: Config):
         model.gradient_checkpointing_enable()
     problems = tasks.arithmetic_problems(cfg.data.task_max_operand, tuple(cfg.data.task_levels))
     train_p, test_p = tasks.split_problems(problems, cfg.data.held_out, cfg.data.split_seed)
-    sft = tasks.load_sft(cfg.data.sft_data, tok) if cfg.data.sft_data else tasks.sft_records(train_p, tok, cfg.data.prompt_template)
+    sft = tasks.load_sft(cfg.data.sft_data, tok) if cfg.data.sft_data else tasks.sft_records(train_p, tok, cfg.data.prompt_template, cfg.data.response_style)
     rl = tasks.load_problems(cfg.data.rl_data) if cfg.data.rl_data else train_p
     rl = _fitting_prompts(rl, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "rl")
     ev = tasks.load_problems(cfg.data.eval_data) if cfg.data.eval_data else test_p
@@ -314,7 +314,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
             sampled_groups += len(mine)
             adv = group_advantages(rewards, G)
             metrics_rows.append((roll, rewards, correct))
-            for g in filter_groups(correct, G).nonzero()[:, 0].tolist():
+            for g in filter_groups(rewards, G, correct=correct, rule=cfg.rl.group_filter).nonzero()[:, 0].tolist():
                 kept.append((roll, list(range(g * G, (g + 1) * G)), adv[g * G:(g + 1) * G]))
             if len(kept) >= want:
                 break

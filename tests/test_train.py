@@ -445,3 +445,43 @@ def test_an_external_rollout_engine_synced_each_step_trains_like_the_native_one(
     a, b = _final_params(native), _final_params(tmp_path / "external")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("rule,kept", [("reward_std", 0.25), ("accuracy", 0.0)])
+def test_rl_group_filter_setting_picks_the_groups_trained_on(tmp_path, monkeypatch, rule, kept):
+    """All answers correct, one group of four with differing (speed) rewards: DiRL's reward_std
+    rule trains on that group, DAPO's accuracy rule drops it (and every other)."""
+    from dirl_min import train
+
+    real = train.rollout_and_reward
+
+    def all_correct_one_group_differs(*a, **k):
+        roll, rewards, correct, parts = real(*a, **k)
+        rewards = torch.full_like(rewards, 0.75)
+        rewards[:4] = torch.tensor([0.5, 0.6, 0.7, 0.8])
+        return roll, rewards, torch.ones_like(correct), parts
+
+    monkeypatch.setattr(train, "rollout_and_reward", all_correct_one_group_differs)
+    out = tmp_path / rule
+    train.main(_tiny_run_args(out, "--run.stages", '["rl"]', "--rl.steps", "1", "--rl.group_filter", rule))
+    row = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["kept_fraction"] == kept
+    assert ("loss" in row) == (kept > 0)
+
+
+def test_worked_responses_state_the_sum_then_box_it():
+    _, tok = build_tiny()
+    probs = [tasks.Problem("What is 3 + 4?", "7"), tasks.Problem("What is 3 - 14?", "-11"),
+             tasks.Problem("Solve: If x + 3 = 10, what is x?", "7")]
+    recs = tasks.sft_records(probs, tok, response_style="worked")
+    end = "<|im_end|>" + tok.eos_token
+    assert [r["response"] for r in recs] == ["3 + 4 = 7. \\boxed{7}" + end, "3 - 14 = -11. \\boxed{-11}" + end,
+                                             "x = 10 - 3 = 7. \\boxed{7}" + end]
+    assert [r["response"] for r in tasks.sft_records(probs, tok)] == [f"\\boxed{{{p.answer}}}" + end for p in probs]
+    for p in tasks.arithmetic_problems(6, (1, 2, 3)):  # the worked arithmetic is right
+        lhs = tasks.worked_solution(p).split(" = ")[-2].removeprefix("x = ")
+        assert eval(lhs) == int(p.answer), p
+    with pytest.raises(ValueError, match="response_style"):
+        tasks.sft_records(probs, tok, response_style="chain")
+    with pytest.raises(ValueError, match="no worked solution"):
+        tasks.sft_records([tasks.Problem("What is 2 * 3?", "6")], tok, response_style="worked")
