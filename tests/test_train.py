@@ -485,3 +485,9 @@ def test_worked_responses_state_the_sum_then_box_it():
         tasks.sft_records(probs, tok, response_style="chain")
     with pytest.raises(ValueError, match="no worked solution"):
         tasks.sft_records([tasks.Problem("What is 2 * 3?", "6")], tok, response_style="worked")
+
+
+def test_shipped_speed_config_parses(repo_root):
+    cfg = parse_config(["--config", str(repo_root / "configs" / "speed.yaml")])
+    assert cfg.data.response_style == "worked" and cfg.rl.rewards == {"speed": 1.0}
+    assert cfg.rl.group_filter == "reward_std" and cfg.model.block_size == 8 and cfg.rl.max_new_tokens == 32
