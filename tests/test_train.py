@@ -491,3 +491,27 @@ def test_shipped_speed_config_parses(repo_root):
     cfg = parse_config(["--config", str(repo_root / "configs" / "speed.yaml")])
     assert cfg.data.response_style == "worked" and cfg.rl.rewards == {"speed": 1.0}
     assert cfg.rl.group_filter == "reward_std" and cfg.model.block_size == 8 and cfg.rl.max_new_tokens == 32
+
+
+def test_with_accuracy_rewards_both_group_filters_train_identically(tmp_path, monkeypatch):
+    """The default run is unchanged by the reward_std default: with accuracy-only rewards it
+    keeps exactly the groups DAPO's accuracy rule keeps, so the weights agree bit for bit."""
+    from dirl_min import train
+
+    real = train.rollout_and_reward
+
+    def some_right(*a, **k):  # the tiny untrained model gets nothing right: fix a pattern of 0/1 rewards
+        roll, rewards, correct, parts = real(*a, **k)
+        correct = torch.tensor([float(i % 5 in (0, 3)) for i in range(len(correct))])
+        correct[-4:] = 1.0  # an all-correct group
+        return roll, correct.clone(), correct, parts
+
+    monkeypatch.setattr(train, "rollout_and_reward", some_right)
+    for rule in ("reward_std", "accuracy"):
+        train.main(_tiny_run_args(tmp_path / rule, "--run.stages", '["rl"]', "--rl.group_filter", rule))
+    a, b = _final_params(tmp_path / "reward_std"), _final_params(tmp_path / "accuracy")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    kept = [[json.loads(l)["kept_fraction"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("reward_std", "accuracy")]
+    assert kept[0] == kept[1] and max(kept[0]) > 0  # some groups were trained on
