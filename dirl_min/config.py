@@ -53,6 +53,7 @@ class DataConfig:
     held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together)")
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
     prompt_template: str = _f("{question}", "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
+    response_style: str = _f("answer", "embedded task SFT responses: answer = '\\boxed{7}'; worked = '3 + 4 = 7. \\boxed{7}' (longer, mostly predictable: room for faster decoding)")
     max_prompt_tokens: int = _f(1024, "prompts longer than this are skipped and counted")
 
 
@@ -91,6 +92,7 @@ class RLConfig:
     num_iterations: int = _f(1, "optimisation passes per batch (>1 reuses logp_old)")
     micro_batch: int = _f(0, "responses per training forward (0 = all kept responses of a rollout at once)")
     sampling_rounds: int = _f(1, "dynamic sampling: at most this many rounds of prompts to fill the batch with mixed groups")
+    group_filter: str = _f("reward_std", "dynamic sampling keeps groups whose rewards differ (reward_std, DiRL) or whose accuracy is neither all 0 nor all 1 (accuracy, DAPO); the same with accuracy-only rewards")
     rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength")
     temperature: float = _f(1.0, "rollout temperature")
     top_k: int = _f(0, "rollout top-k (0 = off; DiRL: 50)")

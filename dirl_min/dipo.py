@@ -22,6 +22,7 @@ __all__ = [
     "step_rounds",
     "group_advantages",
     "filter_groups",
+    "GROUP_FILTERS",
     "dipo_loss",
     "LayoutBatch",
     "build_layout",
@@ -87,17 +88,38 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-
     return adv.view(-1).float()
 
 
-def filter_groups(correct: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Dynamic sampling (DAPO): keep groups whose accuracy is neither all 0 nor all 1.
+#: ``rl.group_filter`` rules of :func:`filter_groups`.
+GROUP_FILTERS = ("reward_std", "accuracy")
+
+
+def filter_groups(rewards: torch.Tensor, group_size: int, *, correct: torch.Tensor | None = None,
+                  rule: str = "reward_std") -> torch.Tensor:
+    """Dynamic sampling: which groups carry a learning signal.
+
+    ``reward_std`` (DiRL, "zero advantage standard deviation" filtered out): keep groups
+    whose rewards are not all equal, i.e. whose :func:`group_advantages` are not all zero.
+    With the speed reward an all-correct group whose responses decoded at different speeds
+    is kept: speed is all it can teach. ``accuracy`` (DAPO): keep groups whose accuracy is
+    neither all 0 nor all 1. The two agree when the reward is accuracy alone.
 
     Args:
-        correct: float/bool ``[num_groups · G]`` (1 = correct), groups contiguous.
+        rewards: float ``[num_groups · G]``, groups contiguous.
+        group_size: G.
+        correct: float/bool ``[num_groups · G]`` (1 = correct), same order; needed by ``accuracy``.
+        rule: ``reward_std`` or ``accuracy``.
 
     Returns:
         bool ``[num_groups]``.
     """
-    acc = torch.as_tensor(correct, dtype=torch.float32).view(-1, group_size).mean(dim=1)
-    return (acc > 0) & (acc < 1)
+    if rule == "reward_std":
+        r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
+        return ~(r == r[:, :1]).all(dim=1)  # the same "all equal" test as group_advantages
+    if rule == "accuracy":
+        if correct is None:
+            raise ValueError("filter_groups(rule='accuracy') needs correct (0/1 per response)")
+        acc = torch.as_tensor(correct, dtype=torch.float32).view(-1, group_size).mean(dim=1)
+        return (acc > 0) & (acc < 1)
+    raise ValueError(f"rl.group_filter must be one of {GROUP_FILTERS}, not {rule!r}")
 
 
 def dipo_loss(

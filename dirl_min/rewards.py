@@ -49,7 +49,7 @@ Speed and shaping
 :func:`overlength_reward` (DAPO) and :func:`cosine_length_reward` are optional shaping
 terms. :data:`REWARDS` maps names to functions of one :class:`RewardInput`;
 :func:`compute_rewards` scores a batch with a weighted sum (:func:`combine_rewards`) and
-always reports 0/1 accuracy as ``parts["correct"]`` for dynamic sampling.
+always reports 0/1 accuracy as ``parts["correct"]``.
 """
 
 from __future__ import annotations
@@ -979,7 +979,7 @@ def compute_rewards(
     Returns:
         ``(total, parts)``: ``total[i]`` the weighted sum for sample ``i``; ``parts`` maps
         each weighted name to its unweighted values, plus ``parts["correct"]`` (0.0/1.0
-        accuracy) always, since dynamic sampling filters on accuracy whatever the weights.
+        accuracy) always, for the metrics and ``rl.group_filter: accuracy`` (DAPO).
 
     Raises:
         ValueError: a weight names an unknown reward (the message lists the known ones).

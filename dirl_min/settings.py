@@ -135,6 +135,8 @@ CONFIG_RULES: list[Rule] = [
     at_least("rl.max_new_tokens", 1),
     at_least("rl.reward_workers", 0),
     one_of("rl.rollout_backend", "native", "lmdeploy"),
+    one_of("rl.group_filter", "reward_std", "accuracy"),
+    one_of("data.response_style", "answer", "worked"),
     one_of("decode.strategy", *STRATEGIES),
     number("decode.threshold", 0, 1),
     at_least("decode.steps", 0, "0 = block size"),

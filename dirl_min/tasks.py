@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ __all__ = [
     "arithmetic_problems",
     "split_problems",
     "sft_records",
+    "worked_solution",
     "load_records",
     "load_problems",
     "load_sft",
@@ -101,15 +103,45 @@ def split_problems(problems: list[Problem], held_out: int, seed: int = 0) -> tup
     return [p for i, p in enumerate(problems) if i not in held], [problems[i] for i in sorted(held)]
 
 
-def sft_records(problems: list[Problem], tokenizer, prompt_template: str = "{question}") -> list[dict]:
-    """DiRL SFT records for problems: the answer in ``\\boxed{}``, then end-of-turn and eos."""
+RESPONSE_STYLES = ("answer", "worked")
+
+_BINARY = re.compile(r"What is (-?\d+) ([+-]) (-?\d+)\?")
+_SOLVE = re.compile(r"Solve: If x \+ (-?\d+) = (-?\d+), what is x\?")
+
+
+def worked_solution(problem: Problem) -> str:
+    """A one-line worked solution of an embedded problem, without the final box.
+
+    ``What is 3 + 4?`` -> ``"3 + 4 = 7. "``; ``Solve: If x + 3 = 7, what is x?`` -> ``"x = 7 - 3 = 4. "``.
+    Most of it repeats the prompt, so a confident model can decode it several tokens per step.
+
+    Raises:
+        ValueError: the question is not one of the embedded task's forms.
+    """
+    if m := _BINARY.fullmatch(problem.question):
+        return f"{m[1]} {m[2]} {m[3]} = {problem.answer}. "
+    if m := _SOLVE.fullmatch(problem.question):
+        return f"x = {m[2]} - {m[1]} = {problem.answer}. "
+    raise ValueError(f"no worked solution for {problem.question!r}: data.response_style worked needs the embedded task")
+
+
+def sft_records(problems: list[Problem], tokenizer, prompt_template: str = "{question}",
+                response_style: str = "answer") -> list[dict]:
+    """DiRL SFT records for problems: the answer in ``\\boxed{}``, then end-of-turn and eos.
+
+    ``response_style``: ``answer`` = ``\\boxed{7}`` alone; ``worked`` = a short worked
+    solution first (:func:`worked_solution`): ``3 + 4 = 7. \\boxed{7}``.
+    """
     from dirl_min.model import chat_prompt_ids
 
+    if response_style not in RESPONSE_STYLES:
+        raise ValueError(f"data.response_style must be one of {RESPONSE_STYLES}, not {response_style!r}")
     end = "<|im_end|>" + (tokenizer.eos_token or "")
     records = []
     for p in problems:
         prompt = tokenizer.decode(chat_prompt_ids(tokenizer, render_prompt(prompt_template, p.question)))
-        records.append({"prompt": prompt, "response": f"\\boxed{{{p.answer}}}" + end})
+        lead = worked_solution(p) if response_style == "worked" else ""
+        records.append({"prompt": prompt, "response": lead + f"\\boxed{{{p.answer}}}" + end})
     return records
 
 

@@ -167,7 +167,8 @@ def build(cfg: Config):
     model.set_attn_implementation(attn)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    sft = tasks.load_sft(cfg.data.sft_data, tok, sft_raw) if sft_raw is not None else tasks.sft_records(train_p, tok, cfg.data.prompt_template)
+    sft = (tasks.load_sft(cfg.data.sft_data, tok, sft_raw) if sft_raw is not None
+           else tasks.sft_records(train_p, tok, cfg.data.prompt_template, cfg.data.response_style))
     rl = _fitting_prompts(rl, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "rl")
     ev = _fitting_prompts(ev, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "eval")  # as in training
     if cfg.eval.max_problems:
@@ -305,7 +306,8 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
             reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
         rolls.append((roll, rewards, correct))
         adv = group_advantages(rewards, G)
-        mixed = all_ranks(accel, filter_groups(correct, G).tolist())  # per process, its groups in order
+        keep = filter_groups(rewards, G, correct=correct, rule=cfg.rl.group_filter)
+        mixed = all_ranks(accel, keep.tolist())  # per process, its groups in order
         for g in [g for g in range(len(chosen)) if mixed[g % world][g // world]][: P - n_kept]:
             if g % world == rank:
                 i = g // world

@@ -43,13 +43,18 @@ def group_advantages(rewards: list[float], G: int, eps: float = 1e-6) -> list[fl
     return out
 
 
-def filter_groups(correct: list[float], G: int) -> list[bool]:
-    """Keep groups whose mean accuracy is strictly between 0 and 1."""
+def filter_groups(rewards: list[float], G: int, correct: list[float] | None = None,
+                  rule: str = "reward_std") -> list[bool]:
+    """Per group: ``reward_std`` keeps it if the population std of its rewards is > 0 (DiRL);
+    ``accuracy`` keeps it if its mean accuracy is strictly between 0 and 1 (DAPO)."""
     keep = []
-    for g in range(0, len(correct), G):
-        grp = [float(c) for c in correct[g:g + G]]
-        mean = sum(grp) / len(grp)
-        keep.append(0 < mean < 1)
+    for g in range(0, len(rewards), G):
+        if rule == "reward_std":
+            # statistics works in exact rationals: all-equal rewards give exactly 0.0
+            keep.append(statistics.pstdev([float(r) for r in rewards[g:g + G]]) > 0)
+        else:
+            grp = [float(c) for c in correct[g:g + G]]
+            keep.append(0 < sum(grp) / len(grp) < 1)
     return keep
 
 

@@ -269,17 +269,76 @@ def test_group_advantages_all_equal_non_dyadic(value, G):
 
 @FAST
 @given(G=st.integers(1, 8), data=st.data())
-def test_filter_groups(G, data):
+def test_filter_groups_on_accuracy_rewards(G, data):
+    """Accuracy-only rewards: both rules keep exactly the mixed groups (the default run unchanged)."""
     n_groups = data.draw(st.integers(1, 6))
     correct = data.draw(st.lists(st.booleans(), min_size=G * n_groups, max_size=G * n_groups))
-    expected = ref.filter_groups([float(c) for c in correct], G)
-    keep_bool = filter_groups(torch.tensor(correct), G)
-    keep_float = filter_groups(torch.tensor(correct, dtype=torch.float32), G)
-    assert keep_bool.dtype == torch.bool
-    assert keep_bool.tolist() == expected == keep_float.tolist()
-    for i, k in enumerate(expected):
-        grp = correct[i * G:(i + 1) * G]
-        assert k == (any(grp) and not all(grp))
+    c = [float(x) for x in correct]
+    for rule in ("reward_std", "accuracy"):
+        expected = ref.filter_groups(c, G, c, rule)
+        keep_bool = filter_groups(torch.tensor(correct), G, correct=torch.tensor(correct), rule=rule)
+        keep_float = filter_groups(torch.tensor(c), G, correct=torch.tensor(c), rule=rule)
+        assert keep_bool.dtype == torch.bool
+        assert keep_bool.tolist() == expected == keep_float.tolist()
+        for i, k in enumerate(expected):
+            grp = correct[i * G:(i + 1) * G]
+            assert k == (any(grp) and not all(grp))
+
+
+@st.composite
+def speed_groups(draw):
+    """Speed rewards (rewards.speed_reward) of groups: correctness and tokens/steps drawn per response,
+    some groups all correct, some with every response decoded alike."""
+    from dirl_min.rewards import speed_reward
+
+    G, B = draw(st.integers(1, 8)), draw(st.sampled_from([2, 4, 8]))
+    rewards, correct = [], []
+    for _ in range(draw(st.integers(1, 5))):
+        all_right, alike = draw(st.booleans()), draw(st.booleans())
+        first = (draw(st.integers(1, 24)), draw(st.integers(1, 24)))
+        for _ in range(G):
+            ok = all_right or draw(st.booleans())
+            n_tok, n_steps = first if alike else (draw(st.integers(1, 24)), draw(st.integers(1, 24)))
+            rewards.append(float(torch.tensor(speed_reward(n_tok, n_steps, B, ok), dtype=torch.float32)))
+            correct.append(float(ok))
+    return rewards, correct, G
+
+
+@FAST
+@given(case=speed_groups())
+def test_filter_groups_matches_reference_on_speed_rewards(case):
+    rewards, correct, G = case
+    adv = group_advantages(torch.tensor(rewards), G).view(-1, G)
+    for rule in ("reward_std", "accuracy"):
+        keep = filter_groups(torch.tensor(rewards), G, correct=torch.tensor(correct), rule=rule)
+        assert keep.tolist() == ref.filter_groups(rewards, G, correct, rule)
+    # DiRL's rule keeps exactly the groups with a nonzero advantage
+    keep = filter_groups(torch.tensor(rewards), G, correct=torch.tensor(correct))
+    assert keep.tolist() == (adv != 0).any(dim=1).tolist()
+
+
+def test_reward_std_keeps_all_correct_groups_that_differ_only_in_speed():
+    """The fault of the accuracy rule under the speed reward: an all-correct group whose responses
+    decoded at different speeds has nonzero advantages, and only reward_std keeps it."""
+    from dirl_min.rewards import speed_reward
+
+    G, B = 4, 4
+    fast_slow = [speed_reward(12, s, B, True) for s in (3, 4, 6, 12)]  # all correct, 4 .. 1 tokens per step
+    same = [speed_reward(12, 6, B, True)] * G  # all correct, all alike
+    mixed = [speed_reward(12, 6, B, True)] * 2 + [speed_reward(12, 6, B, False)] * 2
+    rewards = torch.tensor(fast_slow + same + mixed)
+    correct = torch.tensor([1.0] * 8 + [1.0, 1.0, 0.0, 0.0])
+    assert (group_advantages(rewards, G)[:G] != 0).all()
+    assert filter_groups(rewards, G, correct=correct).tolist() == [True, False, True]
+    assert filter_groups(rewards, G, correct=correct, rule="accuracy").tolist() == [False, False, True]
+    assert ref.filter_groups(rewards.tolist(), G, correct.tolist()) == [True, False, True]
+
+
+def test_filter_groups_rejects_an_unknown_rule():
+    with pytest.raises(ValueError, match="rl.group_filter must be one of"):
+        filter_groups(torch.zeros(4), 2, correct=torch.zeros(4), rule="std")
+    with pytest.raises(ValueError, match="needs correct"):
+        filter_groups(torch.zeros(4), 2, rule="accuracy")
 
 
 # ---------------------------------------------------------------- build_layout

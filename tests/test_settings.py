@@ -57,6 +57,8 @@ CASES = {
     "unknown stage": (["--run.stages", "sft,ppo"], {}, "run.stages = ['sft', 'ppo']: expected a list of distinct stages"),
     "lmdeploy without a checkpoint": (["--rl.rollout_backend", "lmdeploy"], {}, "needs model.path"),
     "resume and overwrite": (["--resume", "--overwrite"], {}, "run.resume and run.overwrite exclude each other"),
+    "unknown group filter": (["--rl.group_filter", "std"], {}, "rl.group_filter = 'std': expected one of"),
+    "unknown response style": (["--data.response_style", "chain"], {}, "data.response_style = 'chain': expected one of"),
 }
 
 

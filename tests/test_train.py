@@ -470,3 +470,73 @@ def test_rl_learning_rate_is_dirls_warm_up_then_constant():
         opt.step()
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("rule,kept", [("reward_std", 0.25), ("accuracy", 0.0)])
+def test_rl_group_filter_setting_picks_the_groups_trained_on(tmp_path, monkeypatch, rule, kept):
+    """All answers correct, one group of four with differing (speed) rewards: DiRL's reward_std
+    rule trains on that group, DAPO's accuracy rule drops it (and every other)."""
+    from dirl_min import train
+
+    real = train.rollout_and_reward
+
+    def all_correct_one_group_differs(*a, **k):
+        roll, rewards, correct, parts = real(*a, **k)
+        rewards = torch.full_like(rewards, 0.75)
+        rewards[:4] = torch.tensor([0.5, 0.6, 0.7, 0.8])
+        return roll, rewards, torch.ones_like(correct), parts
+
+    monkeypatch.setattr(train, "rollout_and_reward", all_correct_one_group_differs)
+    out = tmp_path / rule
+    train.main(_tiny_run_args(out, "--run.stages", '["rl"]', "--rl.steps", "1", "--rl.group_filter", rule))
+    row = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["kept_fraction"] == kept
+    assert ("loss" in row) == (kept > 0)
+
+
+def test_worked_responses_state_the_sum_then_box_it():
+    _, tok = build_tiny()
+    probs = [tasks.Problem("What is 3 + 4?", "7"), tasks.Problem("What is 3 - 14?", "-11"),
+             tasks.Problem("Solve: If x + 3 = 10, what is x?", "7")]
+    recs = tasks.sft_records(probs, tok, response_style="worked")
+    end = "<|im_end|>" + tok.eos_token
+    assert [r["response"] for r in recs] == ["3 + 4 = 7. \\boxed{7}" + end, "3 - 14 = -11. \\boxed{-11}" + end,
+                                             "x = 10 - 3 = 7. \\boxed{7}" + end]
+    assert [r["response"] for r in tasks.sft_records(probs, tok)] == [f"\\boxed{{{p.answer}}}" + end for p in probs]
+    for p in tasks.arithmetic_problems(6, (1, 2, 3)):  # the worked arithmetic is right
+        lhs = tasks.worked_solution(p).split(" = ")[-2].removeprefix("x = ")
+        assert eval(lhs) == int(p.answer), p
+    with pytest.raises(ValueError, match="response_style"):
+        tasks.sft_records(probs, tok, response_style="chain")
+    with pytest.raises(ValueError, match="no worked solution"):
+        tasks.sft_records([tasks.Problem("What is 2 * 3?", "6")], tok, response_style="worked")
+
+
+def test_shipped_speed_config_parses(repo_root):
+    cfg = parse_config(["--config", str(repo_root / "configs" / "speed.yaml")])
+    assert cfg.data.response_style == "worked" and cfg.rl.rewards == {"speed": 1.0}
+    assert cfg.rl.group_filter == "reward_std" and cfg.model.block_size == 8 and cfg.rl.max_new_tokens == 32
+
+
+def test_with_accuracy_rewards_both_group_filters_train_identically(tmp_path, monkeypatch):
+    """The default run is unchanged by the reward_std default: with accuracy-only rewards it
+    keeps exactly the groups DAPO's accuracy rule keeps, so the weights agree bit for bit."""
+    from dirl_min import train
+
+    real = train.rollout_and_reward
+
+    def some_right(*a, **k):  # the tiny untrained model gets nothing right: fix a pattern of 0/1 rewards
+        roll, rewards, correct, parts = real(*a, **k)
+        correct = torch.tensor([float(i % 5 in (0, 3)) for i in range(len(correct))])
+        correct[-4:] = 1.0  # an all-correct group
+        return roll, correct.clone(), correct, parts
+
+    monkeypatch.setattr(train, "rollout_and_reward", some_right)
+    for rule in ("reward_std", "accuracy"):
+        train.main(_tiny_run_args(tmp_path / rule, "--run.stages", '["rl"]', "--rl.group_filter", rule))
+    a, b = _final_params(tmp_path / "reward_std"), _final_params(tmp_path / "accuracy")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    kept = [[json.loads(l)["kept_fraction"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+            for r in ("reward_std", "accuracy")]
+    assert kept[0] == kept[1] and max(kept[0]) > 0  # some groups were trained on
