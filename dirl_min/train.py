@@ -424,6 +424,9 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     model, tok, sft_data, rl_problems, eval_problems = build(cfg)
     model.to(accel.device)
+    # Train mode for the updates (transformers checkpoints layers only in train mode; load_model
+    # returns eval mode); rollouts and evaluation switch to eval mode themselves.
+    model.train()
     state, summary = {}, {}
     if cfg.run.resume and (ck := latest_checkpoint(out)) is not None:
         loaded, _ = load_model(ck / "model")
