@@ -32,6 +32,9 @@ SHAPES = {
                        num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
     "sdar-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    # not a checkpoint: the real vocabulary on a toy body, for dry runs of the scripts
+    "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
 }
 VOCAB = 151_936  # the checkpoints' embedding rows (the tokenizer uses 151,670 of them)
 BLOCK = 4
@@ -91,8 +94,10 @@ def _rss_gib() -> float:
 
 
 def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: bool, responses: int,
-             response_tokens: int, device: str = "cpu", attn: str = "sdpa") -> dict:
-    """One optimizer step of ``stage`` ("sft" or "dipo"); seconds and memory of this process."""
+             response_tokens: int, device: str = "cpu", attn: str = "sdpa", peak_tflops: float = 989.0,
+             engine_path: str = "") -> dict:
+    """One optimizer step of ``stage`` ("sft" or "dipo"), or one batch of rollouts ("rollout");
+    seconds, memory and model FLOPs of this process."""
     from dirl_min.forward import SelectedLogits
     from dirl_min.trainer import dipo_step, sft_loss
 
@@ -108,8 +113,13 @@ def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: boo
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    backbone_tokens = []  # tokens through the backbone per forward call (for the FLOP count)
+    model.model.register_forward_pre_hook(lambda m, a, kw: backbone_tokens.append(kw["input_ids"].numel()),
+                                          with_kwargs=True)
     t0, c0 = time.perf_counter(), time.process_time()
-    if stage == "sft":
+    if stage == "rollout":
+        trained = _rollout(model, tok, roll, response_tokens, engine_path)
+    elif stage == "sft":
         n_resp = sum(len(e.ids) - e.prompt_len for e in sft)
         loss, _ = sft_loss(net, sft, tok.mask_token_id, BLOCK, num_response_tokens=n_resp,
                            generator=torch.Generator().manual_seed(0))
@@ -119,19 +129,45 @@ def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: boo
         loss, _, _ = dipo_step(net, roll, list(range(responses)), adv, num_tokens=responses * response_tokens,
                                eps_low=0.2, eps_high=0.28)
         trained = responses * response_tokens
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if stage != "rollout":
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     out = {"shape": shape, "layers": model.config.num_hidden_layers, "dtype": dtype, "stage": stage,
            "checkpointing": checkpointing, "seconds": seconds, "cpu_seconds": cpu_seconds, "trained_tokens": trained,
            "params": sum(p.numel() for p in model.parameters()), "rss_after_build_gib": rss_model,
-           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "loss": float(loss)}
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "loss": float(loss) if stage != "rollout" else None}
+    # model FLOPs (attention scores excluded): 2·N per token and matmul forward, ×3 with the backward
+    body = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    head = model.config.hidden_size * model.config.vocab_size
+    mult = 2 if stage == "rollout" else 6
+    out["model_tflop"] = mult * (body * sum(backbone_tokens) + head * trained) / 1e12
     if device == "cuda":
         out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["mfu"] = out["model_tflop"] / seconds / peak_tflops
     return out
+
+
+def _rollout(model, tok, roll, max_new_tokens: int, engine_path: str = "") -> int:
+    """Decode the batch's prompts (native engine, or LMDeploy from ``engine_path``); tokens generated.
+    A random model is never confident: dynamic decoding commits about one token per step."""
+    from dirl_min.decoding import generate
+
+    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, seeds=list(range(len(roll))))
+    if engine_path:
+        from dirl_min.lmdeploy_engine import LMDeployEngine
+
+        engine = LMDeployEngine(engine_path, block_size=BLOCK, mask_token_id=tok.mask_token_id)
+        out = engine.generate(roll.prompt_ids, **kw)
+    else:
+        model.eval()
+        with torch.no_grad():
+            out = generate(model, roll.prompt_ids, **kw)
+    return sum(len(r) for r in out.response_ids)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--responses", type=int, default=8)
     p.add_argument("--response-tokens", type=int, default=1024, help="tokens per response (a multiple of 4)")
-    p.add_argument("--stages", default="dipo,sft", help="comma list of sft, dipo")
+    p.add_argument("--stages", default="dipo,sft", help="comma list of sft, dipo, rollout")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200)")
+    p.add_argument("--lmdeploy", default="", help="rollout stage: decode with LMDeploy from this saved folder (--save)")
+    p.add_argument("--save", default="", help="only save the random model (with the Qwen tokenizer) to this folder")
     p.add_argument("--checkpointing", default="on,off", help="comma list of on, off (each a child process)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per child (0 = torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -159,9 +198,16 @@ def main(argv=None) -> list[dict]:
     if args.worker:  # a child: one configuration, one JSON line
         stage, ckpt = args.worker.split(":")
         res = run_step(args.shape, args.layers, args.dtype, stage, ckpt == "on", args.responses,
-                       args.response_tokens, args.device, args.attn)
+                       args.response_tokens, args.device, args.attn, args.peak_tflops, args.lmdeploy)
         print("RESULT " + json.dumps(res))
         return [res]
+    if args.save:
+        from dirl_min.model import save_model
+
+        model, tok = build_shaped(args.shape, args.layers, getattr(torch, args.dtype))
+        save_model(model, tok, args.save)
+        print(f"saved a random {args.shape}-shaped model to {args.save}")
+        return []
     if args.response_tokens % BLOCK:
         raise SystemExit(f"--response-tokens must be a multiple of {BLOCK}")
     depth = SHAPES[args.shape]["num_hidden_layers"]
@@ -174,7 +220,8 @@ def main(argv=None) -> list[dict]:
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
         for ckpt in [c.strip() for c in args.checkpointing.split(",") if c.strip()]:
             cmd = [sys.executable, "-m", "dirl_min.bench_shape", "--worker", f"{stage}:{ckpt}",
-                   *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn")
+                   *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn",
+                               "peak_tflops", "lmdeploy")
                      for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]]
             done = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
@@ -184,9 +231,10 @@ def main(argv=None) -> list[dict]:
                 continue
             r = json.loads(lines[-1][7:])
             rows.append(r)
-            cuda = f", peak CUDA {r['peak_cuda_gib']:.2f} GiB" if "peak_cuda_gib" in r else ""
+            cuda = (f", peak CUDA {r['peak_cuda_gib']:.2f} GiB, MFU {r['mfu']:.1%} (attention FLOPs not counted)"
+                    if "peak_cuda_gib" in r else "")
             print(f"{stage:>4}  checkpointing {ckpt:>3}: {r['seconds']:8.1f} s/step ({r['cpu_seconds']:.0f} s CPU), "
-                  f"{r['trained_tokens'] / r['seconds']:8.1f} trained tokens/s, peak RSS {r['peak_rss_gib']:6.2f} GiB "
+                  f"{r['trained_tokens'] / r['seconds']:8.1f} {'generated' if stage == 'rollout' else 'trained'} tokens/s, peak RSS {r['peak_rss_gib']:6.2f} GiB "
                   f"(model alone {r['rss_after_build_gib']:.2f} GiB){cuda}; {r['params'] / 1e6:.0f} M params", flush=True)
     if args.json:
         with open(args.json, "w") as f:
