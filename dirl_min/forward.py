@@ -15,8 +15,6 @@ Attention back ends, chosen from ``model.config._attn_implementation``:
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from dirl_min.masking import mask_from_metadata, mask_mod
@@ -168,9 +166,6 @@ class SelectedLogits(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
-        # FSDP2 shards the embedding and norm with this wrapper, the root: code holding only the
-        # LM (evaluation) finds the root's units through this (see dirl_min.sharding)
-        lm._dirl_wrapper = weakref.ref(self)
 
     def forward(self, input_ids, position_ids, attention_mask, select, prefix=None, targets=None,
                 temperature: float = 1.0):

@@ -40,26 +40,23 @@ def full_parameters(model):
     """Inside: every FSDP2 unit of ``model`` unsharded, forwards free of collectives. Call it
     on every rank (entering is one all-gather per unit); a no-op for unsharded models.
 
-    ``model``: the outermost module (e.g. the prepared trainer module) or the causal LM inside
-    it (then its latest :class:`~dirl_min.forward.SelectedLogits` wrapper is the root).
+    ``model``: the outermost module (e.g. the prepared trainer module), or the causal LM inside
+    it once the outer module has run (its units then lead to the root's).
     """
-    wrapper = getattr(model, "_dirl_wrapper", None)
-    outer = wrapper() if wrapper is not None else None
-    if outer is not None and fsdp_states(outer):
-        model = outer
     states = fsdp_states(model)
     if not states:
         yield model
         return
     # The root must be initialised before any inner unit runs alone (FSDP2 otherwise makes the
-    # first unit to run forward a root of its own).
+    # first unit to run forward a root of its own); it then lists every unit of its tree.
     from torch.distributed.fsdp import fully_shard
 
     if (root := fully_shard.state(model)) is not None:
         root._lazy_init()
-    elif any(st._is_root is None for st in states):
+    if any(st._is_root is None for st in states):
         raise RuntimeError("full_parameters: FSDP2 has not initialised these units yet; pass the outermost "
                            "(prepared) module, whose first use makes it the root")
+    states = list(states[0]._state_ctx.all_states)  # the root's units (embedding, norm) included
     groups = [g for st in states for g in st._fsdp_param_groups]
     saved = [g.post_forward_mesh_info for g in groups]
     for g in groups:
