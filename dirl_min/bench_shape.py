@@ -218,7 +218,8 @@ def main(argv=None) -> list[dict]:
           f"torch threads {args.threads or torch.get_num_threads()}; one optimizer step per child process", flush=True)
     rows = []
     for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        for ckpt in [c.strip() for c in args.checkpointing.split(",") if c.strip()]:
+        cks = [c.strip() for c in args.checkpointing.split(",") if c.strip()]
+        for ckpt in cks[:1] if stage == "rollout" else cks:  # decoding never checkpoints (no gradient)
             cmd = [sys.executable, "-m", "dirl_min.bench_shape", "--worker", f"{stage}:{ckpt}",
                    *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn",
                                "peak_tflops", "lmdeploy")
