@@ -20,6 +20,10 @@ decoding runs to ``max_new_tokens`` with no stop tokens, so every run of a row d
 the same number of blocks. Timings are medians over ``--repeats`` after a warm-up, the
 configurations of a row interleaved repeat by repeat, so that load from other processes
 falls on all of them alike; only the ratios inside one run are meant to be compared.
+
+``--shape qwen3-0.6b`` (or ``sdar-1.7b``) runs a different benchmark instead: one SFT and one
+DiPO step on a real checkpoint's shape, see :mod:`dirl_min.bench_shape`
+(``python -m dirl_min.bench_shape --help``).
 """
 
 from __future__ import annotations
@@ -654,7 +658,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict[str, Any]:
+def main(argv=None) -> dict[str, Any] | list[dict]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--shape" or a.startswith("--shape=") for a in argv):
+        from dirl_min import bench_shape  # real-shape training steps: a separate benchmark
+
+        return bench_shape.main(argv)
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dirl_min.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logits
+from dirl_min.sharding import fsdp_states
 
 __all__ = [
     "step_rounds",
@@ -301,12 +302,15 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
 
     With flex_attention (GPU) the single packed row ``[x_t^1; …; x_t^R; x_0]`` is used
     instead: its ``BlockMask`` skips the masked-out blocks, so it wastes nothing there.
+    A model sharded by FSDP2 also gets the packed row: the prefix's K/V reach the rounds as
+    side outputs of its layers, which FSDP2's backward hooks (on layer outputs) do not see, so
+    the layers' parameters would be sharded again when the gradient reaches them.
 
     Returns:
         ``(logp, response, position)`` float32 / int64 / int64 ``[num_targets]`` (and the
         detached entropy ``[num_targets]`` as a fourth item with ``with_entropy``).
     """
-    if attention_backend(model) == "flex_attention":
+    if attention_backend(model) == "flex_attention" or fsdp_states(model):
         batch = build_layout(clean_ids, noisy, targets, mask_token_id, block_size)
         out = layout_logp(model, batch, with_entropy=with_entropy)
         row, col = batch.select.nonzero(as_tuple=True)

@@ -62,17 +62,44 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
         if backend == "flex_attention":
             # a dense mask (decoding: a few queries against the cache) runs on SDPA
             config._attn_implementation = "sdpa"
+    layers = _keep_cache_under_checkpointing(model, cache)
     try:
         out = model.model(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask={"full_attention": attention_mask},
             cache=cache,
-            use_cache=cache is not None,
+            # the layers read `cache` whatever `use_cache` says; True only asks transformers to
+            # return it, and makes a checkpointed layer drop it: not for the prefix caches
+            use_cache=cache is not None and not getattr(cache, "replay_safe", False),
         )
     finally:
         config._attn_implementation = backend
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class's default (drop writer caches)
     return out.last_hidden_state
+
+
+def _keep_cache_under_checkpointing(model, cache) -> list:
+    """Decoder layers told to keep ``cache`` while transformers checkpoints them.
+
+    transformers drops any cache from a checkpointed layer, because a cache that is written
+    would be written again when the backward pass replays the layer. The prefix caches below
+    are replay-safe (the recorder keeps its first K/V, the reader only reads), so the shared-K/V
+    scorer keeps them; other caches (decoding) keep transformers' rule.
+    """
+    if not getattr(cache, "replay_safe", False):
+        return []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if layers and not hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache"):
+        raise RuntimeError("gradient checkpointing with the shared-K/V scorer needs a transformers release whose "
+                           "layers have `_can_checkpoint_with_cache` (5.x recent); upgrade transformers or turn "
+                           "model.gradient_checkpointing off")
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    return layers
 
 
 def dense_denoiser(model):
@@ -87,21 +114,42 @@ def dense_denoiser(model):
     return denoise
 
 
-class _PrefixCache:
-    """Keys/values of a clean prefix pass, then reused by later rows (duck-typed transformers Cache).
+class _PrefixRecorder:
+    """Records each layer's keys/values of a clean prefix pass (duck-typed transformers Cache).
 
-    Concatenation, not in-place writes, so gradients flow through the prefix's K/V.
+    Replay-safe under gradient checkpointing: a replayed layer gets its fresh K/V back for its own
+    attention, but the stored ones (those the later rows' graph holds) are never replaced.
     """
 
+    replay_safe = True
+
     def __init__(self):
-        self.keys, self.values, self.rows = {}, {}, None
+        self.keys, self.values = {}, {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if self.rows is None:  # recording the prefix
-            self.keys[layer_idx], self.values[layer_idx] = key_states, value_states
-            return key_states, value_states
-        k = torch.cat([self.keys[layer_idx][self.rows], key_states], dim=2)
-        v = torch.cat([self.values[layer_idx][self.rows], value_states], dim=2)
+        self.keys.setdefault(layer_idx, key_states)
+        self.values.setdefault(layer_idx, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class _PrefixReader:
+    """Row ``i`` attends to prefix row ``rows[i]``'s recorded K/V, then to itself.
+
+    Concatenation, not in-place writes, so gradients flow through the prefix's K/V; reads only,
+    so a checkpointed layer's replay computes the same thing.
+    """
+
+    replay_safe = True
+
+    def __init__(self, recorded: _PrefixRecorder, rows: torch.Tensor):
+        self.recorded, self.rows = recorded, rows
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k = torch.cat([self.recorded.keys[layer_idx][self.rows], key_states], dim=2)
+        v = torch.cat([self.recorded.values[layer_idx][self.rows], value_states], dim=2)
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -133,9 +181,9 @@ class SelectedLogits(torch.nn.Module):
         cache = None
         if prefix is not None:
             ids, pos, mask, rows = prefix
-            cache = _PrefixCache()
-            backbone_hidden(self.lm, ids, pos, mask, cache)
-            cache.rows = rows
+            recorder = _PrefixRecorder()
+            backbone_hidden(self.lm, ids, pos, mask, recorder)
+            cache = _PrefixReader(recorder, rows)
         hidden = backbone_hidden(self.lm, input_ids, position_ids, attention_mask, cache)
         if targets is None:
             return self.lm.get_output_embeddings()(hidden[select])

@@ -767,7 +767,7 @@ def _sdar_config_dict(model) -> dict:
     return out
 
 
-def save_model(model, tokenizer, path) -> Path:
+def save_model(model, tokenizer, path, state_dict: dict | None = None) -> Path:
     """Save a checkpoint that :func:`load_model` reloads with identical logits, atomically.
 
     Format:
@@ -789,6 +789,8 @@ def save_model(model, tokenizer, path) -> Path:
         model: a transformers causal LM with ``config.block_size`` / ``config.mask_token_id``.
         tokenizer: its tokenizer (saved alongside).
         path: destination folder.
+        state_dict: the weights to write instead of ``model.state_dict()`` (e.g. the full
+            state dict of a sharded model, :func:`dirl_min.sharding.full_state_dict`).
 
     Returns:
         Path: ``path``.
@@ -797,7 +799,7 @@ def save_model(model, tokenizer, path) -> Path:
     path = Path(path)
     sdar = getattr(model, "_dirl_sdar_config", None)
     with _atomic_dir(path) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(str(tmp))
         if sdar is not None:
             (tmp / "config.json").write_text(json.dumps(_sdar_config_dict(model), indent=2) + "\n")

@@ -30,6 +30,7 @@ from dirl_min.model import build_tiny, diffusion_settings, load_model, resolve_d
 from dirl_min import runs, tasks
 from dirl_min.progress import ProgressLines, progress_mode
 from dirl_min.settings import check_processes, validate
+from dirl_min.sharding import check_backend, full_parameters, full_state_dict
 from dirl_min.trainer import (
     dipo_step,
     evaluate,
@@ -125,14 +126,14 @@ def _rng_state() -> dict:
     return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
 
-def save_checkpoint(path: Path, model, tokenizer, state: dict) -> None:
+def save_checkpoint(path: Path, model, tokenizer, state: dict, state_dict: dict | None = None) -> None:
     """Model (HF format) + optimizer, scheduler, RNG, data cursor, step — written atomically:
     everything goes to a temporary folder that is renamed into place, so a crash mid-save
     leaves the previous checkpoint intact."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp / "model")
+    save_model(model, tokenizer, tmp / "model", state_dict=state_dict)
     torch.save(state, tmp / "trainer_state.pt")
     if path.exists():
         shutil.rmtree(path)
@@ -189,13 +190,18 @@ def _fitting_prompts(problems, tok, template, limit, what):
     return kept
 
 
-def run_eval(cfg, model, tok, problems, name, seed_offset):
-    return evaluate(
-        _unwrap(model), tok, problems, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
-        top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
-        decode_cfg=cfg.decode, prompt_template=cfg.data.prompt_template, seed=cfg.run.seed * 1000 + seed_offset,
-        batch_size=cfg.eval.batch_size,
-    )
+def run_eval(cfg, accel, model, tok, problems, name, seed_offset):
+    """Evaluation on every process: problems sharded, parameters gathered once (FSDP2), the
+    results gathered, so each process returns the 1-process numbers."""
+    from accelerate.utils import gather_object
+
+    with full_parameters(model):
+        return evaluate(
+            _unwrap(model), tok, problems, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
+            top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
+            decode_cfg=cfg.decode, prompt_template=cfg.data.prompt_template, seed=cfg.run.seed * 1000 + seed_offset,
+            batch_size=cfg.eval.batch_size, rank=accel.process_index, world=accel.num_processes, gather=gather_object,
+        )
 
 
 def run_sft(cfg, accel, policy, tok, records, log, state, progress):
@@ -299,11 +305,12 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
         # sampling seeds for the global batch, then this process's share: same samples for any world size
         seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
         # native: the engine decodes with the module being trained, so the weight sync is free
-        roll, rewards, correct, _ = rollout_and_reward(
-            _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
-            decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
-            max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
-            reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
+        with full_parameters(wrapped):  # FSDP2: one gather, then decoding free of collectives
+            roll, rewards, correct, _ = rollout_and_reward(
+                _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
+                decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
+                max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
+                reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
         rolls.append((roll, rewards, correct))
         adv = group_advantages(rewards, G)
         keep = filter_groups(rewards, G, correct=correct, rule=cfg.rl.group_filter)
@@ -427,6 +434,7 @@ def _start(argv):
         torch.set_num_threads(cfg.run.threads)
     _seed_everything(cfg.run.seed)
     accel = Accelerator(cpu=not torch.cuda.is_available())
+    check_backend(accel, cfg)
     out = Path(cfg.run.out)
     try:
         check_processes(cfg, accel.num_processes)
@@ -457,6 +465,9 @@ def main(argv=None) -> dict:
     cfg, accel, out, built, state = _start(argv)
     model, tok, sft_data, rl_problems, eval_problems = built
     model.to(accel.device)
+    # Train mode for the updates (transformers checkpoints layers only in train mode; load_model
+    # returns eval mode); rollouts and evaluation switch to eval mode themselves.
+    model.train()
     summary = state.get("summary", {})
     mode = progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))
     progress = mode == "bar"
@@ -466,15 +477,17 @@ def main(argv=None) -> dict:
     def checkpoint(name, st):
         nonlocal ckpt_index
         ckpt_index += 1
+        full = full_state_dict(model)  # FSDP2: gathered by every process; None otherwise
         if accel.is_main_process:
             st.update(rng=_rng_state(), summary=summary, ckpt_index=ckpt_index, config=cfg.to_dict())
-            save_checkpoint(out / "checkpoints" / name, _unwrap(model), tok, st)
+            save_checkpoint(out / "checkpoints" / name, _unwrap(model), tok, st, state_dict=full)
         accel.wait_for_everyone()
 
     done = set(state.get("done", []))
-    if "base" not in summary and accel.is_main_process:
-        summary["base"] = run_eval(cfg, model, tok, eval_problems, "base", 0)
-        print(f"base: {json.dumps({k: v for k, v in summary['base'].items() if k != 'per_problem'})}", file=sys.stderr)
+    if "base" not in summary:
+        summary["base"] = run_eval(cfg, accel, model, tok, eval_problems, "base", 0)
+        if accel.is_main_process:
+            print(f"base: {json.dumps({k: v for k, v in summary['base'].items() if k != 'per_problem'})}", file=sys.stderr)
     stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress),
               "rl": lambda st: run_rl(cfg, accel, model, tok, rl_problems, log, st, progress)}
     for stage in cfg.run.stages:
@@ -488,8 +501,8 @@ def main(argv=None) -> dict:
             checkpoint(f"{stage}-{ck_state['step']:06d}", {**ck_state, "done": sorted(done)})
         done.add(stage)
         summary[f"{stage}_seconds"] = summary.get(f"{stage}_seconds", 0.0) + time.perf_counter() - t0
+        summary[stage] = run_eval(cfg, accel, model, tok, eval_problems, stage, len(done))
         if accel.is_main_process:
-            summary[stage] = run_eval(cfg, model, tok, eval_problems, stage, len(done))
             print(f"{stage}: {json.dumps({k: v for k, v in summary[stage].items() if k != 'per_problem'})}", file=sys.stderr)
         checkpoint(f"{stage}-final", {"stage": f"{stage}-done", "step": steps, "done": sorted(done)})
     summary["wall_seconds"] = summary.get("wall_seconds", 0.0) + time.perf_counter() - t_start

@@ -1,0 +1,247 @@
+"""Real-shape training steps: ``python -m dirl_min.bench --shape qwen3-0.6b`` (``--help``).
+
+A randomly initialised Qwen3 with a real checkpoint's width, heads and vocabulary (151,936)
+and the real Qwen tokenizer (rebuilt offline by :func:`dirl_min.model.qwen_tokenizer`) runs
+one random-masking SFT step and one DiPO step (forward, backward, AdamW) on
+``--responses`` responses of ``--response-tokens`` tokens, through the trainer's own code
+(:func:`dirl_min.trainer.sft_loss`, :func:`dirl_min.trainer.dipo_step`: the shared-K/V scorer,
+log-probs 4,096 targets at a time). Each configuration runs in a fresh child process, so
+its peak resident memory (``ru_maxrss``) is its own: checkpointing on and off are measured
+side by side in one run. ``--layers`` keeps only the first layers (the width and vocabulary
+stay real); the printout says so.
+
+DiPO's step maps are synthetic: every 4-token block is committed in two steps of two tokens
+(2 tokens per step, as DiRL's dynamic decoding reaches), so each response has two rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+# Published shapes (config.json of Qwen/Qwen3-0.6B and JetLM/SDAR-1.7B-Chat = Qwen3-1.7B).
+SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "sdar-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                      num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    # not a checkpoint: the real vocabulary on a toy body, for dry runs of the scripts
+    "toy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+}
+VOCAB = 151_936  # the checkpoints' embedding rows (the tokenizer uses 151,670 of them)
+BLOCK = 4
+
+
+def build_shaped(shape: str, layers: int, dtype: torch.dtype, seed: int = 0):
+    """A random ``Qwen3ForCausalLM`` of ``SHAPES[shape]`` (first ``layers`` layers; 0 = all) and the Qwen tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dirl_min.model import SDAR_MASK_TOKEN_ID, diffusion_settings, qwen_tokenizer
+
+    tok = qwen_tokenizer()
+    sizes = dict(SHAPES[shape])
+    if layers:
+        sizes["num_hidden_layers"] = min(layers, sizes["num_hidden_layers"])
+    config = Qwen3Config(vocab_size=VOCAB, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         use_cache=False, block_size=BLOCK, mask_token_id=SDAR_MASK_TOKEN_ID, **sizes)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config).to(dtype)
+    diffusion_settings(model)
+    return model, tok
+
+
+def synthetic_batch(tok, n: int, response_tokens: int, seed: int = 0):
+    """``n`` chat prompts (real tokenizer) with random responses of ``response_tokens`` tokens (a multiple of 4).
+
+    Returns:
+        ``(sft_examples, rollout)``: :class:`~dirl_min.trainer.SFTExample` list and a
+        :class:`~dirl_min.decoding.Rollout` whose step map commits each block in two steps.
+    """
+    from dirl_min.decoding import Rollout
+    from dirl_min.model import chat_prompt_ids
+    from dirl_min.trainer import SFTExample
+
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses, steps = [], [], []
+    for i in range(n):
+        p = chat_prompt_ids(tok, f"Problem {i}: compute the sum of the first {10 + i} positive integers.")
+        p = p + [tok.pad_token_id] * (-len(p) % BLOCK)  # whole prompt blocks: the response starts a block
+        prompts.append(p)
+        responses.append(torch.randint(0, 151_643, (response_tokens,), generator=g).tolist())
+        order = torch.stack([torch.randperm(BLOCK, generator=g) for _ in range(response_tokens // BLOCK)])
+        steps.append((2 * torch.arange(response_tokens // BLOCK)[:, None] + 1 + (order >= BLOCK // 2)).reshape(-1).tolist())
+    sft = [SFTExample(torch.tensor(p + r, dtype=torch.long), len(p)) for p, r in zip(prompts, responses)]
+    roll = Rollout(prompt_ids=prompts, response_ids=responses, step_map=steps,
+                   logp=[[0.0] * response_tokens for _ in range(n)], truncated=[False] * n, stopped_at=[None] * n,
+                   block_size=BLOCK, mask_token_id=tok.mask_token_id)
+    return sft, roll
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: bool, responses: int,
+             response_tokens: int, device: str = "cpu", attn: str = "sdpa", peak_tflops: float = 989.0,
+             engine_path: str = "") -> dict:
+    """One optimizer step of ``stage`` ("sft" or "dipo"), or one batch of rollouts ("rollout");
+    seconds, memory and model FLOPs of this process."""
+    from dirl_min.forward import SelectedLogits
+    from dirl_min.trainer import dipo_step, sft_loss
+
+    model, tok = build_shaped(shape, layers, getattr(torch, dtype))
+    model.to(device).train()
+    model.set_attn_implementation(attn)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    sft, roll = synthetic_batch(tok, responses, response_tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    net = SelectedLogits(model)
+    rss_model = _rss_gib()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    backbone_tokens = []  # tokens through the backbone per forward call (for the FLOP count)
+    model.model.register_forward_pre_hook(lambda m, a, kw: backbone_tokens.append(kw["input_ids"].numel()),
+                                          with_kwargs=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if stage == "rollout":
+        trained = _rollout(model, tok, roll, response_tokens, engine_path)
+    elif stage == "sft":
+        n_resp = sum(len(e.ids) - e.prompt_len for e in sft)
+        loss, _ = sft_loss(net, sft, tok.mask_token_id, BLOCK, num_response_tokens=n_resp,
+                           generator=torch.Generator().manual_seed(0))
+        trained = n_resp
+    else:
+        adv = torch.linspace(-1, 1, responses)
+        loss, _, _ = dipo_step(net, roll, list(range(responses)), adv, num_tokens=responses * response_tokens,
+                               eps_low=0.2, eps_high=0.28)
+        trained = responses * response_tokens
+    if stage != "rollout":
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    out = {"shape": shape, "layers": model.config.num_hidden_layers, "dtype": dtype, "stage": stage,
+           "checkpointing": checkpointing, "seconds": seconds, "cpu_seconds": cpu_seconds, "trained_tokens": trained,
+           "params": sum(p.numel() for p in model.parameters()), "rss_after_build_gib": rss_model,
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "loss": float(loss) if stage != "rollout" else None}
+    # model FLOPs (attention scores excluded): 2·N per token and matmul forward, ×3 with the backward
+    body = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    head = model.config.hidden_size * model.config.vocab_size
+    mult = 2 if stage == "rollout" else 6
+    out["model_tflop"] = mult * (body * sum(backbone_tokens) + head * trained) / 1e12
+    if device == "cuda":
+        out["peak_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["mfu"] = out["model_tflop"] / seconds / peak_tflops
+    return out
+
+
+def _rollout(model, tok, roll, max_new_tokens: int, engine_path: str = "") -> int:
+    """Decode the batch's prompts (native engine, or LMDeploy from ``engine_path``); tokens generated.
+    A random model is never confident: dynamic decoding commits about one token per step."""
+    from dirl_min.decoding import generate
+
+    kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, seeds=list(range(len(roll))))
+    if engine_path:
+        from dirl_min.lmdeploy_engine import LMDeployEngine
+
+        engine = LMDeployEngine(engine_path, block_size=BLOCK, mask_token_id=tok.mask_token_id)
+        out = engine.generate(roll.prompt_ids, **kw)
+    else:
+        model.eval()
+        with torch.no_grad():
+            out = generate(model, roll.prompt_ids, **kw)
+    return sum(len(r) for r in out.response_ids)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dirl_min.bench --shape",
+                                description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help="the checkpoint whose shape is used")
+    p.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0 = all of the real depth)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--responses", type=int, default=8)
+    p.add_argument("--response-tokens", type=int, default=1024, help="tokens per response (a multiple of 4)")
+    p.add_argument("--stages", default="dipo,sft", help="comma list of sft, dipo, rollout")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200)")
+    p.add_argument("--lmdeploy", default="", help="rollout stage: decode with LMDeploy from this saved folder (--save)")
+    p.add_argument("--save", default="", help="only save the random model (with the Qwen tokenizer) to this folder")
+    p.add_argument("--checkpointing", default="on,off", help="comma list of on, off (each a child process)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per child (0 = torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--attn", default="sdpa", choices=("sdpa", "flex_attention"))
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--json", default="", help="also write the results here")
+    return p
+
+
+def main(argv=None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:  # a child: one configuration, one JSON line
+        stage, ckpt = args.worker.split(":")
+        res = run_step(args.shape, args.layers, args.dtype, stage, ckpt == "on", args.responses,
+                       args.response_tokens, args.device, args.attn, args.peak_tflops, args.lmdeploy)
+        print("RESULT " + json.dumps(res))
+        return [res]
+    if args.save:
+        from dirl_min.model import save_model
+
+        model, tok = build_shaped(args.shape, args.layers, getattr(torch, args.dtype))
+        save_model(model, tok, args.save)
+        print(f"saved a random {args.shape}-shaped model to {args.save}")
+        return []
+    if args.response_tokens % BLOCK:
+        raise SystemExit(f"--response-tokens must be a multiple of {BLOCK}")
+    depth = SHAPES[args.shape]["num_hidden_layers"]
+    layers = min(args.layers or depth, depth)
+    print(f"{args.shape} shape (hidden {SHAPES[args.shape]['hidden_size']}, vocab {VOCAB}, Qwen tokenizer), "
+          f"{layers} of its {depth} layers{' (REDUCED DEPTH)' if layers < depth else ''}, {args.dtype}, "
+          f"{args.device}, {args.attn}; {args.responses} responses × {args.response_tokens} tokens; "
+          f"torch threads {args.threads or torch.get_num_threads()}; one optimizer step per child process", flush=True)
+    rows = []
+    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
+        cks = [c.strip() for c in args.checkpointing.split(",") if c.strip()]
+        for ckpt in cks[:1] if stage == "rollout" else cks:  # decoding never checkpoints (no gradient)
+            cmd = [sys.executable, "-m", "dirl_min.bench_shape", "--worker", f"{stage}:{ckpt}",
+                   *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn",
+                               "peak_tflops", "lmdeploy")
+                     for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            if done.returncode or not lines:
+                print(f"{stage} checkpointing {ckpt}: FAILED (exit {done.returncode})\n{done.stderr[-2000:]}")
+                rows.append({"stage": stage, "checkpointing": ckpt == "on", "failed": done.returncode})
+                continue
+            r = json.loads(lines[-1][7:])
+            rows.append(r)
+            cuda = (f", peak CUDA {r['peak_cuda_gib']:.2f} GiB, MFU {r['mfu']:.1%} (attention FLOPs not counted)"
+                    if "peak_cuda_gib" in r else "")
+            print(f"{stage:>4}  checkpointing {ckpt:>3}: {r['seconds']:8.1f} s/step ({r['cpu_seconds']:.0f} s CPU), "
+                  f"{r['trained_tokens'] / r['seconds']:8.1f} {'generated' if stage == 'rollout' else 'trained'} tokens/s, peak RSS {r['peak_rss_gib']:6.2f} GiB "
+                  f"(model alone {r['rss_after_build_gib']:.2f} GiB){cuda}; {r['params'] / 1e6:.0f} M params", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

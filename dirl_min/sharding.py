@@ -1,0 +1,118 @@
+"""Sharded parameters (FSDP2) around the parts of a job that are not one forward per rank.
+
+Under FSDP2 every forward of a sharded unit all-gathers its parameters, a collective that
+every rank must join. Training forwards are matched across ranks, but decoding is not: the
+number of forwards depends on the sampled tokens (and evaluation may give a rank fewer
+problems, or none). :func:`full_parameters` therefore gathers every unit's parameters once,
+on all ranks together, and keeps them gathered while the decoder runs any number of forwards
+with no collective at all; leaving it frees the gathered copies again.
+
+Backends that cannot run on CPU (DeepSpeed needs CUDA; Accelerate 1.15 turns an FSDP config
+into plain CPU data parallelism) are checked by :func:`check_backend`: combinations known to
+be wrong or never exercised are refused with a clear message instead of hanging.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["fsdp_states", "full_parameters", "full_state_dict", "check_backend"]
+
+
+def fsdp_states(model) -> list:
+    """The FSDP2 states (one per ``fully_shard`` call) of ``model``'s modules, outermost first."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch without FSDP2: nothing can be sharded
+        return []
+    states = {}
+    for m in model.modules():
+        st = fully_shard.state(m)
+        if st is not None:
+            states.setdefault(id(st), st)
+    return list(states.values())
+
+
+@contextmanager
+def full_parameters(model):
+    """Inside: every FSDP2 unit of ``model`` unsharded, forwards free of collectives. Call it
+    on every rank (entering is one all-gather per unit); a no-op for unsharded models.
+
+    ``model``: the outermost module (e.g. the prepared trainer module), or the causal LM inside
+    it once the outer module has run (its units then lead to the root's).
+    """
+    states = fsdp_states(model)
+    if not states:
+        yield model
+        return
+    # The root must be initialised before any inner unit runs alone (FSDP2 otherwise makes the
+    # first unit to run forward a root of its own); it then lists every unit of its tree.
+    from torch.distributed.fsdp import fully_shard
+
+    if (root := fully_shard.state(model)) is not None:
+        root._lazy_init()
+    if any(st._is_root is None for st in states):
+        raise RuntimeError("full_parameters: FSDP2 has not initialised these units yet; pass the outermost "
+                           "(prepared) module, whose first use makes it the root")
+    states = list(states[0]._state_ctx.all_states)  # the root's units (embedding, norm) included
+    groups = [g for st in states for g in st._fsdp_param_groups]
+    saved = [g.post_forward_mesh_info for g in groups]
+    for g in groups:
+        g.post_forward_mesh_info = None  # no reshard after each forward (the documented eval setting)
+        g.lazy_init()
+        g.unshard()
+    for g in groups:
+        g.wait_for_unshard()
+    try:
+        yield model
+    finally:
+        for g, info in zip(groups, saved):
+            g.reshard()
+            g.post_forward_mesh_info = info
+
+
+def full_state_dict(model) -> dict | None:
+    """The full (unsharded) state dict of an FSDP2 model, on the CPU; ``None`` when ``model``
+    is not sharded. A collective: call it on every rank."""
+    if not fsdp_states(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def check_backend(accel, cfg) -> None:
+    """Refuse distributed set-ups that dirl_min knows to be wrong or has never run."""
+    from accelerate.utils import DistributedType
+
+    kind = accel.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        stage = getattr(getattr(accel.state, "deepspeed_plugin", None), "zero_stage", 0)
+        if stage == 3:
+            raise SystemExit(
+                "DeepSpeed ZeRO-3 is refused: rollouts and evaluation decode with a different number of "
+                "forwards per rank, and ZeRO-3's per-forward parameter gathers would hang; dirl_min's gather-once "
+                "path is written and tested for FSDP2 only (DeepSpeed cannot run on CPU). Use "
+                "configs/accelerate/fsdp2-8gpu.yaml (sharded) or zero2-8gpu.yaml.")
+        return
+    if kind != DistributedType.FSDP:
+        return
+    if getattr(accel.state.fsdp_plugin, "fsdp_version", 1) != 2:
+        raise SystemExit("FSDP version 1 is refused: dirl_min supports FSDP2 (fsdp_version: 2), see "
+                         "configs/accelerate/fsdp2-8gpu.yaml")
+    problems = []
+    stages = [s for s in cfg.run.stages if getattr(cfg, s).steps > 0]
+    if len(stages) > 1:
+        problems.append(f"run.stages {stages}: each stage wraps the model anew, and FSDP2 refuses a second root "
+                        "over units the first one initialised; run SFT and DiPO as two jobs (the second with "
+                        "--model.path <sft checkpoint>/model)")
+    if cfg.run.resume:
+        problems.append("run.resume: the checkpoint holds rank 0's optimizer shard only")
+    if cfg.rl.rollout_backend != "native" and "rl" in stages:
+        problems.append("rl.rollout_backend lmdeploy: the weight sync reads local shards")
+    if cfg.rl.beta > 0 and "rl" in stages:
+        problems.append("rl.beta > 0: the reference model would be a copy of sharded units (never run)")
+    if problems:
+        raise SystemExit("FSDP2: refused settings:\n  " + "\n  ".join(problems))
