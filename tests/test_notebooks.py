@@ -1,16 +1,20 @@
-"""The tutorial notebooks: committed exactly as built, without outputs, and executing correctly.
+"""The tutorial notebooks: Python sources paired with stored .ipynb files, and executing correctly.
 
-Each notebook is executed with nbclient in a temporary working directory, on a kernel that
-runs *this* interpreter (a kernel spec written for the test, launching ``sys.executable -m
-ipykernel_launcher``: only ipykernel is needed, and no kernel registered elsewhere on the
-machine can be picked up by mistake). Every notebook ends with a cell tagged ``checks`` that
-asserts its key claims and leaves them in ``CHECKS``; the test reads that dict back from the
-kernel and checks the main values itself, so a wrong core breaks the test, not just a plot.
+Each notebook's source is ``notebooks/NN_name.py`` in jupytext's percent format (``# %%`` code
+cells, ``# %% [markdown]`` text cells), paired with ``NN_name.ipynb`` (``notebooks/jupytext.toml``).
+The stored .ipynb must hold the same cells as its source, and no outputs.
+
+Each notebook is built from its .py source (``jupytext.read``) and executed with nbclient in a
+temporary working directory, on a kernel that runs *this* interpreter (a kernel spec written for
+the test, launching ``sys.executable -m ipykernel_launcher``: only ipykernel is needed, and no
+kernel registered elsewhere on the machine can be picked up by mistake). Every notebook ends with
+a cell tagged ``checks`` that asserts its key claims and leaves them in ``CHECKS``; the test reads
+that dict back from the kernel and checks the main values itself, so a wrong core breaks the
+test, not just a plot.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -21,6 +25,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
+jupytext = pytest.importorskip("jupytext")
 
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402  (installed with nbclient)
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
@@ -39,32 +44,33 @@ PROBE = (
 )
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+NAMES = sorted(p.stem for p in NB_DIR.glob("[0-9][0-9]_*.py"))
 
 
-BUILDER = _builder()
-NAMES = list(BUILDER.NOTEBOOKS)
+def _cells(nb) -> list[tuple[str, str, dict]]:
+    return [(c.cell_type, c.source, dict(c.metadata)) for c in nb.cells]
 
 
 def test_the_four_notebooks_exist():
-    assert NAMES == ["01_masks_and_noise.ipynb", "02_block_decoding.ipynb", "03_dipo.ipynb", "04_end_to_end.ipynb"]
-    assert sorted(p.name for p in NB_DIR.glob("*.ipynb")) == sorted(NAMES), "stray or missing notebook files"
+    assert NAMES == ["01_masks_and_noise", "02_block_decoding", "03_dipo", "04_end_to_end"]
+    assert sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == NAMES, "stray or missing notebook files"
+    assert sorted(p.name for p in NB_DIR.glob("*.py")) == [f"{n}.py" for n in NAMES], "stray notebook sources"
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_committed_notebook_equals_builder_output(name):
-    committed = json.loads((NB_DIR / name).read_text(encoding="utf-8"))
-    # compared as JSON, so a different nbformat release's whitespace cannot fail it; content must match
-    assert committed == json.loads(BUILDER.render(name)), f"{name} drifted: run `python notebooks/build_notebooks.py`"
+def test_stored_notebook_is_in_sync_with_its_source(name):
+    text = (NB_DIR / f"{name}.py").read_text(encoding="utf-8")
+    assert jupytext.formats.guess_format(text, ".py")[0] == "percent", f"{name}.py is not in percent format"
+    source = jupytext.reads(text, fmt="py:percent")
+    stored = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
+    # the same cells, in order: kind, text and metadata (the `checks` tag); ids and outputs aside
+    assert _cells(stored) == _cells(source), f"{name} drifted: run `jupytext --sync notebooks/{name}.py`"
+    assert stored.metadata.get("kernelspec") == source.metadata.get("kernelspec")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_committed_notebook_has_no_outputs_and_a_checks_cell(name):
-    nb = nbformat.read(NB_DIR / name, as_version=4)
+    nb = nbformat.read(NB_DIR / f"{name}.ipynb", as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
     for c in code:
@@ -104,8 +110,12 @@ def kernel_manager_class(tmp_path_factory):
 
 
 def execute(name: str, kernel_manager_class, workdir: Path):
-    """Run a notebook (plus a probe cell) in ``workdir``; returns (executed nb, probe dict, seconds)."""
-    nb = nbformat.read(NB_DIR / name, as_version=4)
+    """Build a notebook from its .py source, run it (plus a probe cell) in ``workdir``.
+
+    Returns (executed nb, probe dict, seconds).
+    """
+    nb = jupytext.read(NB_DIR / f"{name}.py")
+    nbformat.validate(nb)
     nb.cells.append(nbformat.v4.new_code_cell(PROBE))
     client = NotebookClient(nb, kernel_name=KERNEL_NAME, kernel_manager_class=kernel_manager_class,
                             timeout=CELL_TIMEOUT, startup_timeout=120, allow_errors=False,
