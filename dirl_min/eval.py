@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from dirl_min.benchmarks import BENCHMARKS, HubError
+from dirl_min.evaluation.benchmarks import BENCHMARKS, HubError
 from dirl_min.metrics import avg_at_k, bootstrap_ci, format_percent, mean_pass_at_k, pass_ks
 from dirl_min.model import stop_token_ids
 from dirl_min.tasks import DataError, Problem, render_prompt
@@ -307,7 +307,7 @@ def load_benchmarks(args) -> list[Benchmark]:
         spec = ",".join(BENCHMARKS)
     if spec:
         if args.hub:
-            from dirl_min.benchmarks import fetch
+            from dirl_min.evaluation.benchmarks import fetch
 
             try:
                 got = fetch([s.strip() for s in spec.split(",") if s.strip()])

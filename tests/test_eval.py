@@ -241,7 +241,7 @@ def test_benchmark_names_resolve_in_the_data_dir_and_missing_ones_say_what_to_do
 
 def test_hub_layouts_convert_to_question_and_ground_truth_answer():
     """The field layouts public copies of the five benchmarks use all become the eval layout."""
-    from dirl_min.benchmarks import to_records
+    from dirl_min.evaluation.benchmarks import to_records
 
     rows = [
         {"question": "Q1", "ground_truth_answer": "\\frac{1}{2}"},  # DiRL's own layout
@@ -291,7 +291,7 @@ def test_hub_offline_fails_at_once_with_what_to_do(tmp_path, monkeypatch):
 def test_hub_unreachable_fails_after_one_short_probe(tmp_path, monkeypatch):
     import socket
 
-    from dirl_min import benchmarks as B
+    from dirl_min.evaluation import benchmarks as B
 
     _forbid_network(monkeypatch)
     for name in B.OFFLINE_ENVS:
@@ -317,7 +317,7 @@ def test_hub_download_is_converted_cached_and_then_read_offline(tmp_path, monkey
     import datasets
     import huggingface_hub
 
-    from dirl_min import benchmarks as B
+    from dirl_min.evaluation import benchmarks as B
 
     rows = [json.loads(line) for line in (BENCH_DIR / "gsm8k.jsonl").read_text().splitlines()]
     hub_rows = [{"question": r["question"], "answer": f"work...\n#### {r['ground_truth_answer']}"} for r in rows]
