@@ -5,4 +5,4 @@ from dirl_min.evaluation.benchmarks import (  # noqa: F401
     hub_unreachable, to_records)
 
 __all__ = ["HubSource", "HUB_SOURCES", "BENCHMARKS", "HubError", "cache_dir", "to_records", "hub_unreachable",
-           "fetch"]
+           "fetch", "CACHE_ENV", "OFFLINE_ENVS", "PROBE_TIMEOUT_S"]

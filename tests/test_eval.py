@@ -19,6 +19,7 @@ import torch
 
 from dirl_min import eval as E
 from dirl_min import tasks
+from dirl_min.evaluation import decode
 from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
 from dirl_min.model import build_tiny, save_model
 from dirl_min.tasks import render_prompt
@@ -438,7 +439,7 @@ def test_results_aggregate_the_per_sample_verdicts(tmp_path, monkeypatch):
     def fake_score(responses, gts, truncated, **kw):
         return [(None, sum(map(ord, r)) % 3 == 0) for r in responses]
 
-    monkeypatch.setattr(E, "score_responses", fake_score)
+    monkeypatch.setattr(decode, "score_responses", fake_score)
     out = tmp_path / "agg"
     E.main(["--model", "tiny", "--task", "embedded", "--limit", "6", "--samples", "4", "--max-new-tokens", "8",
             "--no-progress", "--out", str(out)])

@@ -1,6 +1,6 @@
-"""The five evaluation sets of DiRL: where they come from and how a user gets them.
+"""The benchmarks of an evaluation: DiRL's five sets, where they come from, how a run finds them.
 
-Two ways, both shown in the README:
+Two ways to get DiRL's sets, both shown in the README:
 
 * ``--data-dir DIR``: local files, one per benchmark (``math500.jsonl`` ..., or DiRL's own
   spelling ``MATH500.json``), records with ``question`` and ``ground_truth_answer``.
@@ -10,6 +10,10 @@ Two ways, both shown in the README:
   offline, read the cached copy. Without network (``HF_HUB_OFFLINE=1``, or a Hub that does
   not answer within a few seconds) a benchmark that is not cached is an immediate error
   that says what to do, instead of ``datasets``' retries.
+
+A run's benchmarks (:func:`load_benchmarks`) are those names or any files/folders of records
+(:func:`resolve_benchmarks`), and/or the embedded task's held-out split, each with its prompt
+template (DiRL's :data:`DIRL_PROMPT` for benchmark files).
 """
 
 from __future__ import annotations
@@ -17,13 +21,16 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
+from dirl_min.evaluation.errors import EvalError
+from dirl_min.tasks import Problem
+
 __all__ = ["HubSource", "HUB_SOURCES", "BENCHMARKS", "HubError", "cache_dir", "to_records", "hub_unreachable",
-           "fetch"]
+           "fetch", "DIRL_PROMPT", "Benchmark", "resolve_benchmarks", "load_benchmarks"]
 
 
 class HubError(RuntimeError):
@@ -202,3 +209,136 @@ def fetch(names: list[str], folder: Path | None = None) -> list[tuple[str, Path,
         path, meta = found[n]
         out.append((key, path, f"hf://datasets/{src.repo}@{meta['commit']}/{src.file}"))
     return out
+
+
+# --------------------------------------------------------------------------------------
+# The benchmarks of a run
+# --------------------------------------------------------------------------------------
+
+DIRL_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Benchmark:
+    """One evaluation set: its problems (after ``--limit``), where they came from, and the
+    prompt template used for it. ``prompts`` (chat-rendered token ids) are filled by :func:`prepare`."""
+
+    name: str
+    source: str
+    problems: list[Problem]
+    template: str
+    prompts: list[list[int]] = field(default_factory=list)
+    prompt_texts: list[str] = field(default_factory=list)
+
+
+def _data_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(DATA_SUFFIXES))
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in DATA_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def resolve_benchmarks(spec: str, data_dir: Path | None) -> list[tuple[str, Path]]:
+    """``(name, file)`` for each comma-separated item of ``spec``.
+
+    An item is an existing file (name = its stem), an existing folder (every JSON/JSONL/
+    parquet file in it), or a benchmark name looked up in ``data_dir`` as ``name.jsonl``,
+    ``name.json`` or ``name.parquet`` (also DiRL's own spelling, e.g. ``MATH500.json``).
+
+    Raises:
+        EvalError: an item that is neither, no ``data_dir`` for a name, or two benchmarks
+            with the same name.
+    """
+    out: list[tuple[str, Path]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        path = Path(item).expanduser()
+        if path.is_file():
+            out.append((_stem(path), path))
+            continue
+        if path.is_dir():
+            files = _data_files(path)
+            if not files:
+                raise EvalError(f"--benchmarks: folder {path} holds no {'/'.join(DATA_SUFFIXES)} file")
+            out.extend((_stem(f), f) for f in files)
+            continue
+        if "/" in item or os.sep in item or item.endswith(DATA_SUFFIXES):
+            raise EvalError(f"--benchmarks: no such file or folder: {item}")
+        if data_dir is None:
+            raise EvalError(
+                f"--benchmarks: {item!r} is a benchmark name but no --data-dir was given; pass --hub (downloads "
+                "DiRL's sets once, then reads the local cache), --data-dir DIR, or the files themselves "
+                "(--benchmarks path/to/math500.jsonl,...)")
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise EvalError(f"--data-dir: {data_dir} is not a folder")
+        names = [item] + ([BENCHMARKS[item.lower()]] if item.lower() in BENCHMARKS else [])
+        found = next((data_dir / f"{n}{s}" for n in names for s in DATA_SUFFIXES if (data_dir / f"{n}{s}").is_file()), None)
+        if found is None:
+            have = ", ".join(_stem(f) for f in _data_files(data_dir)) or "nothing"
+            raise EvalError(f"--benchmarks: no file for {item!r} in {data_dir} (looked for {item}.jsonl/.json/.parquet); "
+                            f"it holds: {have}")
+        out.append((item, found))
+    names = [n for n, _ in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise EvalError(f"--benchmarks: several files give the benchmark name(s) {dup}; rename one")
+    if not out:
+        raise EvalError("--benchmarks: no benchmark given")
+    return out
+
+
+def load_benchmarks(args) -> list[Benchmark]:
+    """The benchmarks selected by the command line, with problems loaded and ``--limit`` applied.
+
+    Raises:
+        DataError: a malformed data file (the message names file, line and field).
+        EvalError: a usage problem.
+    """
+    from dirl_min import tasks
+
+    benches: list[Benchmark] = []
+    spec = args.benchmarks
+    if spec is None and not args.task:
+        spec = ",".join(BENCHMARKS)
+    if spec:
+        if args.hub:
+            try:
+                got = fetch([s.strip() for s in spec.split(",") if s.strip()])
+            except HubError as e:
+                raise EvalError(str(e)) from None
+            files, sources = [(n, p) for n, p, _ in got], [src for _, _, src in got]
+        else:
+            data_dir = Path(args.data_dir) if args.data_dir else None
+            files = resolve_benchmarks(spec, data_dir)
+            sources = [str(p.resolve()) for _, p in files]
+        template = args.prompt_template if args.prompt_template is not None else DIRL_PROMPT
+        for (name, path), source in zip(files, sources):
+            benches.append(Benchmark(name, source, tasks.load_problems(path), template))
+    if args.task == "embedded":
+        levels = tuple(int(x) for x in str(args.task_levels).split(",") if x.strip())
+        problems = tasks.arithmetic_problems(args.task_max_operand, levels)
+        _, held = tasks.split_problems(problems, args.held_out, args.split_seed)
+        template = args.prompt_template if args.prompt_template is not None else _embedded_template()
+        source = (f"embedded arithmetic task, levels {list(levels)}, operands 0..{args.task_max_operand}, "
+                  f"held-out {args.held_out} (split seed {args.split_seed})")
+        if any(b.name == "embedded" for b in benches):
+            raise EvalError("--task embedded: a benchmark file is already called 'embedded'; rename it")
+        benches.append(Benchmark("embedded", source, held, template))
+    if args.limit:
+        for b in benches:
+            b.problems = b.problems[: args.limit]
+    return benches
+
+
+def _embedded_template() -> str:
+    from dirl_min.config import DataConfig
+
+    return DataConfig().prompt_template
