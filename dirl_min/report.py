@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dirl_min.metrics import format_percent
 
-__all__ = ["running_mean", "print_table", "plot_curves"]
+__all__ = ["running_mean", "format_table", "print_table", "plot_curves"]
 
 STAGES = ("base", "sft", "rl")
 
@@ -29,6 +29,16 @@ def running_mean(values: list[float], window: int) -> list[float]:
     return out
 
 
+def format_table(head: list[str], rows: list[list[str]], *, rule: bool = False) -> list[str]:
+    """The lines of a text table (the main job's and ``python -m dirl_min.eval``'s): each column as
+    wide as its widest cell, the first left-aligned, the others right-aligned; ``rule`` puts a
+    line of dashes under the header."""
+    widths = [max([len(h), *(len(row[c]) for row in rows)]) for c, h in enumerate(head)]
+    table = [head, *([["-" * w for w in widths]] if rule else []), *rows]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            for cells in table]
+
+
 def print_table(summary: dict) -> str:
     """One row per evaluated stage; accuracies in percent, avg@k with ``[lo, hi]``, plus the
     paired RL − SFT gain when both stages ran."""
@@ -44,9 +54,7 @@ def print_table(summary: dict) -> str:
         rows.append([stage, avg, format_percent(r.get("greedy_accuracy", float("nan"))),
                      format_percent(r.get(f"pass@{k}", float("nan"))), f"{r['tokens_per_step']:.2f}",
                      f"{r['mean_length']:.1f}", format_percent(r["truncation_rate"])])
-    widths = [max(len(h), *(len(row[c]) for row in rows)) for c, h in enumerate(head)] if rows else [len(h) for h in head]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-             for cells in [head, *rows]]
+    lines = format_table(head, rows)
     gain = summary.get("rl_minus_sft")
     if gain:
         lines.append(f"RL - SFT avg@{k}: {100 * gain['mean']:+.1f} points "

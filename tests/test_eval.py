@@ -19,6 +19,7 @@ import torch
 
 from dirl_min import eval as E
 from dirl_min import tasks
+from dirl_min.evaluation import decode
 from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
 from dirl_min.model import build_tiny, save_model
 from dirl_min.tasks import render_prompt
@@ -241,7 +242,7 @@ def test_benchmark_names_resolve_in_the_data_dir_and_missing_ones_say_what_to_do
 
 def test_hub_layouts_convert_to_question_and_ground_truth_answer():
     """The field layouts public copies of the five benchmarks use all become the eval layout."""
-    from dirl_min.benchmarks import to_records
+    from dirl_min.evaluation.benchmarks import to_records
 
     rows = [
         {"question": "Q1", "ground_truth_answer": "\\frac{1}{2}"},  # DiRL's own layout
@@ -291,7 +292,7 @@ def test_hub_offline_fails_at_once_with_what_to_do(tmp_path, monkeypatch):
 def test_hub_unreachable_fails_after_one_short_probe(tmp_path, monkeypatch):
     import socket
 
-    from dirl_min import benchmarks as B
+    from dirl_min.evaluation import benchmarks as B
 
     _forbid_network(monkeypatch)
     for name in B.OFFLINE_ENVS:
@@ -317,7 +318,7 @@ def test_hub_download_is_converted_cached_and_then_read_offline(tmp_path, monkey
     import datasets
     import huggingface_hub
 
-    from dirl_min import benchmarks as B
+    from dirl_min.evaluation import benchmarks as B
 
     rows = [json.loads(line) for line in (BENCH_DIR / "gsm8k.jsonl").read_text().splitlines()]
     hub_rows = [{"question": r["question"], "answer": f"work...\n#### {r['ground_truth_answer']}"} for r in rows]
@@ -438,7 +439,7 @@ def test_results_aggregate_the_per_sample_verdicts(tmp_path, monkeypatch):
     def fake_score(responses, gts, truncated, **kw):
         return [(None, sum(map(ord, r)) % 3 == 0) for r in responses]
 
-    monkeypatch.setattr(E, "score_responses", fake_score)
+    monkeypatch.setattr(decode, "score_responses", fake_score)
     out = tmp_path / "agg"
     E.main(["--model", "tiny", "--task", "embedded", "--limit", "6", "--samples", "4", "--max-new-tokens", "8",
             "--no-progress", "--out", str(out)])
