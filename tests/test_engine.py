@@ -190,7 +190,8 @@ def test_flex_attention_training_layout_equals_sdpa_and_keeps_the_invariant():
 def test_sdar_standin_chats_generates_and_round_trips(tmp_path, sdar_source):
     """A faithful SDAR stand-in (full Qwen vocabulary, real tokenizer files) runs the whole engine."""
     from dirl_min.decoding import generate_text
-    from dirl_min.model import load_model, make_standin_checkpoint, save_model
+    from dirl_min.model import load_model, save_model
+    from tests.fixtures.checkpoints import make_standin_checkpoint
 
     path = make_standin_checkpoint(tmp_path / "sdar", source=sdar_source)
     model, tok = load_model(path, dtype=torch.float32)

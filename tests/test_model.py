@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from dirl_min import model as M
+from dirl_min.model.tokenizers import _qwen_vocab_and_merges
+from tests.fixtures.checkpoints import make_standin_checkpoint
 
 SDAR_ONLY = M.SDAR_ONLY_FIELDS
 SHRUNK = {
@@ -54,7 +56,7 @@ def tiny_tok():
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory, sdar_source) -> Path:
-    return M.make_standin_checkpoint(tmp_path_factory.mktemp("ckpt") / "sdar-standin", source=sdar_source)
+    return make_standin_checkpoint(tmp_path_factory.mktemp("ckpt") / "sdar-standin", source=sdar_source)
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +395,7 @@ def test_refuses_mismatched_weight_names(tmp_path, tiny_qwen3_ckpt):
 def test_sdar_moe_standin(tmp_path, sdar_source):
     from transformers import Qwen3MoeForCausalLM
 
-    path = M.make_standin_checkpoint(tmp_path / "moe", source=sdar_source, moe=True)
+    path = make_standin_checkpoint(tmp_path / "moe", source=sdar_source, moe=True)
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["model_type"] == "sdar_moe" and cfg["num_experts"] == 4 and cfg["num_experts_per_tok"] == 2
     files = file_tensors(path)
@@ -449,7 +451,7 @@ def test_qwen_tokenizer_specials(qtok):
 
 
 def test_qwen_tokenizer_matches_real_files(real_sdar_dir):
-    vocab, merges = M._qwen_vocab_and_merges()
+    vocab, merges = _qwen_vocab_and_merges()
     assert vocab == json.loads((real_sdar_dir / "vocab.json").read_text(encoding="utf-8"))
     lines = (real_sdar_dir / "merges.txt").read_text(encoding="utf-8").split("\n")
     assert lines[0].startswith("#version")
