@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dirl_min import rewards as R
+from dirl_min.core import answers as A
+from dirl_min.engine import verifier as V
 from reference import rewards as ref
 
 # ----------------------------------------------------------------------------------------
@@ -208,13 +210,13 @@ HOSTILE = [
 def test_guards_refuse_traps_but_no_real_answer():
     for trap in ("{" * 100 + "1" + "}" * 100, "10^{10^{10}}", "2^{1000001}", "9 ^ {9^{9}}",
                  "1000001!", "(10^{10})!", "1+" * 600):
-        assert R._refusal_reason(trap) is not None, trap
+        assert A._refusal_reason(trap) is not None, trap
     for response, gt, _ in ANSWER_TABLE:
         for answer in (R.extract_boxed(response), gt):
-            assert answer is None or R._refusal_reason(answer) is None, answer
+            assert answer is None or A._refusal_reason(answer) is None, answer
     fine_answers = ("2^{2^{2^{2^{2}}}}", "e^{x^2}", "100!", "\\frac{100!}{2^{50}}", "10,\\!080")
     for fine in fine_answers:
-        assert R._refusal_reason(fine) is None, fine
+        assert A._refusal_reason(fine) is None, fine
 
 
 def _timed_score(case):
@@ -254,7 +256,7 @@ _SLOW_UNGUARDED = "\\boxed{(10^{1000})^{100000}}"
 
 
 def test_slow_answer_is_cut_by_timeout_in_a_thread():
-    assert R._refusal_reason("(10^{1000})^{100000}") is None  # really reaches math-verify
+    assert A._refusal_reason("(10^{1000})^{100000}") is None  # really reaches math-verify
     R.math_reward("\\boxed{2.5}", "3")  # a warm verifier child, so no start-up in the timing
     before = R.verifier_stats()
     out = {}
@@ -291,9 +293,9 @@ def test_integer_answers_are_decided_without_the_verifier():
 def test_hung_or_crashed_child_is_killed_and_counted():
     before = R.verifier_stats()
     t = time.perf_counter()
-    assert R._worker_request(["_sleep", 60], 0.5) is None  # hangs past the hard timeout
+    assert V._worker_request(["_sleep", 60], 0.5) is None  # hangs past the hard timeout
     assert time.perf_counter() - t < 5.0
-    assert R._worker_request(["_crash"], 30) is None  # dies mid-request
+    assert V._worker_request(["_crash"], 30) is None  # dies mid-request
     after = R.verifier_stats()
     assert after.get("hard_timeouts", 0) - before.get("hard_timeouts", 0) == 1
     assert after.get("crashes", 0) - before.get("crashes", 0) == 1
@@ -302,7 +304,7 @@ def test_hung_or_crashed_child_is_killed_and_counted():
 
 def test_inline_fallback_works_in_threads(monkeypatch):
     """Without verifier children, math-verify runs in-process with its alarms disabled."""
-    monkeypatch.setattr(R._POOL, "inline_until", math.inf)
+    monkeypatch.setattr(V._POOL, "inline_until", math.inf)
     cases = [("\\boxed{0.5}", "\\frac{1}{2}", 1.0), ("\\boxed{\\sqrt{8}}", "2\\sqrt{2}", 1.0),
              ("\\boxed{3}", "4", 0.0)]
     with ThreadPoolExecutor(max_workers=2) as ex:

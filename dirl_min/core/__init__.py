@@ -1,0 +1,1 @@
+"""Pure algorithms: torch in, torch out; no model calls, no I/O."""

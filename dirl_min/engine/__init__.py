@@ -1,0 +1,1 @@
+"""Running the model: decoding, scoring, reward verification, rollout backends."""
