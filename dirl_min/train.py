@@ -172,18 +172,28 @@ def main(argv=None) -> dict:
             print(f"{stage}: {json.dumps({k: v for k, v in summary[stage].items() if k != 'per_problem'})}", file=sys.stderr)
         checkpoints.save(f"{stage}-final", {"stage": f"{stage}-done", "step": steps, "done": sorted(done)})
     summary["wall_seconds"] = summary.get("wall_seconds", 0.0) + time.perf_counter() - t_start
+    _finish(cfg, summary)
+    if accel.is_main_process:
+        _write_outputs(out, summary, log)
+    return summary
+
+
+def _finish(cfg, summary: dict) -> None:
+    """The summary's closing fields: samples, the paired RL − SFT difference, the seed."""
     summary["samples"] = cfg.eval.samples
     if "sft" in summary and "rl" in summary:  # paired: the same problems before and after DiPO
         diff = [b - a for a, b in zip(summary["sft"]["per_problem"], summary["rl"]["per_problem"])]
         summary["rl_minus_sft"] = {"mean": sum(diff) / len(diff), "ci": list(bootstrap_ci(diff))}
     summary["seed"] = cfg.run.seed
-    if accel.is_main_process:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.close()
-        plot_curves(out)
-        print(print_table(summary))
-        print(f"wall time {summary['wall_seconds']:.0f} s; outputs in {out}/ (summary.json, metrics.jsonl, curves.png)")
-    return summary
+
+
+def _write_outputs(out: Path, summary: dict, log: MetricsLog) -> None:
+    """summary.json, curves.png, and the table on stdout (main process only)."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.close()
+    plot_curves(out)
+    print(print_table(summary))
+    print(f"wall time {summary['wall_seconds']:.0f} s; outputs in {out}/ (summary.json, metrics.jsonl, curves.png)")
 
 
 if __name__ == "__main__":
