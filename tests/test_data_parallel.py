@@ -22,6 +22,7 @@ from accelerate.utils import DistributedType
 from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimizerWrapper
 
 from dirl_min import settings, train
+from dirl_min.loops import dipo as loops_dipo
 from dirl_min.config import SettingsError, parse_config
 
 _spec = importlib.util.spec_from_file_location("toy_reward_run", Path(__file__).with_name("toy_reward_run.py"))
@@ -120,7 +121,7 @@ def test_deepspeed_makes_one_update_per_dipo_step_from_all_micro_batches(tmp_pat
     """DiPO micro-batches of 2 responses under DeepSpeed: one update per step, and the same
     gradient as all kept responses of a rollout in one micro-batch (later micro-batches must
     not be scored on weights that already moved)."""
-    monkeypatch.setattr(train, "rollout_and_reward", toy_reward_run.toy_correct(train.rollout_and_reward))
+    monkeypatch.setattr(loops_dipo, "rollout_and_reward", toy_reward_run.toy_correct(loops_dipo.rollout_and_reward))
     whole = _deepspeed_updates(tmp_path / "whole", "rl", 1, "--rl.micro_batch", "0")
     split = _deepspeed_updates(tmp_path / "split", "rl", 1, "--rl.micro_batch", "2")
     assert len(whole) == len(split) == 2
@@ -170,7 +171,7 @@ def test_two_process_dipo_with_disagreeing_processes_matches_one_process(tmp_pat
     sample another round and whether a process trains at all differ between processes. The run
     must finish (same collective calls on both) and train on the groups one process would keep."""
     _launch_two_processes([*_RL_ARGS, "--out", str(tmp_path / "two")], timeout=240)
-    monkeypatch.setattr(train, "rollout_and_reward", toy_reward_run.toy_correct(train.rollout_and_reward))
+    monkeypatch.setattr(loops_dipo, "rollout_and_reward", toy_reward_run.toy_correct(loops_dipo.rollout_and_reward))
     train.main([*_RL_ARGS, "--out", str(tmp_path / "one")])
 
     def rows(out):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dirl_min import runs, train
+from dirl_min.loops import state as loops_state
 from dirl_min.config import Config, SettingsError, parse_config
 from dirl_min.progress import progress_line, progress_mode
 
@@ -84,7 +85,7 @@ def test_a_fresh_run_into_a_finished_folder_is_refused_and_overwrite_replaces_it
         train.main(_args(out, "--seed", "5"))
     assert (out / "summary.json").read_text() == before
 
-    real_save = train.save_checkpoint
+    real_save = loops_state.save_checkpoint
 
     def killed_after_sft(path, *a, **k):
         real_save(path, *a, **k)
@@ -92,7 +93,7 @@ def test_a_fresh_run_into_a_finished_folder_is_refused_and_overwrite_replaces_it
             raise KeyboardInterrupt
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "save_checkpoint", killed_after_sft)
+        mp.setattr(loops_state, "save_checkpoint", killed_after_sft)
         with pytest.raises(KeyboardInterrupt):
             train.main(_args(out, "--seed", "5", "--overwrite", "--run.save_every", "2"))
     assert not (out / "summary.json").exists() and not (out / "checkpoints" / "rl-final").exists()

@@ -16,6 +16,7 @@ from dirl_min.config import Config, parse_config
 from dirl_min.dipo import group_advantages
 from dirl_min.forward import SelectedLogits
 from dirl_min.model import build_tiny
+from dirl_min.loops import dipo as loops_dipo, sft as loops_sft, state as loops_state
 from dirl_min.trainer import dipo_step, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
 
 
@@ -258,7 +259,7 @@ def test_resume_after_an_interruption_gives_identical_parameters(tmp_path, monke
     train.main(_tiny_run_args(straight, "--run.save_every", "3"))
 
     interrupted = tmp_path / "interrupted"
-    real_save = train.save_checkpoint
+    real_save = loops_state.save_checkpoint
     saves = []
 
     def crash_after_second_save(path, *a, **k):
@@ -267,10 +268,10 @@ def test_resume_after_an_interruption_gives_identical_parameters(tmp_path, monke
         if len(saves) == 2:  # sft-000003, sft-final; the crash hits mid-RL set-up
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_second_save)
+    monkeypatch.setattr(loops_state, "save_checkpoint", crash_after_second_save)
     with pytest.raises(KeyboardInterrupt):
         train.main(_tiny_run_args(interrupted, "--run.save_every", "3"))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(loops_state, "save_checkpoint", real_save)
     assert not (interrupted / "checkpoints" / "rl-final").exists()
     summary = train.main(_tiny_run_args(interrupted, "--run.save_every", "3", "--resume"))
 
@@ -287,7 +288,7 @@ def test_resume_mid_stage_continues_from_the_step(tmp_path, monkeypatch):
     straight = tmp_path / "straight"
     train.main(_tiny_run_args(straight, "--run.save_every", "2"))
     interrupted = tmp_path / "interrupted"
-    real_save = train.save_checkpoint
+    real_save = loops_state.save_checkpoint
 
     def crash_after_rl_step_3(path, *a, **k):
         real_save(path, *a, **k)
@@ -301,11 +302,11 @@ def test_resume_mid_stage_continues_from_the_step(tmp_path, monkeypatch):
         if getattr(crash_after_rl_step_3, "armed", False) and stage == "rl" and step == 3:
             raise KeyboardInterrupt  # step 3 is logged but not checkpointed: resume must not log it twice
 
-    monkeypatch.setattr(train, "save_checkpoint", crash_after_rl_step_3)
+    monkeypatch.setattr(loops_state, "save_checkpoint", crash_after_rl_step_3)
     monkeypatch.setattr(train.MetricsLog, "write", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(_tiny_run_args(interrupted, "--run.save_every", "2"))
-    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    monkeypatch.setattr(loops_state, "save_checkpoint", real_save)
     monkeypatch.setattr(train.MetricsLog, "write", real_write)
     train.main(_tiny_run_args(interrupted, "--run.save_every", "2", "--resume"))
     a, b = _final_params(straight), _final_params(interrupted)
@@ -390,13 +391,13 @@ def test_prompts_longer_than_the_limit_are_skipped_and_counted(capsys):
 def test_a_nan_loss_stops_training_with_a_clear_message(tmp_path, monkeypatch):
     from dirl_min import train
 
-    real = train.sft_loss
+    real = loops_sft.sft_loss
 
     def nan_loss(*a, **k):
         loss, stats = real(*a, **k)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(train, "sft_loss", nan_loss)
+    monkeypatch.setattr(loops_sft, "sft_loss", nan_loss)
     with pytest.raises(FloatingPointError, match="SFT step 0: the loss is nan"):
         train.main(_tiny_run_args(tmp_path / "run"))
 
@@ -439,7 +440,7 @@ def test_an_external_rollout_engine_synced_each_step_trains_like_the_native_one(
     native = tmp_path / "native"
     train.main(_tiny_run_args(native, "--run.stages", '["rl"]'))
     engine = CopyEngine()
-    monkeypatch.setattr(train, "make_rollout_engine", lambda cfg, policy: engine)
+    monkeypatch.setattr(loops_dipo, "make_rollout_engine", lambda cfg, policy: engine)
     train.main(_tiny_run_args(tmp_path / "external", "--run.stages", '["rl"]'))
     assert engine.loads == 4 and not engine.awake  # one sync per RL step; released for every update
     a, b = _final_params(native), _final_params(tmp_path / "external")
@@ -478,7 +479,7 @@ def test_rl_group_filter_setting_picks_the_groups_trained_on(tmp_path, monkeypat
     rule trains on that group, DAPO's accuracy rule drops it (and every other)."""
     from dirl_min import train
 
-    real = train.rollout_and_reward
+    real = loops_dipo.rollout_and_reward
 
     def all_correct_one_group_differs(*a, **k):
         roll, rewards, correct, parts = real(*a, **k)
@@ -486,7 +487,7 @@ def test_rl_group_filter_setting_picks_the_groups_trained_on(tmp_path, monkeypat
         rewards[:4] = torch.tensor([0.5, 0.6, 0.7, 0.8])
         return roll, rewards, torch.ones_like(correct), parts
 
-    monkeypatch.setattr(train, "rollout_and_reward", all_correct_one_group_differs)
+    monkeypatch.setattr(loops_dipo, "rollout_and_reward", all_correct_one_group_differs)
     out = tmp_path / rule
     train.main(_tiny_run_args(out, "--run.stages", '["rl"]', "--rl.steps", "1", "--rl.group_filter", rule))
     row = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][-1]
@@ -523,7 +524,7 @@ def test_with_accuracy_rewards_both_group_filters_train_identically(tmp_path, mo
     keeps exactly the groups DAPO's accuracy rule keeps, so the weights agree bit for bit."""
     from dirl_min import train
 
-    real = train.rollout_and_reward
+    real = loops_dipo.rollout_and_reward
 
     def some_right(*a, **k):  # the tiny untrained model gets nothing right: fix a pattern of 0/1 rewards
         roll, rewards, correct, parts = real(*a, **k)
@@ -531,7 +532,7 @@ def test_with_accuracy_rewards_both_group_filters_train_identically(tmp_path, mo
         correct[-4:] = 1.0  # an all-correct group
         return roll, correct.clone(), correct, parts
 
-    monkeypatch.setattr(train, "rollout_and_reward", some_right)
+    monkeypatch.setattr(loops_dipo, "rollout_and_reward", some_right)
     for rule in ("reward_std", "accuracy"):
         train.main(_tiny_run_args(tmp_path / rule, "--run.stages", '["rl"]', "--rl.group_filter", rule))
     a, b = _final_params(tmp_path / "reward_std"), _final_params(tmp_path / "accuracy")

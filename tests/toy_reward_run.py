@@ -25,6 +25,7 @@ def toy_correct(real):
 
 if __name__ == "__main__":
     from dirl_min import train
+    from dirl_min.loops import dipo
 
-    train.rollout_and_reward = toy_correct(train.rollout_and_reward)
+    dipo.rollout_and_reward = toy_correct(dipo.rollout_and_reward)  # where the DiPO loop looks it up
     train.main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""The training loops: random-masking SFT, DiPO, and the state they save and resume."""

@@ -1,0 +1,219 @@
+"""DiPO (SPEC §4): roll out groups, reward them, score the kept responses, update — on any
+number of processes, with the rollouts decoded natively or by an external engine."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
+from dirl_min.dipo import filter_groups, group_advantages
+from dirl_min.forward import SelectedLogits, _unwrap
+from dirl_min.loops.state import EpochSampler
+from dirl_min.model import diffusion_settings
+from dirl_min.sharding import full_parameters
+from dirl_min.trainer import dipo_step, make_scheduler, rollout_and_reward
+
+
+def make_rollout_engine(cfg, policy):
+    """None for the native decoder; an :class:`LMDeployEngine` for ``rl.rollout_backend: lmdeploy``."""
+    if cfg.rl.rollout_backend == "native":
+        return None
+    if cfg.rl.rollout_backend != "lmdeploy":
+        raise SystemExit(f"rl.rollout_backend must be native or lmdeploy, not {cfg.rl.rollout_backend!r}")
+    if not cfg.model.path:
+        raise SystemExit("rl.rollout_backend lmdeploy needs --model: a checkpoint folder LMDeploy can load")
+    try:
+        from dirl_min.lmdeploy_engine import LMDeployEngine
+        import lmdeploy  # noqa: F401
+    except ImportError:
+        raise SystemExit("rl.rollout_backend lmdeploy needs the lmdeploy package (pip install -e '.[lmdeploy]' on a "
+                         "CUDA machine; lmdeploy 0.18 needs torch <= 2.12.1)") from None
+    block, mask_id = diffusion_settings(_unwrap(policy))
+    return LMDeployEngine(cfg.model.path, block_size=block, mask_token_id=mask_id, strategy=cfg.decode.strategy,
+                          threshold=cfg.decode.threshold, steps=cfg.decode.steps)
+
+
+def _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times):
+    """This process's share of ``chosen`` (prompts r, r + world, …), G responses each.
+
+    Returns ``(roll, rewards [n·G], correct [n·G])``."""
+    world, rank, G = accel.num_processes, accel.process_index, cfg.rl.group_size
+    mine = chosen[rank::world]
+    # sampling seeds for the global batch, then this process's share: same samples for any world size
+    seeds = torch.randint(0, 2**32, (len(chosen), G), generator=gen)[rank::world].reshape(-1).tolist()
+    # native: the engine decodes with the module being trained, so the weight sync is free
+    with full_parameters(wrapped):  # FSDP2: one gather, then decoding free of collectives
+        roll, rewards, correct, _ = rollout_and_reward(
+            _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
+            decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
+            max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
+            reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
+    return roll, rewards, correct
+
+
+def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
+    """Dynamic sampling (SPEC §4.3) over all processes: rounds of ``rl.prompts_per_step`` prompts
+    until that many groups with mixed accuracy are kept, at most ``rl.sampling_rounds`` rounds.
+
+    Process r decodes prompts r, r + world, … of each round. Whether to stop and which groups to
+    keep are decided on all processes' groups in the round's order, so every process runs the
+    same rounds (the samplers stay in step) and the groups kept are those one process would keep.
+
+    Returns:
+        ``(kept, rolls, n_kept)``: this process's kept groups as (rollout, response indices,
+        advantages [G]); its (rollout, rewards, correct) per round; the kept count over all processes.
+    """
+    world, rank, G, P = accel.num_processes, accel.process_index, cfg.rl.group_size, cfg.rl.prompts_per_step
+    kept, rolls, n_kept = [], [], 0
+    for _ in range(max(1, cfg.rl.sampling_rounds)):
+        # 1. roll out: P prompts over all processes, G responses each
+        chosen = sampler.take(P)
+        roll, rewards, correct = _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times)
+        rolls.append((roll, rewards, correct))
+        # 2. rewards and advantages: adv [n·G]; the filter's verdict per group, gathered in round order
+        adv = group_advantages(rewards, G)
+        keep = filter_groups(rewards, G, correct=correct, rule=cfg.rl.group_filter)
+        mixed = all_ranks(accel, keep.tolist())  # per process, its groups in order
+        for g in [g for g in range(len(chosen)) if mixed[g % world][g // world]][: P - n_kept]:
+            if g % world == rank:
+                i = g // world
+                kept.append((roll, list(range(i * G, (i + 1) * G)), adv[i * G:(i + 1) * G]))
+            n_kept += 1
+        if n_kept >= P:
+            break
+    return kept, rolls, n_kept
+
+
+def _rollout_metrics(accel, rolls, n_kept, prompts_per_step) -> dict:
+    """Reward, accuracy, lengths and kept fraction over all processes' rollouts of a step."""
+    per_rank = all_ranks(accel, [(r.tolist(), c.tolist(), [roll.tokens_per_step(i) for i in range(len(roll))],
+                                  [len(x) for x in roll.response_ids]) for roll, r, c in rolls])
+    rew, acc, tps, lengths = (sum((list(part[j]) for rank in per_rank for part in rank), []) for j in range(4))
+    return {
+        "reward": float(torch.tensor(rew).mean()), "accuracy": float(torch.tensor(acc).mean()),
+        "tokens_per_step": sum(tps) / len(acc), "response_length": sum(lengths) / len(acc),
+        "kept_fraction": n_kept / (len(rolls) * prompts_per_step), "sampling_rounds": len(rolls),
+        "cap_hit": int(n_kept < prompts_per_step),
+    }
+
+
+def _micro_batches(cfg, accel, kept, rolls):
+    """The kept responses in micro-batches: of one rollout each, at most ``rl.micro_batch`` responses,
+    padded with zero-weight fillers to the same count on every process (one collective schedule).
+
+    Returns ``(micro, n_tok, n_real)``: (rollout, indices, advantages, real) per micro-batch; the
+    step's response tokens over all processes; this process's real micro-batches."""
+    micro = []
+    for roll in {id(k[0]): k[0] for k in kept}.values():
+        idx = [i for r, ids, _ in kept if r is roll for i in ids]
+        adv = torch.cat([a for r, _, a in kept if r is roll])
+        size = cfg.rl.micro_batch or len(idx)
+        micro += [(roll, idx[s:s + size], adv[s:s + size]) for s in range(0, len(idx), size)]
+    counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx), len(micro)))
+    n_tok = float(sum(c[0] for c in counts))  # the step's response tokens, all processes
+    last = rolls[-1][0]  # a filler for a process with fewer micro-batches than another: a non-empty response
+    filler = (last, [max(range(len(last)), key=lambda i: len(last.response_ids[i]))], torch.zeros(1))
+    micro = equal_micro_batches(micro, max(c[1] for c in counts), filler)
+    return micro, n_tok, sum(m[3] for m in micro)
+
+
+def _score_and_backward(cfg, accel, wrapped, micro, n_tok, n_real, ref_model, logp_old, first, times):
+    """One pass over the micro-batches: DiPO loss (SPEC §4.4) and backward of each. ``logp_old``
+    (one entry per micro-batch) is filled on the ``first`` pass when later passes reuse it.
+
+    Returns ``(loss, stats)``: the loss summed over all processes; this process's mean stats."""
+    loss_total, stats = 0.0, {}
+    for k, (roll, idx, adv, real) in enumerate(micro):
+        t_score = time.perf_counter()
+        loss, stats_k, logp = dipo_step(
+            wrapped, roll, idx, adv, num_tokens=n_tok, eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high,
+            beta=cfg.rl.beta, ref_model=ref_model, logp_old=logp_old[k])
+        times["scoring"] += time.perf_counter() - t_score
+        if first and cfg.rl.num_iterations > 1:
+            logp_old[k] = logp  # the sampling policy's log-probs, computed once and reused
+        backward_micro(accel, wrapped, loss if real else loss * 0.0, last=k == len(micro) - 1)
+        if real:
+            loss_total += float(loss.detach())
+            stats = {key: stats.get(key, 0.0) + v / n_real for key, v in stats_k.items()}
+    return sum(all_ranks(accel, loss_total)), stats
+
+
+def _update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, n_tok, n_real, times, step) -> dict:
+    """``rl.num_iterations`` optimizer steps on the step's micro-batches, then one scheduler step.
+
+    Returns the row's ``lr`` (of these updates), ``loss``, ``grad_norm`` and stats (last pass)."""
+    logp_old = [None] * len(micro)
+    for it in range(cfg.rl.num_iterations):
+        # 3. score: log-probs of the kept responses under the policy, the loss, its gradient
+        loss_total, stats = _score_and_backward(cfg, accel, wrapped, micro, n_tok, n_real, ref_model,
+                                                logp_old, it == 0, times)
+        if not math.isfinite(loss_total):
+            raise FloatingPointError(f"DiPO step {step}: the loss is {loss_total}; lower rl.lr")
+        # 4. update
+        gnorm = accel.clip_grad_norm_(params, cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else torch.tensor(0.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    lr = sched.get_last_lr()[0]  # the rate of this update; warm-up counts updates
+    sched.step()
+    return {"lr": lr, "loss": loss_total, "grad_norm": float(gnorm), **stats}
+
+
+def _setup(cfg, accel, policy, problems, state):
+    """Optimizer, scheduler (DiRL: warm-up, then constant), wrapped model, reference model (β > 0),
+    sampling generator and prompt sampler — resumed from ``state`` when it is an RL checkpoint's.
+    Returns ``(params, opt, sched, wrapped, ref_model, gen, sampler, start)``."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.rl.lr, betas=tuple(cfg.rl.betas), weight_decay=cfg.rl.weight_decay)
+    sched = make_scheduler(opt, cfg.rl.warmup_steps, cfg.rl.steps, 1.0)
+    wrapped, opt = accel.prepare(SelectedLogits(policy), opt)
+    ref_model = None
+    if cfg.rl.beta > 0:
+        ref_model = copy.deepcopy(_unwrap(policy)).eval().requires_grad_(False)
+    start = 0
+    gen = torch.Generator().manual_seed(cfg.run.seed + 3)
+    sampler = EpochSampler(problems, cfg.run.seed + 4)
+    if state.get("stage") == "rl":
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+        gen.set_state(state["sample_rng"])
+        sampler.load_state_dict(state["sampler"])
+    return params, opt, sched, wrapped, ref_model, gen, sampler, start
+
+
+def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
+    """DiPO (SPEC §4) for ``cfg.rl.steps`` steps.
+
+    A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps."""
+    from tqdm.auto import tqdm
+
+    params, opt, sched, wrapped, ref_model, gen, sampler, start = _setup(cfg, accel, policy, problems, state)
+    engine = make_rollout_engine(cfg, policy)
+    bar = tqdm(range(start, cfg.rl.steps), desc="DiPO", disable=not progress or not accel.is_main_process,
+               initial=start, total=cfg.rl.steps)
+    for step in bar:
+        times = {"rollout": 0.0, "rewards": 0.0, "scoring": 0.0}  # seconds of this step
+        if engine is not None:
+            engine.load_weights(_unwrap(wrapped))  # this step's policy, sent through memory
+        # 1. roll out, 2. rewards and advantages: rounds of groups until P groups are kept
+        kept, rolls, n_kept = _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times)
+        if engine is not None:
+            engine.release()  # the update gets the rollout's GPU memory
+        row = _rollout_metrics(accel, rolls, n_kept, cfg.rl.prompts_per_step)
+        t = time.perf_counter()
+        # 3. score, 4. update: on micro-batches of the kept responses
+        micro, n_tok, n_real = _micro_batches(cfg, accel, kept, rolls)
+        if n_tok > 0:
+            row.update(_update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, n_tok, n_real, times, step))
+        times["update"] = time.perf_counter() - t - times["scoring"]  # backward + optimizer
+        row.update({f"time_{k}": v for k, v in times.items()})
+        bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kept=f"{row['kept_fraction']:.2f}")
+        if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.rl.steps:
+            log.write("rl", step + 1, row)
+        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.steps:
+            yield "checkpoint", {"stage": "rl", "step": step + 1, "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "sample_rng": gen.get_state(), "sampler": sampler.state_dict()}
