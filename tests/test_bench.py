@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dirl_min.bench import (
-    Case,
+from dirl_min.bench import parse_args
+from dirl_min.benchmarking.measures import (
     _layout_tokens,
     _subset,
     bench_model,
@@ -16,11 +16,10 @@ from dirl_min.bench import (
     forwards_per_block,
     fused_commit_check,
     mean_tokens_per_step,
-    parse_args,
     rescore_agreement,
     steps_per_block,
-    time_cases,
 )
+from dirl_min.benchmarking.timing import Case, time_cases
 from dirl_min.decoding import generate
 from dirl_min.dipo import rollout_rounds, build_layout
 from dirl_min.model import build_tiny

@@ -1,0 +1,1 @@
+"""Pieces of ``python -m dirl_min.bench``: models and measures, timing, the rows of the table."""
