@@ -25,8 +25,10 @@ FORBIDDEN: dict[str, tuple[str, ...] | None] = {
     "dirl_min.model": ("dirl_min.engine", "dirl_min.loops", "dirl_min.evaluation"),
     "dirl_min.engine": ("dirl_min.loops", "dirl_min.evaluation"),
     "dirl_min.loops": ("dirl_min.evaluation", *_FACES),
+    "dirl_min.evaluation": ("dirl_min.loops", *_FACES),
+    "dirl_min.benchmarking": _FACES,
 }
-SIZED = ("core", "engine", "model", "loops", "evaluation", "data")
+SIZED = ("core", "engine", "model", "loops", "evaluation", "data", "benchmarking")
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
 
