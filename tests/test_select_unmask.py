@@ -9,7 +9,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dirl_min.decoding import STRATEGIES, _truncate, propose, select_unmask, uniform_noise
+from dirl_min.core.unmask import STRATEGIES, _truncate, propose, select_unmask, uniform_noise
 from reference import decoding as ref
 
 FAST = settings(deadline=None, max_examples=60)
