@@ -10,10 +10,11 @@ padded rows; the model is run on them in :mod:`dirl_min.engine.score`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["step_rounds", "LayoutBatch", "build_layout"]
+__all__ = ["step_rounds", "LayoutBatch", "build_layout", "RoundQueries", "round_queries"]
 
 
 def step_rounds(step_map: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,3 +139,62 @@ def build_layout(
             start += t
     clean_copy = torch.tensor([pieces[row[0]]["rounds"] for row in rows], dtype=torch.long)
     return LayoutBatch(clean_copy=clean_copy, block_size=block_size, **out)
+
+
+class RoundQueries(NamedTuple):
+    """The two passes of :func:`dirl_min.engine.score.rounds_logp`, as index tensors.
+
+    Pass 1 runs the clean sequences ``x0`` ``[n, W]`` block-causally (``seg0`` ``[n, W]``: 0 on
+    tokens, -1 on padding; ``pos`` ``[n, W]``). Pass 2 runs one row per round (``owner``
+    ``[rows]``: its response) of ``span`` queries ``xt`` ``[rows, span]`` at positions ``cols``
+    ``[rows, span]`` against ``[its clean row ; itself]``, described by ``seg2``, ``pos2``,
+    ``copy2`` ``[rows, W + span]`` (clean = copy 1, noisy = copy 0); ``select``
+    ``[rows, span]`` marks the round's targets among the queries.
+    """
+
+    x0: torch.Tensor
+    seg0: torch.Tensor
+    pos: torch.Tensor
+    owner: torch.Tensor
+    xt: torch.Tensor
+    cols: torch.Tensor
+    select: torch.Tensor
+    seg2: torch.Tensor
+    pos2: torch.Tensor
+    copy2: torch.Tensor
+
+
+def round_queries(clean_ids: list[torch.Tensor], noisy: list[torch.Tensor], targets: list[torch.Tensor],
+                  mask_token_id: int, block_size: int) -> RoundQueries:
+    """The index tensors of :class:`RoundQueries` for responses ``clean_ids`` (int64 ``[L_i]``) and their
+    rounds ``noisy``, ``targets`` (bool ``[R_i, L_i]``, :func:`step_rounds`)."""
+    n, width = len(clean_ids), max(len(x) for x in clean_ids)
+    x0 = torch.full((n, width), mask_token_id, dtype=torch.long)
+    seg0 = torch.full((n, width), -1, dtype=torch.long)
+    for i, x in enumerate(clean_ids):
+        x0[i, : len(x)] = x
+        seg0[i, : len(x)] = 0
+    pos = torch.arange(width).expand(n, width)
+    owner = torch.tensor([i for i, nz in enumerate(noisy) for _ in range(len(nz))], dtype=torch.long)
+    rows = len(owner)
+    masked = torch.zeros(rows, width, dtype=torch.bool)
+    select = torch.zeros(rows, width, dtype=torch.bool)
+    masked_rows = [m for nz in noisy for m in nz]
+    for r, (m, t) in enumerate(zip(masked_rows, [t for tg in targets for t in tg])):
+        masked[r, : len(m)] = m
+        select[r, : len(t)] = t
+    # A round row's prompt blocks are never targets and no target attends to them (they are
+    # clean in x_0), so its queries start at the block holding the first generated token.
+    lengths = torch.tensor([len(x) for x in clean_ids])
+    starts = torch.tensor([int(nz.any(0).nonzero()[0]) // block_size * block_size if nz.any() else len(x)
+                           for x, nz in zip(clean_ids, noisy)], dtype=torch.long)
+    span = max(1, int((lengths - starts).max()))
+    cols = starts[owner][:, None] + torch.arange(span)  # [rows, span]: each query's position
+    valid = cols < lengths[owner][:, None]
+    cols = cols.clamp(max=width - 1)
+    masked, select = masked.gather(1, cols) & valid, select.gather(1, cols) & valid
+    xt = x0[owner].gather(1, cols).masked_fill(masked, mask_token_id)
+    seg2 = torch.cat([seg0[owner], torch.where(valid, 0, -1)], dim=1)
+    pos2 = torch.cat([pos[owner], cols], dim=1)
+    copy2 = torch.cat([torch.ones(rows, width, dtype=torch.long), torch.zeros(rows, span, dtype=torch.long)], 1)
+    return RoundQueries(x0, seg0, pos, owner, xt, cols, select, seg2, pos2, copy2)

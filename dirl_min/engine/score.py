@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from dirl_min.core.rounds import LayoutBatch, build_layout, step_rounds
+from dirl_min.core.rounds import LayoutBatch, build_layout, round_queries, step_rounds
 from dirl_min.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logits
 from dirl_min.sharding import fsdp_states
 
@@ -76,46 +76,20 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
         row, col = batch.select.nonzero(as_tuple=True)
         return RoundsLogp(logp, batch.example[row, col], batch.pos[row, col], entropy)
     dev = next(model.parameters()).device
-    n, width = len(clean_ids), max(len(x) for x in clean_ids)
-    x0 = torch.full((n, width), mask_token_id, dtype=torch.long)
-    seg0 = torch.full((n, width), -1, dtype=torch.long)
-    for i, x in enumerate(clean_ids):
-        x0[i, : len(x)] = x
-        seg0[i, : len(x)] = 0
-    pos = torch.arange(width).expand(n, width)
-    owner = torch.tensor([i for i, nz in enumerate(noisy) for _ in range(len(nz))], dtype=torch.long)
-    rows = len(owner)
-    masked = torch.zeros(rows, width, dtype=torch.bool)
-    select = torch.zeros(rows, width, dtype=torch.bool)
-    masked_rows = [m for nz in noisy for m in nz]
-    for r, (m, t) in enumerate(zip(masked_rows, [t for tg in targets for t in tg])):
-        masked[r, : len(m)] = m
-        select[r, : len(t)] = t
-    # A round row's prompt blocks are never targets and no target attends to them (they are
-    # clean in x_0), so its queries start at the block holding the first generated token.
-    lengths = torch.tensor([len(x) for x in clean_ids])
-    starts = torch.tensor([int(nz.any(0).nonzero()[0]) // block_size * block_size if nz.any() else len(x)
-                           for x, nz in zip(clean_ids, noisy)], dtype=torch.long)
-    span = max(1, int((lengths - starts).max()))
-    cols = starts[owner][:, None] + torch.arange(span)  # [rows, span]: each query's position
-    valid = cols < lengths[owner][:, None]
-    cols = cols.clamp(max=width - 1)
-    masked, select = masked.gather(1, cols) & valid, select.gather(1, cols) & valid
-    xt = x0[owner].gather(1, cols).masked_fill(masked, mask_token_id)
+    q = round_queries(clean_ids, noisy, targets, mask_token_id, block_size)
     # pass 1: clean rows, block-causal (copy 0 is the clean copy here)
-    zeros = torch.zeros_like(seg0)
-    mask0 = layout_attention_mask(model, seg0.to(dev), pos.to(dev), zeros.to(dev), 0, block_size)
+    zeros = torch.zeros_like(q.seg0)
+    mask0 = layout_attention_mask(model, q.seg0.to(dev), q.pos.to(dev), zeros.to(dev), 0, block_size)
     # pass 2: each round row's queries against [its clean row ; itself] (clean = copy 1, noisy = copy 0)
-    seg2 = torch.cat([seg0[owner], torch.where(valid, 0, -1)], dim=1)
-    pos2 = torch.cat([pos[owner], cols], dim=1)
-    copy2 = torch.cat([torch.ones(rows, width, dtype=torch.long), torch.zeros(rows, span, dtype=torch.long)], 1)
-    mask2 = layout_attention_mask(model, seg2.to(dev), pos2.to(dev), copy2.to(dev), 1, block_size, num_queries=span)
+    mask2 = layout_attention_mask(model, q.seg2.to(dev), q.pos2.to(dev), q.copy2.to(dev), 1, block_size,
+                                  num_queries=q.cols.shape[1])
     net = model if isinstance(model, SelectedLogits) or hasattr(model, "module") else SelectedLogits(model)
-    row, col = select.nonzero(as_tuple=True)
-    col = cols[row, col]
-    logp, entropy = net(xt.to(dev), cols.to(dev), mask2, select.to(dev),
-                        prefix=(x0.to(dev), pos.to(dev), mask0, owner.to(dev)), targets=x0[owner[row], col].to(dev))
-    return RoundsLogp(logp, owner[row], col, entropy)
+    row, col = q.select.nonzero(as_tuple=True)
+    col = q.cols[row, col]
+    logp, entropy = net(q.xt.to(dev), q.cols.to(dev), mask2, q.select.to(dev),
+                        prefix=(q.x0.to(dev), q.pos.to(dev), mask0, q.owner.to(dev)),
+                        targets=q.x0[q.owner[row], col].to(dev))
+    return RoundsLogp(logp, q.owner[row], col, entropy)
 
 
 def rollout_rounds(rollout, i: int):
