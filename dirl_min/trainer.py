@@ -15,7 +15,8 @@ from functools import partial
 import torch
 
 from dirl_min.decoding import generate
-from dirl_min.dipo import build_layout, dipo_loss, layout_logp, rollout_rounds, rounds_logp
+from dirl_min.core.objectives import dipo_loss
+from dirl_min.engine.score import build_layout, layout_logp, rollout_rounds, rounds_logp
 from dirl_min.masking import add_noise
 from dirl_min.model import chat_prompt_ids, diffusion_settings, stop_token_ids
 from dirl_min.tasks import render_prompt
@@ -73,7 +74,7 @@ def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: 
     response tokens of the whole optimizer step (``num_response_tokens``), so the
     micro-batch losses of one step add up to the step's loss. The noise is drawn here
     unless ``masks`` and ``p`` (from :func:`sft_noise`) are given. ``pack_tokens > 0`` packs
-    several examples into one row (see :func:`dirl_min.dipo.build_layout`).
+    several examples into one row (see :func:`dirl_min.core.rounds.build_layout`).
 
     Returns:
         ``(loss, stats)``: scalar tensor (with grad) and floats ``masked`` (count) and
@@ -84,10 +85,11 @@ def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: 
     ids, rounds = [e.ids for e in examples], [m[None] for m in masks]
     if pack_tokens:
         batch = build_layout(ids, rounds, rounds, mask_token_id, block_size, pack_tokens=pack_tokens)
-        logp = layout_logp(model, batch)
+        logp = layout_logp(model, batch)[0]
         owner = batch.example[batch.select]
     else:  # the same numbers, with x_0 run once and x_t's response blocks as queries against it
-        logp, owner, _ = rounds_logp(model, ids, rounds, rounds, mask_token_id, block_size)
+        scored = rounds_logp(model, ids, rounds, rounds, mask_token_id, block_size)
+        logp, owner = scored.logp, scored.resp
     weight = (1.0 / p[owner]).to(logp.device)
     loss = -(logp * weight).sum() / num_response_tokens
     return loss, {"masked": float(len(owner)), "nll": float(-logp.detach().mean())}
@@ -171,13 +173,13 @@ def dipo_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_
     """
     mask_id, block = rollout.mask_token_id, rollout.block_size
     clean, noisy, targets = zip(*(rollout_rounds(rollout, i) for i in keep))
-    logp, resp, _, entropy = rounds_logp(model, clean, noisy, targets, mask_id, block, with_entropy=True)
+    logp, resp, _, entropy = rounds_logp(model, clean, noisy, targets, mask_id, block)
     adv = advantages.to(logp.device)[resp.to(logp.device)]
     old = logp.detach() if logp_old is None else logp_old
     ref = None
     if beta > 0:
         with torch.no_grad():
-            ref = rounds_logp(ref_model, clean, noisy, targets, mask_id, block)[0]
+            ref = rounds_logp(ref_model, clean, noisy, targets, mask_id, block).logp
     loss, stats = dipo_loss(logp[:, None], old[:, None], adv, torch.ones_like(logp[:, None], dtype=torch.bool),
                             eps_low=eps_low, eps_high=eps_high, beta=beta,
                             logp_ref=None if ref is None else ref[:, None], num_tokens=num_tokens)

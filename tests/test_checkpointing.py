@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
-from dirl_min.dipo import rounds_logp, step_rounds
+from dirl_min.core.rounds import step_rounds
+from dirl_min.engine.score import rounds_logp
 from dirl_min.forward import SelectedLogits
 from dirl_min.model import build_tiny
 
@@ -48,8 +48,7 @@ class _LayerCalls:
         monkeypatch.setattr(modeling_qwen3.Qwen3MLP, "forward", counting)
 
 
-@pytest.mark.parametrize("with_entropy", [False, True])
-def test_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_every_layer(with_entropy, monkeypatch):
+def test_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_every_layer(monkeypatch):
     model, tok = build_tiny(num_layers=3)
     ckpt = copy.deepcopy(model)
     ckpt.gradient_checkpointing_enable()
@@ -59,7 +58,7 @@ def test_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_every_la
     for m in (model, ckpt):
         m.train()
         calls.forward = calls.backward = 0
-        out = rounds_logp(SelectedLogits(m), clean, noisy, targets, tok.mask_token_id, 4, with_entropy=with_entropy)
+        out = rounds_logp(SelectedLogits(m), clean, noisy, targets, tok.mask_token_id, 4)
         weights = torch.linspace(0.5, 1.5, len(out[0]))
         loss = -(out[0] * weights).sum()
         loss.backward()

@@ -10,7 +10,7 @@ import time
 import torch
 
 from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
-from dirl_min.dipo import filter_groups, group_advantages
+from dirl_min.core.objectives import filter_groups, group_advantages
 from dirl_min.forward import SelectedLogits, _unwrap
 from dirl_min.loops.state import EpochSampler
 from dirl_min.model import diffusion_settings

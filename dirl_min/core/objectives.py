@@ -1,0 +1,116 @@
+"""DiPO objectives (SPEC §4.3, §4.6): group advantages, the dynamic-sampling filter, the clipped loss."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["group_advantages", "filter_groups", "GROUP_FILTERS", "dipo_loss"]
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages ``(r - mean_G) / (std_G + eps)`` (population std).
+
+    Args:
+        rewards: float ``[num_groups · G]``, groups contiguous.
+        group_size: G.
+
+    Returns:
+        float ``[num_groups · G]``; exactly 0 in groups whose rewards are all equal.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=False)
+    # "all equal" is tested directly: a rounded mean would leave std ≈ 1e-17, not 0
+    spread = ~(r == r[:, :1]).all(dim=1, keepdim=True)
+    adv = torch.where(spread, (r - mean) / (std + eps), torch.zeros_like(r))
+    return adv.view(-1).float()
+
+
+#: ``rl.group_filter`` rules of :func:`filter_groups`.
+GROUP_FILTERS = ("reward_std", "accuracy")
+
+
+def filter_groups(rewards: torch.Tensor, group_size: int, *, correct: torch.Tensor | None = None,
+                  rule: str = "reward_std") -> torch.Tensor:
+    """Dynamic sampling: which groups carry a learning signal.
+
+    ``reward_std`` (DiRL, "zero advantage standard deviation" filtered out): keep groups
+    whose rewards are not all equal, i.e. whose :func:`group_advantages` are not all zero.
+    With the speed reward an all-correct group whose responses decoded at different speeds
+    is kept: speed is all it can teach. ``accuracy`` (DAPO): keep groups whose accuracy is
+    neither all 0 nor all 1. The two agree when the reward is accuracy alone.
+
+    Args:
+        rewards: float ``[num_groups · G]``, groups contiguous.
+        group_size: G.
+        correct: float/bool ``[num_groups · G]`` (1 = correct), same order; needed by ``accuracy``.
+        rule: ``reward_std`` or ``accuracy``.
+
+    Returns:
+        bool ``[num_groups]``.
+    """
+    if rule == "reward_std":
+        r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
+        return ~(r == r[:, :1]).all(dim=1)  # the same "all equal" test as group_advantages
+    if rule == "accuracy":
+        if correct is None:
+            raise ValueError("filter_groups(rule='accuracy') needs correct (0/1 per response)")
+        acc = torch.as_tensor(correct, dtype=torch.float32).view(-1, group_size).mean(dim=1)
+        return (acc > 0) & (acc < 1)
+    raise ValueError(f"rl.group_filter must be one of {GROUP_FILTERS}, not {rule!r}")
+
+
+def dipo_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantages: torch.Tensor,
+    target_mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    beta: float = 0.0,
+    logp_ref: torch.Tensor | None = None,
+    num_tokens: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DiPO objective (SPEC §4.6): clipped surrogate, token mean, optional k3 KL.
+
+    Args:
+        logp: float ``[N, L]`` current log-probs (with grad).
+        logp_old: float ``[N, L]`` log-probs of the sampling policy (no grad).
+        advantages: float ``[N]``, one per sequence.
+        target_mask: bool ``[N, L]``, the response tokens that count.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]``.
+        beta: weight of the k3 KL to ``logp_ref`` (float ``[N, L]``, required if beta > 0).
+        num_tokens: the normaliser ``N_tok``; default ``target_mask.sum()``. Pass the
+            whole batch's count when a batch is split into micro-batches or processes.
+
+    Returns:
+        ``(loss, stats)``: a scalar tensor, and floats ``clip_frac`` (targets where the
+        clip is active), ``ratio_mean``, ``approx_kl`` (k3 of old vs new), ``kl_ref``.
+    """
+    mask = target_mask.to(logp.dtype)
+    n_tok = mask.sum().clamp(min=1) if num_tokens is None else torch.as_tensor(float(num_tokens))
+    adv = advantages.to(logp.dtype)[:, None]
+    log_ratio = (logp - logp_old).clamp(-10.0, 10.0)
+    ratio = log_ratio.exp()
+    surr_unclipped = ratio * adv
+    surr_clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    surr = torch.minimum(surr_unclipped, surr_clipped)
+    loss = -(surr * mask).sum() / n_tok
+    kl_ref = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if beta > 0:
+        if logp_ref is None:
+            raise ValueError("beta > 0 needs logp_ref (log-probs of the frozen reference model)")
+        d = logp_ref - logp
+        kl_ref = ((d.exp() - 1 - d) * mask).sum() / n_tok
+        loss = loss + beta * kl_ref
+    with torch.no_grad():
+        denom = mask.sum().clamp(min=1)
+        d_old = (-log_ratio).detach()
+        stats = {
+            "clip_frac": float(((surr_clipped < surr_unclipped).to(logp.dtype) * mask).sum() / denom),
+            "ratio_mean": float((ratio * mask).sum() / denom),
+            "approx_kl": float(((d_old.exp() - 1 - d_old) * mask).sum() / denom),
+            "kl_ref": float(kl_ref),
+        }
+    return loss, stats
