@@ -107,11 +107,11 @@ def _verify(ck: Path) -> None:
             raise OSError(f"{f}: {type(e).__name__}: {e}") from None
 
 
-def _state(f: Path) -> dict:
+def _state(f: Path, *, mmap: bool = False) -> dict:
     import torch
 
     try:
-        return torch.load(f, weights_only=True)
+        return torch.load(f, weights_only=True, mmap=mmap)
     except Exception as e:
         raise OSError(f"{f}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
@@ -127,7 +127,8 @@ def load_latest(out: Path, given: dict, load_weights: Callable[[Path], object]):
     for ck in sorted((out / "checkpoints").glob("*-*")):
         if ck.is_dir() and not ck.name.endswith(".tmp") and (ck / "trainer_state.pt").is_file():
             try:
-                index[ck] = _state(ck / "trainer_state.pt")["ckpt_index"]
+                # mapped, not read: only the index is needed, not every checkpoint's optimizer state
+                index[ck] = _state(ck / "trainer_state.pt", mmap=True)["ckpt_index"]
             except OSError as e:
                 print(f"run.resume: skipping checkpoint {ck.name}, a file is unreadable (truncated?): {e}", file=sys.stderr)
     for ck in sorted(index, key=index.get, reverse=True):
