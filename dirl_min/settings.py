@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from dirl_min.config import SettingsError
+from dirl_min.core.objectives import GROUP_FILTERS
 from dirl_min.decoding import STRATEGIES
+from dirl_min.tasks import RESPONSE_STYLES
 
 __all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CONFIG_CROSS_RULES",
            "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES"]
@@ -135,8 +137,8 @@ CONFIG_RULES: list[Rule] = [
     at_least("rl.max_new_tokens", 1),
     at_least("rl.reward_workers", 0),
     one_of("rl.rollout_backend", "native", "lmdeploy"),
-    one_of("rl.group_filter", "reward_std", "accuracy"),
-    one_of("data.response_style", "answer", "worked"),
+    one_of("rl.group_filter", *GROUP_FILTERS),
+    one_of("data.response_style", *RESPONSE_STYLES),
     one_of("decode.strategy", *STRATEGIES),
     number("decode.threshold", 0, 1),
     at_least("decode.steps", 0, "0 = block size"),

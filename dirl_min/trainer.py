@@ -18,7 +18,7 @@ from dirl_min.decoding import generate
 from dirl_min.core.objectives import dipo_loss
 from dirl_min.engine.score import build_layout, layout_logp, rollout_rounds, rounds_logp
 from dirl_min.masking import add_noise
-from dirl_min.model import chat_prompt_ids, diffusion_settings, stop_token_ids
+from dirl_min.model import chat_prompt_ids, stop_token_ids
 from dirl_min.tasks import render_prompt
 
 __all__ = ["SFTExample", "tokenize_sft", "sft_noise", "sft_loss", "make_scheduler", "rollout_and_reward", "dipo_step", "evaluate"]
@@ -252,9 +252,3 @@ def _sample_rows(model, tokenizer, problems, mine, seeds, sampling, kw) -> list[
     return [(mine[j // k], j % k, float(correct[j]), rollout.tokens_per_step(j), rollout.length_to_stop(j),
              bool(rollout.truncated[j])) for j in range(len(rollout))]
 
-
-def block_and_mask(model) -> tuple[int, int]:
-    """(B, M) of a possibly wrapped model: the model's config is the single source of truth."""
-    from dirl_min.forward import _unwrap
-
-    return diffusion_settings(_unwrap(model))

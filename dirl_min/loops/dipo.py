@@ -22,10 +22,7 @@ def make_rollout_engine(cfg, policy):
     """None for the native decoder; an :class:`LMDeployEngine` for ``rl.rollout_backend: lmdeploy``."""
     if cfg.rl.rollout_backend == "native":
         return None
-    if cfg.rl.rollout_backend != "lmdeploy":
-        raise SystemExit(f"rl.rollout_backend must be native or lmdeploy, not {cfg.rl.rollout_backend!r}")
-    if not cfg.model.path:
-        raise SystemExit("rl.rollout_backend lmdeploy needs --model: a checkpoint folder LMDeploy can load")
+    # the backend's name and its need for model.path are checked with the other settings (settings.py)
     try:
         from dirl_min.lmdeploy_engine import LMDeployEngine
         import lmdeploy  # noqa: F401
@@ -57,7 +54,7 @@ def _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times):
 
 def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
     """Dynamic sampling (SPEC §4.3) over all processes: rounds of ``rl.prompts_per_step`` prompts
-    until that many groups with mixed accuracy are kept, at most ``rl.sampling_rounds`` rounds.
+    until that many groups pass ``rl.group_filter``, at most ``rl.sampling_rounds`` rounds.
 
     Process r decodes prompts r, r + world, … of each round. Whether to stop and which groups to
     keep are decided on all processes' groups in the round's order, so every process runs the
@@ -69,7 +66,7 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
     """
     world, rank, G, P = accel.num_processes, accel.process_index, cfg.rl.group_size, cfg.rl.prompts_per_step
     kept, rolls, n_kept = [], [], 0
-    for _ in range(max(1, cfg.rl.sampling_rounds)):
+    for _ in range(cfg.rl.sampling_rounds):  # at least 1 (settings.py)
         # 1. roll out: P prompts over all processes, G responses each
         chosen = sampler.take(P)
         roll, rewards, correct = _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times)
