@@ -99,6 +99,9 @@ class RLConfig:
     top_p: float = _f(1.0, "rollout top-p")
     max_new_tokens: int = _f(16, "rollout length limit (whole blocks)")
     reward_workers: int = _f(0, "processes for reward computation (0 = in-process)")
+    objective: str = _f("dipo", "how the update reads each response's log-probabilities: dipo = every token in the context it was decoded in (DiRL); tracerl = rl.trace_shrinkage decoding steps merged per round (TraceRL); diffu_grpo = one forward, whole response masked, prompt masked at rl.prompt_mask_prob (d1); coupled_grpo = two complementary random masks of the response (DiffuCoder)")
+    trace_shrinkage: int = _f(2, "tracerl: consecutive decoding steps merged into one training round (TraceRL's s; 1 = dipo exactly)")
+    prompt_mask_prob: float = _f(0.15, "diffu_grpo: probability of masking each prompt token, drawn afresh for every pass (d1: 0.15)")
     rollout_backend: str = _f("native", "native = dirl_min's KV-cached decoder on the trained module; lmdeploy = LMDeploy's PyTorch engine (CUDA, lmdeploy 0.18; weights synced in memory each step)")
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from dirl_min.config import SettingsError
 from dirl_min.core.objectives import GROUP_FILTERS
+from dirl_min.core.estimates import OBJECTIVES
 from dirl_min.decoding import STRATEGIES
 from dirl_min.tasks import RESPONSE_STYLES
 
@@ -138,6 +139,9 @@ CONFIG_RULES: list[Rule] = [
     at_least("rl.reward_workers", 0),
     one_of("rl.rollout_backend", "native", "lmdeploy"),
     one_of("rl.group_filter", *GROUP_FILTERS),
+    one_of("rl.objective", *OBJECTIVES),
+    at_least("rl.trace_shrinkage", 1, "1 = the exact trace"),
+    number("rl.prompt_mask_prob", 0.0, 1.0, hi_open=True),
     one_of("data.response_style", *RESPONSE_STYLES),
     one_of("decode.strategy", *STRATEGIES),
     number("decode.threshold", 0, 1),
