@@ -15,13 +15,15 @@ from functools import partial
 import torch
 
 from dirl_min.decoding import generate
-from dirl_min.core.objectives import dipo_loss
-from dirl_min.engine.score import build_layout, layout_logp, rollout_rounds, rounds_logp
+from dirl_min.core.estimates import ObjectiveSpec
+from dirl_min.core.objectives import LOSS_MEANS, clipped_loss, dipo_loss, loss_weights
+from dirl_min.engine.score import build_layout, layout_logp, rollout_views, rounds_logp
 from dirl_min.masking import add_noise
 from dirl_min.model import chat_prompt_ids, stop_token_ids
 from dirl_min.tasks import render_prompt
 
-__all__ = ["SFTExample", "tokenize_sft", "sft_noise", "sft_loss", "make_scheduler", "rollout_and_reward", "dipo_step", "evaluate"]
+__all__ = ["SFTExample", "tokenize_sft", "sft_noise", "sft_loss", "make_scheduler", "rollout_and_reward", "policy_step", "dipo_step",
+           "evaluate"]
 
 
 @dataclass
@@ -157,34 +159,54 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
     return rollout, torch.tensor(total, dtype=torch.float32), torch.tensor(parts["correct"], dtype=torch.float32), parts
 
 
-def dipo_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_tokens: float, eps_low: float,
-              eps_high: float, beta: float = 0.0, ref_model=None, logp_old: torch.Tensor | None = None):
-    """DiPO loss on the kept responses of a rollout (SPEC §4.4–4.6), in one call of the model.
+def policy_step(model, rollout, keep: list[int], advantages: torch.Tensor, *, num_tokens: float, eps_low: float,
+                eps_high: float, beta: float = 0.0, ref_model=None, logp_old: torch.Tensor | None = None,
+                spec: ObjectiveSpec = ObjectiveSpec(), num_sequences: float = 0.0, iteration: int = 0):
+    """The RL loss of objective ``spec`` on the kept responses of a rollout, in one call of the model.
+
+    The views of :mod:`dirl_min.core.estimates` (DiPO's exact step rounds by default,
+    SPEC §4.4–4.6) are scored by :func:`~dirl_min.engine.score.rounds_logp`, and the clipped
+    loss takes the objective's mean (:data:`~dirl_min.core.objectives.LOSS_MEANS`).
 
     Args:
         model: the policy (possibly wrapped for distribution).
         keep: indices of the responses to train on; ``advantages``: float ``[len(keep)]``.
-        num_tokens: response tokens of the whole step (the DAPO token-mean normaliser).
+        num_tokens, num_sequences: response tokens and responses of the whole step (the
+            normalisers of the token and the sequence mean).
         logp_old: float ``[targets]`` from an earlier pass (``num_iterations > 1``); default:
             the current log-probs, detached (one on-policy pass: ratio 1).
+        iteration: the optimisation pass (random views are drawn afresh in each).
 
     Returns:
-        ``(loss, stats, logp)`` — ``logp`` detached, reusable as the next pass's ``logp_old``.
+        ``(loss, stats, logp)`` — ``logp`` detached, reusable as the next pass's ``logp_old``;
+        ``stats["copies"]`` counts the noisy copies scored.
     """
     mask_id, block = rollout.mask_token_id, rollout.block_size
-    clean, noisy, targets = zip(*(rollout_rounds(rollout, i) for i in keep))
-    logp, resp, _, entropy = rounds_logp(model, clean, noisy, targets, mask_id, block)
+    views, labels = zip(*(rollout_views(rollout, i, spec, iteration) for i in keep))
+    context, noisy, targets = zip(*views)
+    logp, resp, _, entropy = rounds_logp(model, context, noisy, targets, mask_id, block, labels=labels)
     adv = advantages.to(logp.device)[resp.to(logp.device)]
     old = logp.detach() if logp_old is None else logp_old
     ref = None
     if beta > 0:
         with torch.no_grad():
-            ref = rounds_logp(ref_model, clean, noisy, targets, mask_id, block).logp
-    loss, stats = dipo_loss(logp[:, None], old[:, None], adv, torch.ones_like(logp[:, None], dtype=torch.bool),
-                            eps_low=eps_low, eps_high=eps_high, beta=beta,
-                            logp_ref=None if ref is None else ref[:, None], num_tokens=num_tokens)
+            ref = rounds_logp(ref_model, context, noisy, targets, mask_id, block, labels=labels).logp
+    if LOSS_MEANS[spec.name] == "token":
+        loss, stats = dipo_loss(logp[:, None], old[:, None], adv, torch.ones_like(logp[:, None], dtype=torch.bool),
+                                eps_low=eps_low, eps_high=eps_high, beta=beta,
+                                logp_ref=None if ref is None else ref[:, None], num_tokens=num_tokens)
+    else:
+        weight, denom = loss_weights(resp, [len(rollout.response_ids[i]) for i in keep], LOSS_MEANS[spec.name],
+                                     num_tokens=num_tokens, num_sequences=num_sequences)
+        loss, stats = clipped_loss(logp, old, adv, weight.to(logp.device), denom, eps_low=eps_low,
+                                   eps_high=eps_high, beta=beta, logp_ref=ref)
     stats["entropy"] = float(entropy.mean())
+    stats["copies"] = float(sum(len(nz) for nz in noisy))
     return loss, stats, logp.detach()
+
+
+#: the DiPO step (the default objective), by its documented name
+dipo_step = policy_step
 
 
 @torch.no_grad()
