@@ -9,14 +9,15 @@ import time
 
 import torch
 
-from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
 from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec
 from dirl_min.core.objectives import filter_groups, group_advantages
+from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
+from dirl_min.engine.rollouts import rollout_and_reward
 from dirl_min.forward import SelectedLogits, _unwrap
-from dirl_min.loops.state import EpochSampler
+from dirl_min.loops.policy import policy_step
+from dirl_min.loops.state import EpochSampler, make_scheduler
 from dirl_min.model import diffusion_settings
 from dirl_min.sharding import full_parameters
-from dirl_min.trainer import make_scheduler, policy_step, rollout_and_reward
 
 
 def make_rollout_engine(cfg, policy):
