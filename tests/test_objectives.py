@@ -221,3 +221,24 @@ def test_random_views_are_the_same_for_old_new_and_reference_log_probs():
         later = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
                             num_sequences=4, eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name), iteration=1)[2]
         assert not torch.equal(later, logp)  # the next pass draws new masks
+
+
+def test_the_packed_path_reads_every_objectives_views_as_the_two_pass_path(monkeypatch):
+    """GPU (flex_attention) and FSDP2 score one packed row ``[x_t^1; …; x_t^R; x]`` per response instead
+    of the two passes; with labels that differ from the context (d1) both must read the same tokens."""
+    from dirl_min.engine import score
+
+    model, roll = _rollout(n=4)
+    M, B = roll.mask_token_id, roll.block_size
+    for name in ("dipo", "tracerl", "diffu_grpo", "coupled_grpo"):
+        spec = ObjectiveSpec(name, shrinkage=2, prompt_mask_prob=0.3)
+        views, labels = zip(*(score.rollout_views(roll, i, spec) for i in range(len(roll))))
+        got = {}
+        for backend in ("sdpa", "flex_attention"):  # the packed path, here with SDPA's dense mask
+            monkeypatch.setattr(score, "attention_backend", lambda m, b=backend: b)
+            with torch.no_grad():
+                r = rounds_logp(model, *zip(*views), M, B, labels=labels)
+            key = r.resp * 10_000 + r.position
+            got[backend] = r.logp[torch.argsort(key)], key.sort().values
+        assert torch.equal(got["sdpa"][1], got["flex_attention"][1])
+        assert torch.allclose(got["sdpa"][0], got["flex_attention"][0], atol=1e-5), name
