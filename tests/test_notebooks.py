@@ -51,8 +51,8 @@ def _cells(nb) -> list[tuple[str, str, dict]]:
     return [(c.cell_type, c.source, dict(c.metadata)) for c in nb.cells]
 
 
-def test_the_four_notebooks_exist():
-    assert NAMES == ["01_masks_and_noise", "02_block_decoding", "03_dipo", "04_end_to_end"]
+def test_the_notebooks_exist():
+    assert NAMES == ["01_masks_and_noise", "02_block_decoding", "03_dipo", "04_end_to_end", "05_objectives"]
     assert sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == NAMES, "stray or missing notebook files"
     assert sorted(p.name for p in NB_DIR.glob("*.py")) == [f"{n}.py" for n in NAMES], "stray notebook sources"
 
@@ -175,7 +175,18 @@ def _check_04(c):
     assert c["ratio_is_one"] and c["rl_updates"] > 0
 
 
-CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "04": (_check_04, 1)}
+def _check_05(c):
+    assert c["read_once"] and c["scored_every_token"] and c["same_as_trainer"]
+    assert c["tracerl_s1_is_dipo"] and c["tracerl_matches_reference"] and c["tracerl_no_lookahead"]
+    assert c["d1_hides_response"] and c["d1_prompt_masked"] > 0 and c["coupled_complementary"]
+    assert c["copies"] == c["expected_copies"] and c["copies"]["diffu_grpo"] * 2 == c["copies"]["coupled_grpo"]
+    assert c["max_diff"]["dipo"] < 1e-4, "consistency invariant: dipo's views != recorded logp"
+    assert min(c["max_diff"][n] for n in ("tracerl", "diffu_grpo", "coupled_grpo")) > 1e-2
+    assert c["mismatch"]["dipo"] == [0.0, 0.0] and c["mismatch"]["tracerl"][1] == 0.0
+
+
+CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "04": (_check_04, 1),
+            "05": (_check_05, 2)}
 
 
 @pytest.mark.parametrize("name", NAMES)
