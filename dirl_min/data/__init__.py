@@ -3,6 +3,8 @@ evaluation files (:mod:`~dirl_min.data.records`). A low layer: it imports only `
 and ``dirl_min.model``. This package re-exports the public names (so does ``dirl_min.tasks``).
 """
 
+from dirl_min.data import records as _records
+from dirl_min.data import tasks as _tasks
 from dirl_min.data.records import DataError, load_problems, load_records, load_sft, read_text
 from dirl_min.data.tasks import (
     RESPONSE_STYLES,
@@ -14,17 +16,4 @@ from dirl_min.data.tasks import (
     worked_solution,
 )
 
-__all__ = [
-    "Problem",
-    "RESPONSE_STYLES",
-    "arithmetic_problems",
-    "split_problems",
-    "sft_records",
-    "worked_solution",
-    "render_prompt",
-    "DataError",
-    "read_text",
-    "load_records",
-    "load_problems",
-    "load_sft",
-]
+__all__ = [*_tasks.__all__, *_records.__all__]
