@@ -38,9 +38,9 @@ KERNEL_NAME = "dirl-min-notebook-test"
 CELL_TIMEOUT = 240  # seconds per cell; notebook 04's training cell is the longest (~30 s on 2 busy cores)
 PROBE_MARK = "@@NOTEBOOK_PROBE@@"
 PROBE = (
-    "import json as _json, sys as _sys\n"
-    f"print({PROBE_MARK!r} + _json.dumps({{'executable': _sys.executable, 'prefix': _sys.prefix, 'checks': CHECKS}},"
-    " default=str))"
+    "import json as _json, sys as _sys, torch as _torch\n"
+    f"print({PROBE_MARK!r} + _json.dumps({{'executable': _sys.executable, 'prefix': _sys.prefix, 'checks': CHECKS,"
+    " 'threads': _torch.get_num_threads()}, default=str))"
 )
 
 
@@ -75,7 +75,7 @@ def test_committed_notebook_has_no_outputs_and_a_checks_cell(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     for c in code:
         assert c.outputs == [] and c.execution_count is None, f"{name}: cell {c.id} carries outputs"
-    assert "torch.set_num_threads(1)" in code[0].source
+    assert "from dirl_min.tutorial import setup" in code[0].source and "= setup()" in code[0].source
     last = code[-1]
     assert last.metadata.get("tags") == ["checks"], f"{name}: the last code cell must be the checks cell"
     assert "CHECKS = {" in last.source and last.source.count("assert ") >= 3
@@ -182,6 +182,7 @@ CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "0
 def test_notebook_executes_and_its_claims_hold(name, kernel_manager_class, tmp_path):
     nb, probe, seconds = execute(name, kernel_manager_class, tmp_path)
     assert (probe["executable"], probe["prefix"]) == (sys.executable, sys.prefix), "kernel ran another interpreter"
+    assert probe["threads"] == 1, "the first cell's setup() leaves torch on one thread"
     check, min_figures = CHECKERS[name[:2]]
     check(probe["checks"])
     assert _figures(nb) >= min_figures, f"{name}: expected at least {min_figures} figures"
