@@ -84,6 +84,18 @@ def test_committed_notebook_has_no_outputs_and_a_checks_cell(name):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
 
 
+def test_the_printing_helpers_put_bars_on_absolute_block_boundaries():
+    from dirl_min.model import build_tiny_tokenizer
+    from dirl_min.tutorial import glyphs, in_blocks
+
+    assert in_blocks("abcdefghij", 4) == "abcd|efgh|ij"
+    assert in_blocks("cdefgh", 4, start=2) == "cd|efgh"  # positions 2..7: the first block is cut at 4
+    assert in_blocks("ef", 4, start=4) == "ef"
+    tok = build_tiny_tokenizer()
+    ids = tok.encode("a\n", add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    assert glyphs(tok, ids) == "a⏎⟩∎"
+
+
 @pytest.fixture(scope="module")
 def kernel_manager_class(tmp_path_factory):
     """A kernel manager class whose only kernel spec launches this interpreter.
