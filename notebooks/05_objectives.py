@@ -34,29 +34,15 @@
 # and measures how far each token's log-probability lands from the exact one.
 
 # %%
-import pathlib
-import sys
 import time
-import warnings
-
-import torch
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-
-torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the other cores alone
-T_START = time.perf_counter()
-
-import dirl_min
-
-# `reference/` (slow, loop-by-loop implementations written straight from the SPEC) lives next to
-# the package in the repository and is not installed: put the repository on the path.
-ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]  # an editable install: the repository
-if not (ROOT / "reference").is_dir():
-    ROOT = pathlib.Path.cwd().parent  # a regular install, notebook opened from notebooks/
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt
+import torch
+
+from dirl_min.tutorial import setup
+
+# one torch thread, tqdm's ipywidgets warning off, and the repository on sys.path for `reference/`
+ROOT, T_START = setup()
 
 # %% [markdown]
 # ## Responses with their step maps
@@ -68,17 +54,13 @@ import matplotlib.pyplot as plt
 
 # %%
 from dirl_min.decoding import generate
-from dirl_min.model import build_tiny, chat_prompt_ids
+from dirl_min.model import chat_prompt_ids
+from dirl_min.tutorial import DEMO_QUESTIONS, sharpened_tiny
 
-model, tok = build_tiny(block_size=4, seed=0, tie_word_embeddings=False)
-with torch.no_grad():
-    model.lm_head.weight.mul_(25.0)
-model.eval()
+model, tok = sharpened_tiny(block_size=4, seed=0, scale=25.0)  # as in notebooks 02 and 03
 B, M = model.config.block_size, model.config.mask_token_id
 STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
-QUESTIONS = ["What is 3 + 4?", "What is 13 - 14?", "What is 20 + 7?", "What is 9 - 2?",
-             "What is 15 + 15?", "What is 0 - 8?", "What is 11 + 6?", "What is 5 - 19?"]
-PROMPTS = [chat_prompt_ids(tok, q) for q in QUESTIONS]
+PROMPTS = [chat_prompt_ids(tok, q) for q in DEMO_QUESTIONS]
 roll = generate(model, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=10, threshold=0.6,
                 stop_token_ids=STOP, seeds=list(range(100, 100 + len(PROMPTS))))
 for i in range(len(roll)):
