@@ -23,9 +23,10 @@ from dirl_min.evaluation import compare_report as rep
 from dirl_min.tasks import DataError
 
 #: --quick: tiny budgets, prepended to the given settings (which override them)
-QUICK = ["--sft.steps", "100", "--sft.batch_size", "16", "--sft.warmup_steps", "2", "--rl.steps", "4",
-         "--rl.prompts_per_step", "2", "--rl.group_size", "4", "--rl.rewards", "{accuracy: 1.0, format: 0.5}", "--eval.samples", "2",
-         "--eval.max_problems", "4", "--run.threads", "1"]
+QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps", "100", "--sft.batch_size", "16",
+         "--sft.warmup_steps", "2", "--rl.steps", "4", "--rl.prompts_per_step", "2", "--rl.group_size", "4",
+         "--rl.rewards", "{accuracy: 1.0, format: 0.5}", "--eval.samples", "2", "--eval.max_problems", "8",
+         "--run.threads", "1"]
 
 EPILOG = (
     "Every other option is a setting of python -m dirl_min.train (--section.name VALUE, or --config FILE), "
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seed", type=int, default=0, metavar="N",
                    help="sampling seed of every evaluation (the same for all checkpoints; default: 0)")
     p.add_argument("--quick", action="store_true",
-                   help="tiny budgets (SFT 30 steps, RL 4 steps, 4 problems x 2 samples): checks the plumbing, "
+                   help="tiny budgets (operands 0..9, SFT 100 steps, RL 4 steps of 2 prompts x 4 with a format reward "
+                        "so that groups differ, 8 held-out problems x 2 samples; 1 seed): checks the plumbing, "
                         "measures nothing")
     p.add_argument("--overwrite", action="store_true", help="replace runs and evaluations made with other settings")
     return p

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dirl_min.config import Config, parse_config
+from dirl_min.core.estimates import OBJECTIVES  # the rl.objective values, in the order the table lists them
 from dirl_min.evaluation.benchmarks import load_benchmarks
 from dirl_min.evaluation.decode import load_eval_model
 from dirl_min.evaluation.errors import EvalError
@@ -32,7 +33,6 @@ from dirl_min.runs import OUTPUTS, config_differences
 __all__ = ["OBJECTIVES", "TIME_FIELDS", "RUN_EVAL", "CompareError", "Tools", "Run", "plan_runs", "plan_actions",
            "execute", "checkpoints_of", "eval_argv", "evaluate_checkpoint", "rl_rows", "curve"]
 
-OBJECTIVES = ("dipo", "tracerl", "diffu_grpo", "coupled_grpo")
 #: the per-step seconds of an RL row whose sum is a step's training time
 TIME_FIELDS = ("time_rollout", "time_rewards", "time_scoring", "time_update")
 #: the runs' own evaluation (base and end of stage) is cut to one sample of one problem: the
