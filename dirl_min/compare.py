@@ -23,7 +23,7 @@ from dirl_min.evaluation import compare_report as rep
 from dirl_min.tasks import DataError
 
 #: --quick: tiny budgets, prepended to the given settings (which override them)
-QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps", "100", "--sft.batch_size", "16",
+QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps", "100", "--sft.batch_size", "8",
          "--sft.warmup_steps", "2", "--rl.steps", "4", "--rl.prompts_per_step", "2", "--rl.group_size", "4",
          "--rl.rewards", "{accuracy: 1.0, format: 0.5}", "--eval.samples", "2", "--eval.max_problems", "8",
          "--run.threads", "1"]
@@ -32,7 +32,8 @@ EPILOG = (
     "Every other option is a setting of python -m dirl_min.train (--section.name VALUE, or --config FILE), "
     "given to every run, e.g. --rl.steps 300 --eval.samples 8. The comparison sets run.out, run.seed, "
     "run.stages, run.save_every, run.log_every and rl.objective itself. The runs' own evaluations are cut to one "
-    "sample of one problem; each checkpoint is evaluated here with the eval.* and decode.* settings.\n\n"
+    "sample of one problem (whatever eval.* says); each checkpoint is evaluated here with the eval.* and decode.* "
+    "settings, so other eval.* settings redo evaluations, not runs.\n\n"
     "Rerunning into the same --out reuses finished runs and evaluations with equal settings and continues "
     "unfinished ones (a killed comparison resumes); runs with other settings are refused unless --overwrite.")
 

@@ -98,6 +98,15 @@ def test_quick_compare_table_rerun_and_refusal(tmp_path, monkeypatch, capsys):
     assert "--overwrite" in str(e.value) and calls == [] and _mtimes(out) == before
     assert (out / "compare.md").read_text() == table
 
+    # Other evaluation settings leave the trained runs valid: the evaluations are refused, and
+    # with --overwrite redone, without training anything.
+    with pytest.raises(SystemExit, match="other settings.*top_k"):
+        compare.main([*argv, "--eval.top_k", "5"])
+    third = compare.main([*argv, "--eval.top_k", "5", "--overwrite"])
+    assert calls == [] and _mtimes(out) == before and set(third["actions"].values()) == {"reuse"}
+    redone = json.loads((cut / "results.json").read_text())["settings"]
+    assert redone["top_k"] == 5 and len(_jsonl(cut / "samples.jsonl")) == 16
+
 
 def _run(tmp_path, name, argv, parent=None):
     return cmp.Run(name, tmp_path / name, tuple(argv), parent, "dipo" if parent else None, 0 if parent else None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 import sys
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dirl_min.config import Config, parse_config
+from dirl_min.config import Config, EvalConfig, parse_config
 from dirl_min.core.estimates import OBJECTIVES  # the rl.objective values, in the order the table lists them
 from dirl_min.evaluation.benchmarks import load_benchmarks
 from dirl_min.evaluation.decode import load_eval_model
@@ -35,9 +36,11 @@ __all__ = ["OBJECTIVES", "TIME_FIELDS", "RUN_EVAL", "CompareError", "Tools", "Ru
 
 #: the per-step seconds of an RL row whose sum is a step's training time
 TIME_FIELDS = ("time_rollout", "time_rewards", "time_scoring", "time_update")
-#: the runs' own evaluation (base and end of stage) is cut to one sample of one problem: the
-#: comparison evaluates every checkpoint itself, with the eval.* settings, on a fixed seed
-RUN_EVAL = ["--eval.max_problems", "1", "--eval.samples", "1", "--eval.greedy", "false"]
+#: the runs' own evaluations (base and end of stage) are cut to one sample of one problem, with
+#: every eval.* setting fixed: the comparison evaluates each checkpoint itself with the given eval.*
+#: settings on one seed, and a change of them must not make a finished run differ
+RUN_EVAL = [x for k, v in {**dataclasses.asdict(EvalConfig()), "samples": 1, "max_problems": 1, "greedy": False}.items()
+            for x in (f"--eval.{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 #: settings the comparison sets per run (given ones would be silently replaced)
 RESERVED = ("run.out", "run.seed", "run.stages", "run.resume", "run.overwrite", "run.save_every", "run.log_every",
             "rl.objective")
