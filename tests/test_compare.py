@@ -136,7 +136,9 @@ def test_plan_actions_reuse_resume_and_stale_children(tmp_path):
     assert cmp.plan_actions([sft, rl], overwrite=True) == {"sft": "replace", "rl": "replace"}
 
 
-def test_reserved_settings_are_refused():
+def test_reserved_and_invalid_settings_are_refused():
     with pytest.raises(cmp.CompareError, match="run.seed, run.stages"):
         cmp.check_settings(["--run.stages", "[rl]", "--seed", "3"])
+    with pytest.raises(cmp.CompareError, match="rl.group_size"):
+        cmp.check_settings(["--rl.group_size", "0"])
     assert cmp.check_settings(["--rl.steps", "8"]).rl.steps == 8

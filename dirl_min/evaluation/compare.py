@@ -23,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dirl_min.config import Config, EvalConfig, parse_config
+from dirl_min.config import Config, EvalConfig, SettingsError, parse_config
 from dirl_min.core.estimates import OBJECTIVES  # the rl.objective values, in the order the table lists them
 from dirl_min.evaluation.benchmarks import load_benchmarks
 from dirl_min.evaluation.decode import load_eval_model
 from dirl_min.evaluation.errors import EvalError
 from dirl_min.evaluation.run import SAMPLES_FILE, finalize, prepare, read_records, remove_outputs, run_shard
 from dirl_min.runs import OUTPUTS, config_differences
+from dirl_min.settings import validate
 
 __all__ = ["OBJECTIVES", "TIME_FIELDS", "RUN_EVAL", "CompareError", "Tools", "Run", "plan_runs", "plan_actions",
            "execute", "checkpoints_of", "eval_argv", "evaluate_checkpoint", "rl_rows", "curve"]
@@ -76,14 +77,20 @@ class Run:
 
 
 def check_settings(settings: list[str]) -> Config:
-    """The composed settings (``--section.name VALUE`` list); refuses those the comparison sets itself."""
+    """The composed settings (``--section.name VALUE`` list), checked as the main job checks them;
+    refuses those the comparison sets itself (:class:`CompareError`)."""
     given = {t.split("=", 1)[0].lstrip("-") for t in settings if t.startswith("--")}
     aliases = {"out": "run.out", "seed": "run.seed", "resume": "run.resume"}
     bad = sorted(aliases.get(g, g) for g in given if aliases.get(g, g) in RESERVED)
     if bad:
         raise CompareError(f"{', '.join(bad)}: set by the comparison for each run (use --out, --seeds, "
                            "--objectives; checkpoints every rl.steps // 4 steps); remove them")
-    return parse_config(list(settings), prog="python -m dirl_min.compare")
+    cfg = parse_config(list(settings), prog="python -m dirl_min.compare")
+    try:
+        validate(cfg)
+    except SettingsError as e:
+        raise CompareError(str(e)) from None
+    return cfg
 
 
 def plan_runs(out: Path, settings: list[str], objectives: list[str], seeds: list[int], cfg: Config) -> list[Run]:
