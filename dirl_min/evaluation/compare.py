@@ -146,12 +146,12 @@ def plan_actions(runs: list[Run], overwrite: bool) -> dict[str, str]:
 
 def execute(run: Run, action: str, train: Callable[[list[str]], dict]) -> None:
     """Train, resume or replace ``run`` (its evaluations go too: they belong to the old weights)."""
+    print(f"compare: {run.name}: {action} -> {run.folder}", file=sys.stderr)
     if action == "reuse":
         return
     if action in ("train", "replace"):
         shutil.rmtree(run.folder / "eval", ignore_errors=True)
     flag = {"train": [], "resume": ["--run.resume", "true"], "replace": ["--run.overwrite", "true"]}[action]
-    print(f"compare: {run.name}: {action} -> {run.folder}", file=sys.stderr)
     with contextlib.redirect_stdout(sys.stderr):  # the run's table would interleave with ours
         train([*run.argv, "--run.out", str(run.folder), *flag])
 
