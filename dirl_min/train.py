@@ -30,7 +30,9 @@ from dirl_min.loops.state import (
 from dirl_min.progress import progress_mode
 from dirl_min.settings import check_processes, validate
 from dirl_min.sharding import check_backend, full_parameters
-from dirl_min.trainer import evaluate, rollout_and_reward, sft_loss
+from dirl_min.engine.rollouts import rollout_and_reward
+from dirl_min.evaluation.protocol import evaluate
+from dirl_min.loops.sft import sft_loss
 from dirl_min.metrics import bootstrap_ci
 from dirl_min.report import plot_curves, print_table
 

@@ -166,13 +166,19 @@ def _launch_two_processes(args, timeout):
     assert proc.returncode == 0, err[-3000:]
 
 
-def test_two_process_dipo_with_disagreeing_processes_matches_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective, extra", [
+    ("dipo", []), ("tracerl", []),
+    ("diffu_grpo", ["--rl.num_iterations", "2"]),  # a fresh prompt mask, and its logp_old, in each pass
+    ("coupled_grpo", [])])
+def test_two_process_dipo_with_disagreeing_processes_matches_one_process(tmp_path, monkeypatch, objective, extra):
     """Each process decodes one of the step's two groups; which of them are kept, whether to
     sample another round and whether a process trains at all differ between processes. The run
-    must finish (same collective calls on both) and train on the groups one process would keep."""
-    _launch_two_processes([*_RL_ARGS, "--out", str(tmp_path / "two")], timeout=240)
+    must finish (same collective calls on both) and train on the groups one process would keep —
+    with every objective (the random views are seeded per response, not per process)."""
+    args = [*_RL_ARGS, "--rl.objective", objective, *extra]
+    _launch_two_processes([*args, "--out", str(tmp_path / "two")], timeout=240)
     monkeypatch.setattr(loops_dipo, "rollout_and_reward", toy_reward_run.toy_correct(loops_dipo.rollout_and_reward))
-    train.main([*_RL_ARGS, "--out", str(tmp_path / "one")])
+    train.main([*args, "--out", str(tmp_path / "one")])
 
     def rows(out):
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -184,6 +190,10 @@ def test_two_process_dipo_with_disagreeing_processes_matches_one_process(tmp_pat
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
         assert ("loss" in a) == ("loss" in b)  # a step trains on all processes or on none
         assert a.get("loss", 0.0) == pytest.approx(b.get("loss", 0.0), rel=1e-4, abs=1e-7)
+        assert a.get("score_copies") == b.get("score_copies")
+        if objective in ("diffu_grpo", "coupled_grpo") and "loss" in a:  # one or two copies per kept response
+            kept = round(a["kept_fraction"] * a["sampling_rounds"] * 2) * 4
+            assert a["score_copies"] == kept * (1 if objective == "diffu_grpo" else 2) * (2 if extra else 1)
     from dirl_min.model import build_tiny, load_model
 
     init = build_tiny(seed=0)[0].state_dict()

@@ -1,10 +1,10 @@
-"""DiPO objectives (SPEC §4.3, §4.6): group advantages, the dynamic-sampling filter, the clipped loss."""
+"""RL objectives (SPEC §4.3, §4.6): group advantages, the dynamic-sampling filter, the clipped losses."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "filter_groups", "GROUP_FILTERS", "dipo_loss"]
+__all__ = ["group_advantages", "filter_groups", "GROUP_FILTERS", "dipo_loss", "clipped_loss", "LOSS_MEANS", "loss_weights"]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6) -> torch.Tensor:
@@ -60,6 +60,34 @@ def filter_groups(rewards: torch.Tensor, group_size: int, *, correct: torch.Tens
     raise ValueError(f"rl.group_filter must be one of {GROUP_FILTERS}, not {rule!r}")
 
 
+#: how each objective's loss averages over tokens: ``token`` = over all response tokens of the
+#: step (DAPO / DiRL / TraceRL), ``sequence`` = within each response, then over responses (GRPO:
+#: d1 eq. 3, DiffuCoder's coupled-GRPO).
+LOSS_MEANS = {"dipo": "token", "tracerl": "token", "diffu_grpo": "sequence", "coupled_grpo": "sequence"}
+
+
+def loss_weights(resp: torch.Tensor, lengths: torch.Tensor, mean: str, *, num_tokens: float,
+                 num_sequences: float) -> tuple[torch.Tensor, float]:
+    """Per-token weights and the normaliser of :func:`clipped_loss` for a loss mean.
+
+    Args:
+        resp: int64 ``[num_targets]``, the response each token belongs to.
+        lengths: ``[num_responses]``, each response's token count.
+        mean: ``token`` or ``sequence`` (:data:`LOSS_MEANS`).
+        num_tokens, num_sequences: the whole step's response tokens and responses (all
+            micro-batches and processes), so that micro-batch losses add up to the step's.
+
+    Returns:
+        ``(weight [num_targets] float64, denominator)``: ``token`` gives ``(1, num_tokens)``,
+        ``sequence`` gives ``(1 / |o_i|, num_sequences)``.
+    """
+    if mean == "token":
+        return torch.ones(resp.shape, dtype=torch.float64), float(num_tokens)
+    if mean == "sequence":
+        return 1.0 / torch.as_tensor(lengths, dtype=torch.float64)[resp], float(num_sequences)
+    raise ValueError(f"the loss mean must be token or sequence, not {mean!r}")
+
+
 def dipo_loss(
     logp: torch.Tensor,
     logp_old: torch.Tensor,
@@ -90,7 +118,31 @@ def dipo_loss(
     """
     mask = target_mask.to(logp.dtype)
     n_tok = mask.sum().clamp(min=1) if num_tokens is None else torch.as_tensor(float(num_tokens))
-    adv = advantages.to(logp.dtype)[:, None]
+    return clipped_loss(logp, logp_old, advantages.to(logp.dtype)[:, None], mask, n_tok, eps_low=eps_low,
+                        eps_high=eps_high, beta=beta, logp_ref=logp_ref)
+
+
+def clipped_loss(logp, logp_old, advantages, weight, denominator, *, eps_low: float, eps_high: float,
+                 beta: float = 0.0, logp_ref=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """``−Σ_j w_j · min(ρ_j A_j, clip(ρ_j) A_j) / D  +  β · Σ_j w_j · k3_j / D``.
+
+    The PPO-clipped surrogate shared by every objective; ``ρ_j = exp(clamp(ℓ_j − ℓ_j^old, ±10))``.
+    :func:`dipo_loss` is the token mean (``w = 1``, ``D = N_tok``); :func:`loss_weights`
+    gives the sequence mean of GRPO.
+
+    Args:
+        logp, logp_old: float, the same shape (e.g. ``[N, L]`` or ``[num_targets]``).
+        advantages: float, broadcastable to ``logp``.
+        weight: float, the shape of ``logp``: 0 where a position does not count.
+        denominator: ``D``, a float or scalar tensor.
+        logp_ref: like ``logp``; required if ``beta > 0``.
+
+    Returns:
+        ``(loss, stats)`` as :func:`dipo_loss` (stats over the positions with ``w > 0``).
+    """
+    mask = weight.to(logp.dtype)
+    n_tok = torch.as_tensor(denominator)
+    adv = advantages.to(logp.dtype)
     log_ratio = (logp - logp_old).clamp(-10.0, 10.0)
     ratio = log_ratio.exp()
     surr_unclipped = ratio * adv
@@ -105,12 +157,13 @@ def dipo_loss(
         kl_ref = ((d.exp() - 1 - d) * mask).sum() / n_tok
         loss = loss + beta * kl_ref
     with torch.no_grad():
-        denom = mask.sum().clamp(min=1)
+        counted = (mask > 0).to(logp.dtype)
+        denom = counted.sum().clamp(min=1)
         d_old = (-log_ratio).detach()
         stats = {
-            "clip_frac": float(((surr_clipped < surr_unclipped).to(logp.dtype) * mask).sum() / denom),
-            "ratio_mean": float((ratio * mask).sum() / denom),
-            "approx_kl": float(((d_old.exp() - 1 - d_old) * mask).sum() / denom),
+            "clip_frac": float(((surr_clipped < surr_unclipped).to(logp.dtype) * counted).sum() / denom),
+            "ratio_mean": float((ratio * counted).sum() / denom),
+            "approx_kl": float(((d_old.exp() - 1 - d_old) * counted).sum() / denom),
             "kl_ref": float(kl_ref),
         }
     return loss, stats

@@ -13,11 +13,13 @@ from typing import NamedTuple
 
 import torch
 
+from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec, Views, objective_views, view_seed
 from dirl_min.core.rounds import LayoutBatch, build_layout, round_queries, step_rounds
 from dirl_min.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logits
 from dirl_min.sharding import fsdp_states
 
-__all__ = ["LayoutBatch", "build_layout", "layout_logp", "RoundsLogp", "rounds_logp", "rollout_rounds", "rescore"]
+__all__ = ["LayoutBatch", "build_layout", "layout_logp", "RoundsLogp", "rounds_logp", "rollout_rounds", "rollout_views",
+           "rescore"]
 
 
 def layout_logp(model, batch: LayoutBatch, *, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +47,8 @@ class RoundsLogp(NamedTuple):
     entropy: torch.Tensor  #: float32, detached: entropy of the predicted distribution
 
 
-def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size: int) -> RoundsLogp:
+def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size: int, *,
+                labels=None) -> RoundsLogp:
     """Log-probs of every round's targets, with each clean sequence run once (SPEC §4.5).
 
     A noisy copy only attends to itself inside its block and to *clean* earlier blocks,
@@ -60,6 +63,9 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
         model: a causal LM or a (possibly distributed-wrapped) :class:`SelectedLogits`.
         clean_ids: per response, int64 ``[L_i]``.
         noisy, targets: per response, bool ``[R_i, L_i]`` (:func:`~dirl_min.core.rounds.step_rounds`).
+        labels: per response, int64 ``[L_i]``: the tokens whose log-probs are read; default
+            ``clean_ids``. They differ when the context row is itself partly masked (d1's view,
+            :func:`dirl_min.core.estimates.one_step_views`).
 
     With flex_attention (GPU) the single packed row ``[x_t^1; …; x_t^R; x_0]`` is used
     instead: its ``BlockMask`` skips the masked-out blocks, so it wastes nothing there.
@@ -72,6 +78,9 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
     """
     if attention_backend(model) == "flex_attention" or fsdp_states(model):
         batch = build_layout(clean_ids, noisy, targets, mask_token_id, block_size)
+        if labels is not None:
+            lab = _padded(labels)
+            batch.target_ids = torch.where(batch.example >= 0, lab[batch.example.clamp(min=0), batch.pos], 0)
         logp, entropy = layout_logp(model, batch)
         row, col = batch.select.nonzero(as_tuple=True)
         return RoundsLogp(logp, batch.example[row, col], batch.pos[row, col], entropy)
@@ -88,8 +97,13 @@ def rounds_logp(model, clean_ids, noisy, targets, mask_token_id: int, block_size
     col = q.cols[row, col]
     logp, entropy = net(q.xt.to(dev), q.cols.to(dev), mask2, q.select.to(dev),
                         prefix=(q.x0.to(dev), q.pos.to(dev), mask0, q.owner.to(dev)),
-                        targets=q.x0[q.owner[row], col].to(dev))
+                        targets=(q.x0 if labels is None else _padded(labels))[q.owner[row], col].to(dev))
     return RoundsLogp(logp, q.owner[row], col, entropy)
+
+
+def _padded(rows) -> torch.Tensor:
+    """int64 ``[n, max L_i]``: the rows, right-padded with 0."""
+    return torch.nn.utils.rnn.pad_sequence([torch.as_tensor(r, dtype=torch.long) for r in rows], batch_first=True)
 
 
 def rollout_rounds(rollout, i: int):
@@ -98,6 +112,17 @@ def rollout_rounds(rollout, i: int):
     full_steps = torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i], dtype=torch.long)
     noisy, targets = step_rounds(full_steps, rollout.block_size)
     return x0, noisy, targets
+
+
+def rollout_views(rollout, i: int, spec: ObjectiveSpec, iteration: int = 0) -> tuple[Views, torch.Tensor]:
+    """Sequence ``i`` of a rollout as the views ``spec`` scores (:func:`~dirl_min.core.estimates.objective_views`)
+    and its clean ids ``[L]`` (the labels); random views are seeded by the response's sampling seed and ``iteration``."""
+    x0 = torch.tensor(rollout.prompt_ids[i] + rollout.response_ids[i], dtype=torch.long)
+    full_steps = torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i], dtype=torch.long)
+    gen = None
+    if spec.name in RANDOM_VIEWS:
+        gen = torch.Generator().manual_seed(view_seed(rollout.seeds[i], iteration))
+    return objective_views(spec, x0, full_steps, rollout.block_size, rollout.mask_token_id, gen), x0
 
 
 def rescore(model, rollout, *, packed: bool = True, batch_size: int = 8) -> list[torch.Tensor]:

@@ -9,13 +9,15 @@ import time
 
 import torch
 
-from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
+from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec
 from dirl_min.core.objectives import filter_groups, group_advantages
+from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
+from dirl_min.engine.rollouts import rollout_and_reward
 from dirl_min.forward import SelectedLogits, _unwrap
-from dirl_min.loops.state import EpochSampler
+from dirl_min.loops.policy import policy_step
+from dirl_min.loops.state import EpochSampler, make_scheduler
 from dirl_min.model import diffusion_settings
 from dirl_min.sharding import full_parameters
-from dirl_min.trainer import dipo_step, make_scheduler, rollout_and_reward
 
 
 def make_rollout_engine(cfg, policy):
@@ -102,61 +104,83 @@ def _micro_batches(cfg, accel, kept, rolls):
     """The kept responses in micro-batches: of one rollout each, at most ``rl.micro_batch`` responses,
     padded with zero-weight fillers to the same count on every process (one collective schedule).
 
-    Returns ``(micro, n_tok, n_real)``: (rollout, indices, advantages, real) per micro-batch; the
-    step's response tokens over all processes; this process's real micro-batches."""
+    Returns ``(micro, (n_tok, n_seq), n_real)``: (rollout, indices, advantages, real) per micro-batch;
+    the step's response tokens and responses over all processes; this process's real micro-batches."""
     micro = []
     for roll in {id(k[0]): k[0] for k in kept}.values():
         idx = [i for r, ids, _ in kept if r is roll for i in ids]
         adv = torch.cat([a for r, _, a in kept if r is roll])
         size = cfg.rl.micro_batch or len(idx)
         micro += [(roll, idx[s:s + size], adv[s:s + size]) for s in range(0, len(idx), size)]
-    counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx), len(micro)))
+    counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx), len(micro),
+                               sum(len(idx) for _, idx, _ in micro)))
     n_tok = float(sum(c[0] for c in counts))  # the step's response tokens, all processes
+    n_seq = float(sum(c[2] for c in counts))  # the step's responses, all processes
     last = rolls[-1][0]  # a filler for a process with fewer micro-batches than another: a non-empty response
     filler = (last, [max(range(len(last)), key=lambda i: len(last.response_ids[i]))], torch.zeros(1))
     micro = equal_micro_batches(micro, max(c[1] for c in counts), filler)
-    return micro, n_tok, sum(m[3] for m in micro)
+    return micro, (n_tok, n_seq), sum(m[3] for m in micro)
 
 
-def _score_and_backward(cfg, accel, wrapped, micro, n_tok, n_real, ref_model, logp_old, first, times):
-    """One pass over the micro-batches: DiPO loss (SPEC §4.4) and backward of each. ``logp_old``
-    (one entry per micro-batch) is filled on the ``first`` pass when later passes reuse it.
+def _spec(cfg) -> ObjectiveSpec:
+    return ObjectiveSpec(cfg.rl.objective, cfg.rl.trace_shrinkage, cfg.rl.prompt_mask_prob)
 
-    Returns ``(loss, stats)``: the loss summed over all processes; this process's mean stats."""
-    loss_total, stats = 0.0, {}
+
+def _score_and_backward(cfg, accel, wrapped, micro, totals, n_real, ref_model, logp_old, it, times):
+    """One pass (``it``) over the micro-batches: the objective's loss (SPEC §4.4) and backward of each.
+    ``logp_old`` (one entry per micro-batch) is filled on the first pass when later passes reuse it.
+
+    Returns ``(loss, stats)``: the loss summed over all processes; this process's mean stats, and
+    ``score_copies``, the noisy copies scored over all processes."""
+    loss_total, stats, copies = 0.0, {}, 0.0
     for k, (roll, idx, adv, real) in enumerate(micro):
         t_score = time.perf_counter()
-        loss, stats_k, logp = dipo_step(
-            wrapped, roll, idx, adv, num_tokens=n_tok, eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high,
-            beta=cfg.rl.beta, ref_model=ref_model, logp_old=logp_old[k])
+        loss, stats_k, logp = policy_step(
+            wrapped, roll, idx, adv, num_tokens=totals[0], num_sequences=totals[1], eps_low=cfg.rl.eps_low,
+            eps_high=cfg.rl.eps_high, beta=cfg.rl.beta, ref_model=ref_model, logp_old=logp_old[k], spec=_spec(cfg),
+            iteration=it)
         times["scoring"] += time.perf_counter() - t_score
-        if first and cfg.rl.num_iterations > 1:
+        if it == 0 and cfg.rl.num_iterations > 1 and logp_old[k] is None:
             logp_old[k] = logp  # the sampling policy's log-probs, computed once and reused
         backward_micro(accel, wrapped, loss if real else loss * 0.0, last=k == len(micro) - 1)
         if real:
+            copies += stats_k.pop("copies")
             loss_total += float(loss.detach())
-            stats = {key: stats.get(key, 0.0) + v / n_real for key, v in stats_k.items()}
-    return sum(all_ranks(accel, loss_total)), stats
+            stats = {key: stats.get(key, 0.0) + v / n_real for key, v in stats_k.items() if key != "copies"}
+    return sum(all_ranks(accel, loss_total)), {**stats, "score_copies": sum(all_ranks(accel, copies))}
 
 
-def _update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, n_tok, n_real, times, step) -> dict:
+def _fresh_logp_old(cfg, wrapped, micro, totals, it):
+    """Random views (d1, coupled) are drawn afresh in every pass, so each pass's ``logp_old`` is read
+    under its own views, from the sampling policy: before the first update (d1's practice)."""
+    with torch.no_grad():
+        return [policy_step(wrapped, roll, idx, adv, num_tokens=totals[0], num_sequences=totals[1],
+                            eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high, spec=_spec(cfg), iteration=it)[2]
+                for roll, idx, adv, _ in micro]
+
+
+def _update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n_real, times, step) -> dict:
     """``rl.num_iterations`` optimizer steps on the step's micro-batches, then one scheduler step.
 
     Returns the row's ``lr`` (of these updates), ``loss``, ``grad_norm`` and stats (last pass)."""
-    logp_old = [None] * len(micro)
+    fresh = cfg.rl.num_iterations > 1 and cfg.rl.objective in RANDOM_VIEWS
+    olds = [_fresh_logp_old(cfg, wrapped, micro, totals, it) if fresh else [None] * len(micro)
+            for it in range(cfg.rl.num_iterations if fresh else 1)]
+    copies = 0.0
     for it in range(cfg.rl.num_iterations):
         # 3. score: log-probs of the kept responses under the policy, the loss, its gradient
-        loss_total, stats = _score_and_backward(cfg, accel, wrapped, micro, n_tok, n_real, ref_model,
-                                                logp_old, it == 0, times)
+        loss_total, stats = _score_and_backward(cfg, accel, wrapped, micro, totals, n_real, ref_model,
+                                                olds[it if fresh else 0], it, times)
+        copies += stats.pop("score_copies")
         if not math.isfinite(loss_total):
-            raise FloatingPointError(f"DiPO step {step}: the loss is {loss_total}; lower rl.lr")
+            raise FloatingPointError(f"RL step {step}: the loss is {loss_total}; lower rl.lr")
         # 4. update
         gnorm = accel.clip_grad_norm_(params, cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else torch.tensor(0.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     lr = sched.get_last_lr()[0]  # the rate of this update; warm-up counts updates
     sched.step()
-    return {"lr": lr, "loss": loss_total, "grad_norm": float(gnorm), **stats}
+    return {"lr": lr, "loss": loss_total, "grad_norm": float(gnorm), "score_copies": copies, **stats}
 
 
 def _setup(cfg, accel, policy, problems, state):
@@ -203,9 +227,9 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         row = _rollout_metrics(accel, rolls, n_kept, cfg.rl.prompts_per_step)
         t = time.perf_counter()
         # 3. score, 4. update: on micro-batches of the kept responses
-        micro, n_tok, n_real = _micro_batches(cfg, accel, kept, rolls)
-        if n_tok > 0:
-            row.update(_update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, n_tok, n_real, times, step))
+        micro, totals, n_real = _micro_batches(cfg, accel, kept, rolls)
+        if totals[0] > 0:
+            row.update(_update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n_real, times, step))
         times["update"] = time.perf_counter() - t - times["scoring"]  # backward + optimizer
         row.update({f"time_{k}": v for k, v in times.items()})
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kept=f"{row['kept_fraction']:.2f}")

@@ -1,4 +1,9 @@
-"""Random-masking SFT (SPEC §2): one optimizer step per training step, on any number of processes."""
+"""Random-masking SFT (SPEC §2): the examples, the noise and the loss, and the loop — one
+optimizer step per training step, on any number of processes.
+
+Each optimizer step's loss is normalised by the response-token count of the *whole* step
+(all micro-batches, all processes), so accumulation and data parallelism give the same
+update as one big batch."""
 
 from __future__ import annotations
 
@@ -6,13 +11,87 @@ import math
 import sys
 import time
 
+from dataclasses import dataclass
+
 import torch
 
+from dirl_min.core.masks import add_noise
 from dirl_min.data_parallel import backward_micro
+from dirl_min.engine.score import build_layout, layout_logp, rounds_logp
 from dirl_min.forward import SelectedLogits, _unwrap
-from dirl_min.loops.state import EpochSampler
+from dirl_min.loops.state import EpochSampler, make_scheduler
 from dirl_min.model import diffusion_settings
-from dirl_min.trainer import make_scheduler, sft_loss, sft_noise, tokenize_sft
+
+
+@dataclass
+class SFTExample:
+    """Token ids of prompt + response, right-padded with the pad token to whole blocks."""
+
+    ids: torch.Tensor  # int64 [L], L a multiple of B
+    prompt_len: int
+
+
+def tokenize_sft(records: list[dict], tokenizer, block_size: int, max_len: int) -> tuple[list[SFTExample], int]:
+    """Tokenise ``{prompt, response}`` records; returns the examples and how many were skipped as too long.
+
+    The response is padded with the pad token to a multiple of B counted on the whole
+    sequence; those pad positions are trained (SPEC §2).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out, skipped = [], 0
+    for rec in records:
+        p = tokenizer.encode(rec["prompt"], add_special_tokens=False)
+        r = tokenizer.encode(rec["response"], add_special_tokens=False)
+        total = -(-(len(p) + len(r)) // block_size) * block_size
+        if total > max_len:
+            skipped += 1
+            continue
+        out.append(SFTExample(torch.tensor(p + r + [pad] * (total - len(p) - len(r)), dtype=torch.long), len(p)))
+    return out, skipped
+
+
+def sft_noise(examples: list[SFTExample], mask_token_id: int, *, t_min: float = 0.0, eps: float = 1e-3,
+              generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Draw the SFT noise (SPEC §2) for a batch: per example a bool ``[L_i]`` mask of the
+    masked response positions, and the masking probabilities ``p``, float ``[N]``."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.ids)] = e.ids
+        loss_mask[i, e.prompt_len: len(e.ids)] = True
+    _, is_masked, p = add_noise(ids, loss_mask, mask_token_id, eps=eps, t_min=t_min, generator=generator)
+    return [is_masked[i, : len(e.ids)] for i, e in enumerate(examples)], p
+
+
+def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: int, *, num_response_tokens: float,
+             masks: list[torch.Tensor] | None = None, p: torch.Tensor | None = None,
+             t_min: float = 0.0, eps: float = 1e-3, generator: torch.Generator | None = None, pack_tokens: int = 0):
+    """The random-masking loss of SPEC §2 on a micro-batch.
+
+    ``L = (1 / N_resp) Σ_{masked i} −log p(x0_i | x_t ; x_0) / p``, with ``N_resp`` the
+    response tokens of the whole optimizer step (``num_response_tokens``), so the
+    micro-batch losses of one step add up to the step's loss. The noise is drawn here
+    unless ``masks`` and ``p`` (from :func:`sft_noise`) are given. ``pack_tokens > 0`` packs
+    several examples into one row (see :func:`dirl_min.core.rounds.build_layout`).
+
+    Returns:
+        ``(loss, stats)``: scalar tensor (with grad) and floats ``masked`` (count) and
+        ``nll`` (mean per masked token, unweighted).
+    """
+    if masks is None:
+        masks, p = sft_noise(examples, mask_token_id, t_min=t_min, eps=eps, generator=generator)
+    ids, rounds = [e.ids for e in examples], [m[None] for m in masks]
+    if pack_tokens:
+        batch = build_layout(ids, rounds, rounds, mask_token_id, block_size, pack_tokens=pack_tokens)
+        logp = layout_logp(model, batch)[0]
+        owner = batch.example[batch.select]
+    else:  # the same numbers, with x_0 run once and x_t's response blocks as queries against it
+        scored = rounds_logp(model, ids, rounds, rounds, mask_token_id, block_size)
+        logp, owner = scored.logp, scored.resp
+    weight = (1.0 / p[owner]).to(logp.device)
+    loss = -(logp * weight).sum() / num_response_tokens
+    return loss, {"masked": float(len(owner)), "nll": float(-logp.detach().mean())}
 
 
 def _setup(cfg, accel, policy, examples, state):

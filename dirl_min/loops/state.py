@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -150,3 +151,15 @@ def resume(out: Path, model, found, cfg, is_main: bool) -> dict:
     if is_main and found is not None:
         truncate_log(out / "metrics.jsonl", state)
     return state
+
+
+def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float):
+    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,244 @@
+"""The four RL objectives (issue 14): their views against reference/objectives.py and the SPEC's
+invariants, their losses against a token-by-token reference, and each one training the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dirl_min.core.estimates import (
+    ObjectiveSpec, coupled_views, merge_rounds, objective_views, one_step_views, view_seed)
+from dirl_min.core.objectives import LOSS_MEANS, clipped_loss, loss_weights
+from dirl_min.core.rounds import step_rounds
+from dirl_min.decoding import generate
+from dirl_min.engine.score import rounds_logp
+from dirl_min.forward import SelectedLogits
+from dirl_min.model import build_tiny
+from dirl_min.trainer import policy_step
+from reference import objectives as ref
+from test_dipo_core import step_maps
+
+FAST = settings(deadline=None, max_examples=60)
+
+
+@FAST
+@given(case=step_maps(), s=st.integers(1, 5))
+def test_merged_rounds_match_the_reference_partition_the_response_and_never_show_the_future(case, s):
+    step_map, B, _ = case
+    steps = torch.tensor(step_map, dtype=torch.long)
+    true_noisy, true_targets = step_rounds(steps, B)
+    noisy, targets = merge_rounds(true_noisy, true_targets, s)
+    ref_noisy, ref_targets = ref.merge_rounds(step_map, B, s)
+    assert noisy.tolist() == ref_noisy and targets.tolist() == ref_targets
+    generated = steps > 0
+    assert (targets.sum(0) == generated.long()).all()  # each generated token read exactly once
+    for rho in range(len(true_targets)):
+        k = rho // s
+        for j in true_targets[rho].nonzero().flatten().tolist():
+            assert targets[k, j]
+            # its context hides everything that was masked when it was decoded (no look-ahead) ...
+            assert (noisy[k] >= true_noisy[rho]).all()
+            # ... and lags its true state by at most s - 1 of its block's steps
+            assert (noisy[k] <= true_noisy[max(rho - s + 1, 0)]).all()
+    if s == 1:
+        assert torch.equal(noisy, true_noisy) and torch.equal(targets, true_targets)
+
+
+@FAST
+@given(length=st.integers(1, 300), prompt=st.integers(0, 300), seed=st.integers(0, 2**31))
+def test_coupled_masks_are_complementary_for_every_length(length, prompt, seed):
+    ids = torch.arange(length) + 10
+    response = torch.arange(length) >= min(prompt, length)
+    views = coupled_views(ids, response, torch.Generator().manual_seed(seed))
+    first, second = views.noisy
+    assert views.noisy.shape == (2, length)
+    assert torch.equal(first | second, response) and not (first & second).any()
+    assert torch.equal(views.targets, views.noisy) and torch.equal(views.context, ids)
+
+
+def test_coupled_ratio_stays_in_diffucoders_range():
+    response = torch.ones(4000, dtype=torch.bool)
+    fractions = [float(coupled_views(torch.zeros(4000, dtype=torch.long), response,
+                                     torch.Generator().manual_seed(s)).noisy[0].float().mean()) for s in range(40)]
+    assert 0.17 < min(fractions) and max(fractions) < 0.83 and max(fractions) - min(fractions) > 0.3
+
+
+@FAST
+@given(prompt=st.integers(0, 40), response=st.integers(1, 40), p=st.sampled_from([0.0, 0.15, 0.5]),
+       seed=st.integers(0, 2**31))
+def test_d1_view_masks_exactly_the_response_and_the_drawn_prompt_positions(prompt, response, p, seed):
+    L, M = prompt + response, 999
+    ids = torch.arange(L) + 10
+    is_response = torch.arange(L) >= prompt
+    drawn = torch.rand(L, generator=torch.Generator().manual_seed(seed)) < p  # the draw the view makes
+    views = one_step_views(ids, is_response, M, p, torch.Generator().manual_seed(seed))
+    masked = views.context == M
+    assert torch.equal(masked, is_response | (drawn & ~is_response))
+    assert torch.equal(views.context[~masked], ids[~masked])  # the rest of the prompt is intact
+    assert torch.equal(views.noisy[0], is_response) and torch.equal(views.targets[0], is_response)
+
+
+def test_d1_prompt_mask_rate_and_a_fresh_draw_every_pass():
+    n = 20000
+    ids, response = torch.arange(n + 4), torch.arange(n + 4) >= n
+    spec = ObjectiveSpec("diffu_grpo", prompt_mask_prob=0.15)
+    steps = response.long()
+
+    def masked(it):
+        gen = torch.Generator().manual_seed(view_seed(12345, it))
+        return objective_views(spec, ids, steps, 4, -1, gen).context[:n] == -1
+
+    rate = float(masked(0).float().mean())
+    assert abs(rate - 0.15) < 5 * math.sqrt(0.15 * 0.85 / n)
+    assert torch.equal(masked(0), masked(0)) and not torch.equal(masked(0), masked(1))
+
+
+def _rollout(block_size=4, n=6, seed=0):
+    model, tok = build_tiny(seed=seed, block_size=block_size)
+    prompts = [tok.encode(f"{a} + {b} =") for a, b in [(1, 2), (13, 4), (7, 7), (0, 19), (5, 11), (9, 3)][:n]]
+    # two tokens per step: rounds with several targets, and R = 2 per block
+    roll = generate(model, prompts, max_new_tokens=12, temperature=1.0, strategy="low_confidence_static",
+                    steps=block_size // 2, generator=torch.Generator().manual_seed(seed))
+    return model, roll
+
+
+def _loss_and_grads(model, roll, spec, adv, **kw):
+    model.zero_grad()
+    loss, stats, logp = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
+                                    num_sequences=len(roll), eps_low=0.2, eps_high=0.28, spec=spec, **kw)
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()], logp, stats
+
+
+def test_tracerl_with_s1_equals_dipo_in_log_probs_and_gradients():
+    model, roll = _rollout()
+    assert any(len(set(s)) < len(s) for s in roll.step_map)  # some steps commit several tokens
+    adv = torch.randn(len(roll), generator=torch.Generator().manual_seed(1))
+    a = _loss_and_grads(model, roll, ObjectiveSpec("dipo"), adv)
+    b = _loss_and_grads(model, roll, ObjectiveSpec("tracerl", shrinkage=1), adv)
+    c = _loss_and_grads(model, roll, ObjectiveSpec("tracerl", shrinkage=2), adv)
+    assert a[0] == b[0] and torch.equal(a[2], b[2])
+    assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    assert a[3]["copies"] > c[3]["copies"] and not torch.equal(a[2], c[2])  # cheaper, and another estimate
+
+
+def test_every_view_scores_as_a_plain_forward_of_its_masked_context():
+    """The oracle: each read token's log-prob from transformers' own forward of the single row
+    ``[x_t^r ; x]`` under the dense block-diffusion mask, one copy at a time."""
+    from reference.masking import block_diffusion_mask
+
+    model, roll = _rollout(n=3)
+    M, B = roll.mask_token_id, roll.block_size
+    for name in ("tracerl", "diffu_grpo", "coupled_grpo"):
+        spec = ObjectiveSpec(name, shrinkage=2, prompt_mask_prob=0.3)
+        for i in range(len(roll)):
+            ids = torch.tensor(roll.prompt_ids[i] + roll.response_ids[i])
+            steps = torch.tensor([0] * len(roll.prompt_ids[i]) + roll.step_map[i])
+            v = objective_views(spec, ids, steps, B, M, torch.Generator().manual_seed(i))
+            with torch.no_grad():
+                got = rounds_logp(model, [v.context], [v.noisy], [v.targets], M, B, labels=[ids])
+                L = len(ids)
+                for r in range(len(v.noisy)):
+                    row = torch.cat([v.context.masked_fill(v.noisy[r], M), v.context])[None]
+                    mask = block_diffusion_mask(L, B)[None, None]
+                    pos = torch.cat([torch.arange(L), torch.arange(L)])[None]
+                    logits = model(input_ids=row, position_ids=pos, attention_mask=mask).logits[0, :L]
+                    want = logits.float().log_softmax(-1)[torch.arange(L), ids][v.targets[r]]
+                    have = got.logp[torch.isin(got.position, v.targets[r].nonzero().flatten())]
+                    assert torch.allclose(have[torch.argsort(got.position[torch.isin(
+                        got.position, v.targets[r].nonzero().flatten())])], want, atol=1e-4), (name, i, r)
+
+
+def test_d1_tokens_see_no_response_token():
+    """Changing a response token changes no d1 log-prob (every response token is masked in the context)."""
+    model, roll = _rollout(n=2)
+    M, B = roll.mask_token_id, roll.block_size
+    ids = torch.tensor(roll.prompt_ids[0] + roll.response_ids[0])
+    steps = torch.tensor([0] * len(roll.prompt_ids[0]) + roll.step_map[0])
+    spec = ObjectiveSpec("diffu_grpo", prompt_mask_prob=0.0)
+    v = objective_views(spec, ids, steps, B, M, torch.Generator().manual_seed(0))
+    other = ids.clone()
+    first = len(roll.prompt_ids[0])  # later blocks would see it through a clean context row
+    other[first] = (int(other[first]) + 1) % M
+    w = objective_views(spec, other, steps, B, M, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = rounds_logp(model, [v.context], [v.noisy], [v.targets], M, B, labels=[ids]).logp
+        b = rounds_logp(model, [w.context], [w.noisy], [w.targets], M, B, labels=[ids]).logp
+    assert torch.equal(a, b)
+    leaky = rounds_logp(model, [other], [w.noisy], [w.targets], M, B, labels=[ids]).logp  # a clean context row
+    assert not torch.equal(leaky, rounds_logp(model, [ids], [v.noisy], [v.targets], M, B, labels=[ids]).logp)
+
+
+@FAST
+@given(data=st.data(), mean=st.sampled_from(["token", "sequence"]))
+def test_each_loss_matches_the_token_by_token_reference_and_its_gradient_at_ratio_one(data, mean):
+    n_resp = data.draw(st.integers(1, 5))
+    lengths = [data.draw(st.integers(1, 6)) for _ in range(n_resp)]
+    resp = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    logp = -torch.rand(len(resp), generator=gen, dtype=torch.float64) * 3
+    old = logp + torch.randn(len(resp), generator=gen, dtype=torch.float64) * 0.3
+    adv = torch.randn(n_resp, generator=gen, dtype=torch.float64)[resp]
+    n_tok, n_seq = float(sum(lengths) + 3), float(n_resp + 2)  # other micro-batches' share of the step
+    weight, denom = loss_weights(resp, lengths, mean, num_tokens=n_tok, num_sequences=n_seq)
+    x = logp.clone().requires_grad_(True)
+    loss, _ = clipped_loss(x, old, adv, weight.double(), denom, eps_low=0.2, eps_high=0.28)
+    want = ref.policy_loss(logp.tolist(), old.tolist(), adv.tolist(), resp.tolist(), lengths, mean, n_tok, n_seq,
+                           0.2, 0.28)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # at ratio 1 (one on-policy pass) the gradient is -A_j w_j / D, token by token
+    y = logp.clone().requires_grad_(True)
+    clipped_loss(y, logp, adv, weight.double(), denom, eps_low=0.2, eps_high=0.28)[0].backward()
+    for j in range(len(resp)):
+        per_token = 1.0 if mean == "token" else 1.0 / lengths[resp[j]]
+        assert float(y.grad[j]) == pytest.approx(-float(adv[j]) * per_token / denom, rel=1e-9, abs=1e-15)
+
+
+def test_every_objective_has_a_loss_mean():
+    from dirl_min.core.estimates import OBJECTIVES
+
+    assert set(LOSS_MEANS) == set(OBJECTIVES)
+
+
+def test_random_views_are_the_same_for_old_new_and_reference_log_probs():
+    """Within one pass the policy, its old copy and the reference read the same masks: at ratio 1 the
+    d1 and coupled losses have zero KL to an identical reference and a ratio of exactly 1."""
+    import copy
+
+    model, roll = _rollout(n=4)
+    adv = torch.randn(len(roll), generator=torch.Generator().manual_seed(2))
+    for name in ("diffu_grpo", "coupled_grpo"):
+        loss, _, logp, stats = _loss_and_grads(model, roll, ObjectiveSpec(name), adv, beta=0.1,
+                                               ref_model=copy.deepcopy(model))
+        assert stats["kl_ref"] == 0.0 and stats["ratio_mean"] == 1.0
+        again = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
+                            num_sequences=4, eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name))[2]
+        assert torch.equal(again, logp)  # same pass, same views
+        later = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
+                            num_sequences=4, eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name), iteration=1)[2]
+        assert not torch.equal(later, logp)  # the next pass draws new masks
+
+
+def test_the_packed_path_reads_every_objectives_views_as_the_two_pass_path(monkeypatch):
+    """GPU (flex_attention) and FSDP2 score one packed row ``[x_t^1; …; x_t^R; x]`` per response instead
+    of the two passes; with labels that differ from the context (d1) both must read the same tokens."""
+    from dirl_min.engine import score
+
+    model, roll = _rollout(n=4)
+    M, B = roll.mask_token_id, roll.block_size
+    for name in ("dipo", "tracerl", "diffu_grpo", "coupled_grpo"):
+        spec = ObjectiveSpec(name, shrinkage=2, prompt_mask_prob=0.3)
+        views, labels = zip(*(score.rollout_views(roll, i, spec) for i in range(len(roll))))
+        got = {}
+        for backend in ("sdpa", "flex_attention"):  # the packed path, here with SDPA's dense mask
+            monkeypatch.setattr(score, "attention_backend", lambda m, b=backend: b)
+            with torch.no_grad():
+                r = rounds_logp(model, *zip(*views), M, B, labels=labels)
+            key = r.resp * 10_000 + r.position
+            got[backend] = r.logp[torch.argsort(key)], key.sort().values
+        assert torch.equal(got["sdpa"][1], got["flex_attention"][1])
+        assert torch.allclose(got["sdpa"][0], got["flex_attention"][0], atol=1e-5), name
