@@ -30,6 +30,7 @@ def _check_run(out: Path, objective: str, result: dict) -> None:
     points = result["runs"][objective][0]["points"]
     assert [(p["step"], p["checkpoint"]) for p in points] == [
         (1, "rl-000001"), (2, "rl-000002"), (3, "rl-000003"), (4, "rl-final")]
+    assert all(r["score_copies"] > 0 for r in rl if r["kept_fraction"] > 0)
     for p in points:  # x: cumulative seconds of the time_* fields; y: that checkpoint's own evaluation
         assert p["seconds"] == pytest.approx(sum(r[f] for r in rl[: p["step"]] for f in cmp.TIME_FIELDS))
         samples = _jsonl(run / "eval" / p["checkpoint"] / "sampled" / "samples.jsonl")
@@ -42,9 +43,8 @@ def _check_run(out: Path, objective: str, result: dict) -> None:
     assert row["accuracy"] == points[-1]["accuracy"] and row["greedy"] == points[-1]["greedy"]
     assert row["train_seconds"] == pytest.approx(sum(r[f] for r in rl for f in cmp.TIME_FIELDS))
     assert row["scoring_seconds_per_step"] == pytest.approx(sum(r["time_scoring"] for r in rl) / 4)
-    if all("score_copies" in r for r in rl):
-        assert row["copies_per_step"] == pytest.approx(sum(r["score_copies"] for r in rl) / 4)
-        assert points[-1]["copies"] == sum(r["score_copies"] for r in rl)
+    assert row["copies_per_step"] == pytest.approx(sum(r["score_copies"] for r in rl) / 4)
+    assert [p["copies"] for p in points] == [sum(r["score_copies"] for r in rl[: p["step"]]) for p in points]
 
 
 def test_quick_compare_table_rerun_and_refusal(tmp_path, monkeypatch, capsys):
