@@ -141,4 +141,6 @@ def test_reserved_and_invalid_settings_are_refused():
         cmp.check_settings(["--run.stages", "[rl]", "--seed", "3"])
     with pytest.raises(cmp.CompareError, match="rl.group_size"):
         cmp.check_settings(["--rl.group_size", "0"])
+    with pytest.raises(cmp.CompareError, match="rl.steps = 0"):
+        cmp.check_settings(["--rl.steps", "0"])
     assert cmp.check_settings(["--rl.steps", "8"]).rl.steps == 8

@@ -90,6 +90,9 @@ def check_settings(settings: list[str]) -> Config:
         validate(cfg)
     except SettingsError as e:
         raise CompareError(str(e)) from None
+    if cfg.sft.steps < 1 or cfg.rl.steps < 1:
+        raise CompareError(f"sft.steps = {cfg.sft.steps}, rl.steps = {cfg.rl.steps}: the comparison trains both "
+                           "stages; expected at least 1 step each")
     return cfg
 
 
