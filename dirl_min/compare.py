@@ -87,7 +87,7 @@ def _evaluate(run, args, tools) -> list[tuple[dict, list[float]]]:
     cks = cmp.checkpoints_of(run, args.cfg)
     costs = cmp.curve(cmp.rl_rows(run.folder), [s for s, _ in cks])
     out = []
-    for (step, ck), at in zip(cks, costs):
+    for (_, ck), at in zip(cks, costs):
         print(f"compare: evaluating {run.name} {ck.name}", file=sys.stderr)
         ev = cmp.evaluate_checkpoint(ck, run.folder / "eval" / ck.name, args.cfg, tools, seed=args.eval_seed,
                                      overwrite=args.overwrite)

@@ -89,8 +89,8 @@ def markdown(head: list[str], rows: list[list[str]], note: str) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(["# Objectives compared", "", *lines, "", note, "", CI_NOTE + ".", "",
                       "train s: RL training seconds (rollout + rewards + scoring + update, summed over steps); "
-                      "copies/step: noisy copies scored per step; final numbers are the last checkpoint's, "
-                      "means over seeds.", "", "![accuracy against cost](compare.png)", ""])
+                      "copies/step: noisy copies scored per step; tok/step: tokens per denoising step of the "
+                      "avg@k samples; final numbers are the last checkpoint's, means over seeds.", "", "![accuracy against cost](compare.png)", ""])
 
 
 def _band(runs: list[dict], key: str) -> tuple[list[float], list[float], list[float], list[float]] | None:
