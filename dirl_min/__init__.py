@@ -2,7 +2,8 @@
 
 Core modules (pure functions): :mod:`dirl_min.masking`, :mod:`dirl_min.decoding`,
 :mod:`dirl_min.dipo`, :mod:`dirl_min.rewards`. Model-specific code:
-:mod:`dirl_min.model` (checkpoints, tokenizers) and :mod:`dirl_min.forward`.
+:mod:`dirl_min.model` (checkpoints, tokenizers, the forward seam :mod:`dirl_min.model.forward`, re-exported
+by :mod:`dirl_min.forward`). Data: :mod:`dirl_min.data` (re-exported by :mod:`dirl_min.tasks`).
 """
 
 import os

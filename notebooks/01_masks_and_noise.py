@@ -27,29 +27,15 @@
 # (SPEC §1–§2). Everything runs on a tiny randomly initialised model in a few seconds.
 
 # %%
-import pathlib
-import sys
 import time
-import warnings
-
-import torch
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-
-torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the other cores alone
-T_START = time.perf_counter()
-
-import dirl_min
-
-# `reference/` (slow, loop-by-loop implementations written straight from the SPEC) lives next to
-# the package in the repository and is not installed: put the repository on the path.
-ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]  # an editable install: the repository
-if not (ROOT / "reference").is_dir():
-    ROOT = pathlib.Path.cwd().parent  # a regular install, notebook opened from notebooks/
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt
+import torch
+
+from dirl_min.tutorial import setup
+
+# one torch thread, tqdm's ipywidgets warning off, and the repository on sys.path for `reference/`
+ROOT, T_START = setup()
 
 # %% [markdown]
 # ## The block grid
@@ -62,21 +48,13 @@ import matplotlib.pyplot as plt
 
 # %%
 from dirl_min.model import build_tiny, chat_prompt_ids
+from dirl_min.tutorial import glyphs, in_blocks
 
 model, tok = build_tiny()  # random weights; only its tokenizer and config matter until the last section
 B, M = model.config.block_size, model.config.mask_token_id  # the single source of truth for both
 
-GLYPH = {"<|im_start|>": "⟨", "<|im_end|>": "⟩", "<|endoftext|>": "∎", "<|MASK|>": "█", "\n": "⏎"}
-
-
-def glyphs(ids):
-    """One character per token: ⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask, ⏎ = newline."""
-    return "".join(GLYPH.get(t, t) for t in tok.convert_ids_to_tokens([int(i) for i in ids]))
-
-
-def in_blocks(text, B, start=0):
-    """Insert a bar at every block boundary (blocks are aligned to absolute position 0)."""
-    return "|".join(text[max(0, s - start):s - start + B] for s in range((start // B) * B, start + len(text), B))
+# glyphs(tok, ids): one character per token (⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask,
+# ⏎ = newline); in_blocks(text, B) puts a bar at every block boundary
 
 prompt = chat_prompt_ids(tok, "What is 12 + 7?")
 answer = tok.encode("\\boxed{19}<|im_end|><|endoftext|>", add_special_tokens=False)
@@ -86,10 +64,10 @@ x0 = torch.tensor(prompt + answer + [tok.pad_token_id] * (L - P - len(answer)))
 is_response = torch.arange(L) >= P  # response side: may be masked, carries the loss (pads included)
 
 print(f"B = {B}, mask id M = {M}, prompt length P = {P}, padded length L = {L}")
-print(in_blocks(glyphs(x0), B))
+print(in_blocks(glyphs(tok, x0), B))
 print(in_blocks("".join("r" if r else "p" for r in is_response), B))
 print(f"the first response block starts with the prompt's last P mod B = {P % B} tokens:",
-      repr(glyphs(x0[(P // B) * B:(P // B + 1) * B])))
+      repr(glyphs(tok, x0[(P // B) * B:(P // B + 1) * B])))
 
 # %% [markdown]
 # The first block that the model generates is therefore *partly given*: it already holds the
@@ -225,10 +203,10 @@ noisy, is_masked, p = add_noise(x0.repeat(rows, 1), is_response.repeat(rows, 1),
                                 generator=torch.Generator().manual_seed(0))
 t = (p - eps) / (1 - eps)
 
-print("       ", in_blocks(glyphs(x0), B))
+print("       ", in_blocks(glyphs(tok, x0), B))
 for target in (0.2, 0.5, 0.9):
     r = int((t - target).abs().argmin())
-    print(f"t={float(t[r]):.3f}", in_blocks(glyphs(noisy[r]), B),
+    print(f"t={float(t[r]):.3f}", in_blocks(glyphs(tok, noisy[r]), B),
           f" {int(is_masked[r].sum())}/{int(is_response.sum())} masked (expected p·N = {float(p[r]) * int(is_response.sum()):.1f})")
 
 prompt_never_masked = not bool(is_masked[:, ~is_response].any())

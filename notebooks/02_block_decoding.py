@@ -27,59 +27,31 @@
 # against the slow uncached reference decoder.
 
 # %%
-import pathlib
-import sys
 import time
-import warnings
-
-import torch
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-
-torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the other cores alone
-T_START = time.perf_counter()
-
-import dirl_min
-
-# `reference/` (slow, loop-by-loop implementations written straight from the SPEC) lives next to
-# the package in the repository and is not installed: put the repository on the path.
-ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]  # an editable install: the repository
-if not (ROOT / "reference").is_dir():
-    ROOT = pathlib.Path.cwd().parent  # a regular install, notebook opened from notebooks/
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt
+import torch
+
+from dirl_min.tutorial import setup
+
+# one torch thread, tqdm's ipywidgets warning off, and the repository on sys.path for `reference/`
+ROOT, T_START = setup()
 
 # %%
-from dirl_min.model import build_tiny, chat_prompt_ids
+from dirl_min.model import chat_prompt_ids
+from dirl_min.tutorial import DEMO_QUESTIONS, glyphs, in_blocks, sharpened_tiny
+
+# glyphs(tok, ids): one character per token (⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask,
+# ⏎ = newline); in_blocks(text, B) puts a bar at every block boundary
 
 # A random tiny model predicts almost uniformly (confidence ≈ 1/V), so every step would commit one
 # token. Scaling an untied output head by 25 makes its predictions peaked, like a trained model's:
 # confidences then spread over (0, 1) and several tokens can be committed in one step.
-model, tok = build_tiny(block_size=4, seed=0, tie_word_embeddings=False)
-with torch.no_grad():
-    model.lm_head.weight.mul_(25.0)
-model.eval()
+model, tok = sharpened_tiny(block_size=4, seed=0, scale=25.0)
 B, M = model.config.block_size, model.config.mask_token_id
 STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
-QUESTIONS = ["What is 3 + 4?", "What is 13 - 14?", "What is 20 + 7?", "What is 9 - 2?",
-             "What is 15 + 15?", "What is 0 - 8?", "What is 11 + 6?", "What is 5 - 19?"]
-PROMPTS = [chat_prompt_ids(tok, q) for q in QUESTIONS]
+PROMPTS = [chat_prompt_ids(tok, q) for q in DEMO_QUESTIONS]
 print("prompt lengths:", [len(p) for p in PROMPTS], "→ P mod B:", [len(p) % B for p in PROMPTS])
-
-GLYPH = {"<|im_start|>": "⟨", "<|im_end|>": "⟩", "<|endoftext|>": "∎", "<|MASK|>": "█", "\n": "⏎"}
-
-
-def glyphs(ids):
-    """One character per token: ⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask, ⏎ = newline."""
-    return "".join(GLYPH.get(t, t) for t in tok.convert_ids_to_tokens([int(i) for i in ids]))
-
-
-def in_blocks(text, B, start=0):
-    """Insert a bar at every block boundary (blocks are aligned to absolute position 0)."""
-    return "|".join(text[max(0, s - start):s - start + B] for s in range((start // B) * B, start + len(text), B))
-
 
 # %% [markdown]
 # Because of this sharpening trick the demos use a dynamic threshold of 0.6 instead of DiRL's 0.9: the
@@ -111,13 +83,13 @@ cand, conf, lp = propose(logits, temperature=0.0, exclude_token=M)
 masked = (seq[lo:lo + B] == M)[None]
 commit = select_unmask(conf, masked, "low_confidence_dynamic", threshold=THRESHOLD)
 
-print("working block:", repr(glyphs(seq[lo:lo + B])))
+print("working block:", repr(glyphs(tok, seq[lo:lo + B])))
 for j in range(B):
     if not masked[0, j]:
-        print(f"  pos {lo + j}: given {glyphs([seq[lo + j]])!r} (the prompt's tail; never overwritten)")
+        print(f"  pos {lo + j}: given {glyphs(tok, [seq[lo + j]])!r} (the prompt's tail; never overwritten)")
         continue
     state = "COMMIT" if commit[0, j] else "stays M"
-    print(f"  pos {lo + j}: candidate {glyphs([cand[0, j]])!r}  confidence {float(conf[0, j]):.3f}  {state}")
+    print(f"  pos {lo + j}: candidate {glyphs(tok, [cand[0, j]])!r}  confidence {float(conf[0, j]):.3f}  {state}")
 
 # %% [markdown]
 # ## A whole rollout, step by step
@@ -139,7 +111,7 @@ for s in sorted(set(steps)):
     block = range(blk * B, (blk + 1) * B)
     state = [full_ids[j] if full_steps[j] <= s else M for j in block]
     n_new = sum(full_steps[j] == s for j in block)
-    print(f"step {s:2d} | block {blk:2d} | {glyphs(state)} | committed {n_new}")
+    print(f"step {s:2d} | block {blk:2d} | {glyphs(tok, state)} | committed {n_new}")
 print(f"\n{len(resp)} tokens in {out.num_steps(0)} steps: {out.tokens_per_step(0):.2f} tokens per step, "
       f"{out.num_forwards} forwards; text (cut at the first stop token): {out.text[0]!r}")
 
@@ -305,7 +277,7 @@ for fused in (True, False):
     print(f"fused={fused}: same tokens and step_map: {cached_equals_reference}, "
           f"max |logp - reference logp| = {logp_diffs[-1]:.2e}, forwards {eng.num_forwards} "
           f"(reference: {ref_out['num_forwards']} full-sequence passes)")
-print("response:", repr(glyphs(ref_out["response_ids"])), "step_map:", ref_out["step_map"])
+print("response:", repr(glyphs(tok, ref_out["response_ids"])), "step_map:", ref_out["step_map"])
 
 # %% tags=["checks"]
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).

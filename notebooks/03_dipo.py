@@ -23,59 +23,30 @@
 # decoder's recorded `logp[j]` (the "unbiased" consistency invariant, checked live at the end).
 
 # %%
-import pathlib
-import sys
 import time
-import warnings
-
-import torch
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-
-torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the other cores alone
-T_START = time.perf_counter()
-
-import dirl_min
-
-# `reference/` (slow, loop-by-loop implementations written straight from the SPEC) lives next to
-# the package in the repository and is not installed: put the repository on the path.
-ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]  # an editable install: the repository
-if not (ROOT / "reference").is_dir():
-    ROOT = pathlib.Path.cwd().parent  # a regular install, notebook opened from notebooks/
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt
+import torch
+
+from dirl_min.tutorial import setup
+
+# one torch thread, tqdm's ipywidgets warning off, and the repository on sys.path for `reference/`
+ROOT, T_START = setup()
 
 # %%
-from dirl_min.model import build_tiny, chat_prompt_ids
+from dirl_min.model import chat_prompt_ids
+from dirl_min.tutorial import DEMO_QUESTIONS, glyphs, in_blocks, sharpened_tiny
 
-# A random tiny model predicts almost uniformly (confidence ≈ 1/V), so every step would commit one
-# token. Scaling an untied output head by 25 makes its predictions peaked, like a trained model's:
-# confidences then spread over (0, 1) and several tokens can be committed in one step.
-model, tok = build_tiny(block_size=4, seed=0, tie_word_embeddings=False)
-with torch.no_grad():
-    model.lm_head.weight.mul_(25.0)
-model.eval()
+# glyphs(tok, ids): one character per token (⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask,
+# ⏎ = newline); in_blocks(text, B) puts a bar at every block boundary
+
+# as in notebook 02: the tiny model with its output head scaled by 25, so that its predictions are
+# peaked like a trained model's and one step can commit several tokens
+model, tok = sharpened_tiny(block_size=4, seed=0, scale=25.0)
 B, M = model.config.block_size, model.config.mask_token_id
 STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
-QUESTIONS = ["What is 3 + 4?", "What is 13 - 14?", "What is 20 + 7?", "What is 9 - 2?",
-             "What is 15 + 15?", "What is 0 - 8?", "What is 11 + 6?", "What is 5 - 19?"]
-PROMPTS = [chat_prompt_ids(tok, q) for q in QUESTIONS]
+PROMPTS = [chat_prompt_ids(tok, q) for q in DEMO_QUESTIONS]
 print("prompt lengths:", [len(p) for p in PROMPTS], "→ P mod B:", [len(p) % B for p in PROMPTS])
-
-GLYPH = {"<|im_start|>": "⟨", "<|im_end|>": "⟩", "<|endoftext|>": "∎", "<|MASK|>": "█", "\n": "⏎"}
-
-
-def glyphs(ids):
-    """One character per token: ⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask, ⏎ = newline."""
-    return "".join(GLYPH.get(t, t) for t in tok.convert_ids_to_tokens([int(i) for i in ids]))
-
-
-def in_blocks(text, B, start=0):
-    """Insert a bar at every block boundary (blocks are aligned to absolute position 0)."""
-    return "|".join(text[max(0, s - start):s - start + B] for s in range((start // B) * B, start + len(text), B))
-
 
 # %% [markdown]
 # ## From `step_map` to step rounds
@@ -104,10 +75,10 @@ R = noisy.shape[0]
 x0 = torch.tensor(p + resp)
 start = (len(p) // B) * B  # show from the first generated block on
 print(f"{len(resp)} tokens, {roll.num_steps(i)} steps, {R} rounds; step_map: {smap}\n")
-print(f"{'x_0':<10}", in_blocks(glyphs(x0[start:]), B, start))
+print(f"{'x_0':<10}", in_blocks(glyphs(tok, x0[start:]), B, start))
 for r in range(R):
     xt = torch.where(noisy[r], M, x0)
-    print(f"{f'x_t^{r + 1}':<10}", in_blocks(glyphs(xt[start:]), B, start))
+    print(f"{f'x_t^{r + 1}':<10}", in_blocks(glyphs(tok, xt[start:]), B, start))
     print(f"{'  targets':<10}", in_blocks("".join("^" if t else " " for t in targets[r, start:].tolist()), B, start))
 
 state = np.zeros((R, len(x0) - start))  # 0 = clean context, 1 = masked, 2 = target

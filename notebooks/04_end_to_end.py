@@ -26,28 +26,14 @@
 
 # %%
 import pathlib
-import sys
 import time
-import warnings
-
-import torch
-
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
-
-torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the other cores alone
-T_START = time.perf_counter()
-
-import dirl_min
-
-# `reference/` (slow, loop-by-loop implementations written straight from the SPEC) lives next to
-# the package in the repository and is not installed: put the repository on the path.
-ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]  # an editable install: the repository
-if not (ROOT / "reference").is_dir():
-    ROOT = pathlib.Path.cwd().parent  # a regular install, notebook opened from notebooks/
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import matplotlib.pyplot as plt
+
+from dirl_min.tutorial import setup
+
+# one torch thread, tqdm's ipywidgets warning off, and the repository on sys.path for `reference/`
+ROOT, T_START = setup()
 
 # %%
 import json

@@ -154,6 +154,33 @@ def test_clean_half_of_training_layout_equals_block_causal_forward():
     assert torch.allclose(both[0, L:], clean[0], atol=1e-5)
 
 
+def test_layout_logits_and_logp_entropy_against_a_plain_forward_of_the_sft_layout():
+    """layout_logits runs lm_head only at ``select`` of the ``[x_t ; x_0]`` layout (oracle: the dense
+    reference mask and a full lm_head); layout_logp_entropy is their log-softmax at the targets."""
+    from dirl_min.forward import layout_logits, layout_logp_entropy
+    from dirl_min.masking import layout_metadata
+
+    model, tok = sharp_tiny(4)
+    ids = torch.tensor(tok.encode("Solve: If x + 5 = 12"))
+    L = len(ids)
+    noisy = ids.clone()
+    noisy[1::3] = model.config.mask_token_id
+    pos, copy = layout_metadata(L, 1)
+    layout = torch.cat([noisy, ids])[None]
+    select = (layout == model.config.mask_token_id)
+    targets = torch.cat([ids, ids])[None][select]
+    with torch.no_grad():
+        want = model.lm_head(backbone_hidden(model, layout, pos[None], block_diffusion_mask(L, 4)[None, None]))[select]
+        logits = layout_logits(model, layout, torch.zeros_like(layout), pos[None], copy[None], 1, 4, select)
+        logp, entropy = layout_logp_entropy(model, layout, torch.zeros_like(layout), pos[None], copy[None], 1, 4,
+                                            select, targets, temperature=0.7)
+    assert logits.shape == (int(select.sum()), model.config.vocab_size)
+    assert torch.allclose(logits, want, atol=1e-5)
+    logp_all = torch.log_softmax(logits / 0.7, dim=-1)
+    assert torch.allclose(logp, logp_all.gather(-1, targets[:, None])[:, 0], atol=1e-5)
+    assert torch.allclose(entropy, -(logp_all.exp() * logp_all).sum(-1), atol=1e-5)
+
+
 def test_block_size_one_equals_transformers_causal_lm():
     """At B = 1 the block-causal forward is an ordinary causal LM: transformers' own forward is the oracle."""
     model, tok = sharp_tiny(1)

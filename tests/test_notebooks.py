@@ -38,9 +38,9 @@ KERNEL_NAME = "dirl-min-notebook-test"
 CELL_TIMEOUT = 240  # seconds per cell; notebook 04's training cell is the longest (~30 s on 2 busy cores)
 PROBE_MARK = "@@NOTEBOOK_PROBE@@"
 PROBE = (
-    "import json as _json, sys as _sys\n"
-    f"print({PROBE_MARK!r} + _json.dumps({{'executable': _sys.executable, 'prefix': _sys.prefix, 'checks': CHECKS}},"
-    " default=str))"
+    "import json as _json, sys as _sys, torch as _torch\n"
+    f"print({PROBE_MARK!r} + _json.dumps({{'executable': _sys.executable, 'prefix': _sys.prefix, 'checks': CHECKS,"
+    " 'threads': _torch.get_num_threads()}, default=str))"
 )
 
 
@@ -51,8 +51,8 @@ def _cells(nb) -> list[tuple[str, str, dict]]:
     return [(c.cell_type, c.source, dict(c.metadata)) for c in nb.cells]
 
 
-def test_the_four_notebooks_exist():
-    assert NAMES == ["01_masks_and_noise", "02_block_decoding", "03_dipo", "04_end_to_end"]
+def test_the_notebooks_exist():
+    assert NAMES == ["01_masks_and_noise", "02_block_decoding", "03_dipo", "04_end_to_end", "05_objectives"]
     assert sorted(p.stem for p in NB_DIR.glob("*.ipynb")) == NAMES, "stray or missing notebook files"
     assert sorted(p.name for p in NB_DIR.glob("*.py")) == [f"{n}.py" for n in NAMES], "stray notebook sources"
 
@@ -75,13 +75,25 @@ def test_committed_notebook_has_no_outputs_and_a_checks_cell(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     for c in code:
         assert c.outputs == [] and c.execution_count is None, f"{name}: cell {c.id} carries outputs"
-    assert "torch.set_num_threads(1)" in code[0].source
+    assert "from dirl_min.tutorial import setup" in code[0].source and "= setup()" in code[0].source
     last = code[-1]
     assert last.metadata.get("tags") == ["checks"], f"{name}: the last code cell must be the checks cell"
     assert "CHECKS = {" in last.source and last.source.count("assert ") >= 3
     assert sum("checks" in c.metadata.get("tags", []) for c in code) == 1
     assert all(c.cell_type in ("markdown", "code") for c in nb.cells)
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+
+
+def test_the_printing_helpers_put_bars_on_absolute_block_boundaries():
+    from dirl_min.model import build_tiny_tokenizer
+    from dirl_min.tutorial import glyphs, in_blocks
+
+    assert in_blocks("abcdefghij", 4) == "abcd|efgh|ij"
+    assert in_blocks("cdefgh", 4, start=2) == "cd|efgh"  # positions 2..7: the first block is cut at 4
+    assert in_blocks("ef", 4, start=4) == "ef"
+    tok = build_tiny_tokenizer()
+    ids = tok.encode("a\n", add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    assert glyphs(tok, ids) == "a⏎⟩∎"
 
 
 @pytest.fixture(scope="module")
@@ -175,13 +187,25 @@ def _check_04(c):
     assert c["ratio_is_one"] and c["rl_updates"] > 0
 
 
-CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "04": (_check_04, 1)}
+def _check_05(c):
+    assert c["read_once"] and c["scored_every_token"] and c["same_as_trainer"]
+    assert c["tracerl_s1_is_dipo"] and c["tracerl_matches_reference"] and c["tracerl_no_lookahead"]
+    assert c["d1_hides_response"] and c["d1_prompt_masked"] > 0 and c["coupled_complementary"]
+    assert c["copies"] == c["expected_copies"] and c["copies"]["diffu_grpo"] * 2 == c["copies"]["coupled_grpo"]
+    assert c["max_diff"]["dipo"] < 1e-4, "consistency invariant: dipo's views != recorded logp"
+    assert min(c["max_diff"][n] for n in ("tracerl", "diffu_grpo", "coupled_grpo")) > 1e-2
+    assert c["mismatch"]["dipo"] == [0.0, 0.0] and c["mismatch"]["tracerl"][1] == 0.0
+
+
+CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "04": (_check_04, 1),
+            "05": (_check_05, 2)}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes_and_its_claims_hold(name, kernel_manager_class, tmp_path):
     nb, probe, seconds = execute(name, kernel_manager_class, tmp_path)
     assert (probe["executable"], probe["prefix"]) == (sys.executable, sys.prefix), "kernel ran another interpreter"
+    assert probe["threads"] == 1, "the first cell's setup() leaves torch on one thread"
     check, min_figures = CHECKERS[name[:2]]
     check(probe["checks"])
     assert _figures(nb) >= min_figures, f"{name}: expected at least {min_figures} figures"

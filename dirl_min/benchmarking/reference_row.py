@@ -17,7 +17,7 @@ import torch
 from dirl_min.benchmarking.context import Bench, _fmt_rate, _verdict
 from dirl_min.benchmarking.measures import choose_reference_tokens, steps_per_block
 from dirl_min.benchmarking.timing import Case, time_cases
-from dirl_min.forward import dense_denoiser
+from dirl_min.model.forward import dense_denoiser
 
 
 def _import_reference():

@@ -102,7 +102,7 @@ def _forward_block(model, cache, ids, seg, pos, block_size, num_queries, keep, n
     ids/seg/pos: int64 ``[n, T]`` for every column so far (cache + new). The new columns
     are ``keep`` clean (committed) tokens followed by ``num_logits`` noisy working tokens.
     """
-    from dirl_min.forward import backbone_hidden  # model adapter, kept apart from the pure core
+    from dirl_min.model.forward import backbone_hidden  # model adapter, kept apart from the pure core
 
     n, total = ids.shape
     copy = torch.ones_like(seg)

@@ -15,7 +15,7 @@ import torch
 
 from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec, Views, objective_views, view_seed
 from dirl_min.core.rounds import LayoutBatch, build_layout, round_queries, step_rounds
-from dirl_min.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logits
+from dirl_min.model.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logp_entropy
 from dirl_min.sharding import fsdp_states
 
 __all__ = ["LayoutBatch", "build_layout", "layout_logp", "RoundsLogp", "rounds_logp", "rollout_rounds", "rollout_views",
@@ -32,9 +32,9 @@ def layout_logp(model, batch: LayoutBatch, *, temperature: float = 1.0) -> tuple
     """
     dev = next(model.parameters()).device  # works through DDP / SelectedLogits wrappers too
     b = {k: getattr(batch, k).to(dev) for k in ("input_ids", "seg", "pos", "copy", "clean_copy", "select", "target_ids")}
-    logp, entropy = layout_logits(
+    logp, entropy = layout_logp_entropy(
         model, b["input_ids"], b["seg"], b["pos"], b["copy"], b["clean_copy"], batch.block_size, b["select"],
-        targets=b["target_ids"][b["select"]], temperature=temperature)
+        b["target_ids"][b["select"]], temperature=temperature)
     return logp, entropy
 
 

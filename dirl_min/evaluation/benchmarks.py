@@ -27,7 +27,7 @@ from typing import Iterable
 from urllib.parse import urlparse
 
 from dirl_min.evaluation.errors import EvalError
-from dirl_min.tasks import Problem
+from dirl_min.data import Problem
 
 __all__ = ["HubSource", "HUB_SOURCES", "BENCHMARKS", "HubError", "cache_dir", "to_records", "hub_unreachable",
            "fetch", "DIRL_PROMPT", "Benchmark", "resolve_benchmarks", "load_benchmarks"]
@@ -302,7 +302,7 @@ def load_benchmarks(args) -> list[Benchmark]:
         DataError: a malformed data file (the message names file, line and field).
         EvalError: a usage problem.
     """
-    from dirl_min import tasks
+    from dirl_min import data
 
     benches: list[Benchmark] = []
     spec = args.benchmarks
@@ -321,11 +321,11 @@ def load_benchmarks(args) -> list[Benchmark]:
             sources = [str(p.resolve()) for _, p in files]
         template = args.prompt_template if args.prompt_template is not None else DIRL_PROMPT
         for (name, path), source in zip(files, sources):
-            benches.append(Benchmark(name, source, tasks.load_problems(path), template))
+            benches.append(Benchmark(name, source, data.load_problems(path), template))
     if args.task == "embedded":
         levels = tuple(int(x) for x in str(args.task_levels).split(",") if x.strip())
-        problems = tasks.arithmetic_problems(args.task_max_operand, levels)
-        _, held = tasks.split_problems(problems, args.held_out, args.split_seed)
+        problems = data.arithmetic_problems(args.task_max_operand, levels)
+        _, held = data.split_problems(problems, args.held_out, args.split_seed)
         template = args.prompt_template if args.prompt_template is not None else _embedded_template()
         source = (f"embedded arithmetic task, levels {list(levels)}, operands 0..{args.task_max_operand}, "
                   f"held-out {args.held_out} (split seed {args.split_seed})")

@@ -25,7 +25,7 @@ from dirl_min.evaluation.decode import decode_batch, decoder
 from dirl_min.evaluation.errors import EvalError
 from dirl_min.evaluation.report import plot_sweep, run_metrics
 from dirl_min.model import stop_token_ids
-from dirl_min.tasks import render_prompt
+from dirl_min.data import render_prompt
 
 __all__ = ["SAMPLES_FILE", "RESULTS_FILE", "CONFIG_FILE", "PLOT_FILE", "RUNTIME_FIELDS", "sample_seed",
            "shard_indices", "record_key", "merge_shards", "read_records", "EvalRun", "prepare", "run_shard",

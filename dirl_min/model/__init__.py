@@ -16,7 +16,8 @@ Modules: :mod:`~dirl_min.model.tokenizers` (tiny and Qwen tokenizers, a checkpoi
 chat prompts, stop tokens; the chat template is ``qwen3_chat_template.jinja``),
 :mod:`~dirl_min.model.checkpoints` (load, save, checkpoint folders, the block size / mask token
 settings, dtype), :mod:`~dirl_min.model.tiny` (the tiny model), :mod:`~dirl_min.model.atomic`
-(atomic folder writes). This package re-exports their public names.
+(atomic folder writes); this package re-exports their public names. :mod:`~dirl_min.model.forward`
+(the backend seam: the backbone driven with dirl_min's masks) is imported as its own module.
 """
 
 from dirl_min.model.checkpoints import (

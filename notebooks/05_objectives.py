@@ -1,0 +1,367 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: -jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Four ways to read a diffusion LM's likelihood
+#
+# A policy gradient needs `∇ log π(token | the state it was sampled in)`. An autoregressive model has
+# one obvious state per token (its prefix); a diffusion LM does not: a token was committed at some
+# denoising step, seeing its block partly masked, and the model can be asked for that token's
+# probability in any other masking. Every RL method for diffusion LMs therefore starts by choosing
+# **which masked copies of a response to feed the model** and which token to read in which copy.
+# `rl.objective` selects one of four choices (`dirl_min/core/estimates.py`), all scored by the same
+# code (`engine.score.rounds_logp`) and trained with the same clipped loss:
+#
+# | `rl.objective` | from | copies per response | context of a token |
+# |---|---|---|---|
+# | `dipo` | DiRL | `R` = most distinct steps in a block | exactly the decoding state |
+# | `tracerl` | TraceRL §3, shrinkage `s` | `⌈R/s⌉` | the state up to `s − 1` steps earlier |
+# | `diffu_grpo` | d1 §3.2, one step + prompt masking | 1 | partly masked prompt, no response token |
+# | `coupled_grpo` | DiffuCoder §4, coupled sampling | 2 | its block with a random share (`t` or `1 − t`) masked |
+#
+# This notebook draws the four sets of copies for one response, scores the same responses with each,
+# and measures how far each token's log-probability lands from the exact one.
+
+# %%
+import pathlib
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest and leaves the other cores alone
+T_START = time.perf_counter()
+
+import dirl_min
+
+# `reference/` (slow, loop-by-loop implementations written straight from the SPEC) lives next to
+# the package in the repository and is not installed: put the repository on the path.
+ROOT = pathlib.Path(dirl_min.__file__).resolve().parents[1]  # an editable install: the repository
+if not (ROOT / "reference").is_dir():
+    ROOT = pathlib.Path.cwd().parent  # a regular install, notebook opened from notebooks/
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import matplotlib.pyplot as plt
+
+# %% [markdown]
+# ## Responses with their step maps
+#
+# The same tiny model and decoding as notebook 03: a random model whose output head is scaled up so
+# that its predictions are peaked, decoded block by block with a confidence threshold, so some steps
+# commit several tokens. Each response comes with its `step_map` (the step that committed each token)
+# and the decoder's `logp` of each token, read in the very state it was committed from.
+
+# %%
+from dirl_min.decoding import generate
+from dirl_min.model import build_tiny, chat_prompt_ids
+
+model, tok = build_tiny(block_size=4, seed=0, tie_word_embeddings=False)
+with torch.no_grad():
+    model.lm_head.weight.mul_(25.0)
+model.eval()
+B, M = model.config.block_size, model.config.mask_token_id
+STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
+QUESTIONS = ["What is 3 + 4?", "What is 13 - 14?", "What is 20 + 7?", "What is 9 - 2?",
+             "What is 15 + 15?", "What is 0 - 8?", "What is 11 + 6?", "What is 5 - 19?"]
+PROMPTS = [chat_prompt_ids(tok, q) for q in QUESTIONS]
+roll = generate(model, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=10, threshold=0.6,
+                stop_token_ids=STOP, seeds=list(range(100, 100 + len(PROMPTS))))
+for i in range(len(roll)):
+    print(f"response {i}: prompt {len(roll.prompt_ids[i])} tokens, step_map {roll.step_map[i]}")
+
+# %% [markdown]
+# ## The copies each objective feeds the model
+#
+# `engine.score.rollout_views(rollout, i, spec)` gives the views of response `i` exactly as
+# `trainer.policy_step` builds them: a **context row** and `R` **noisy copies**, each with the positions
+# it masks and the positions read in it. How the model sees them (SPEC §4.5): a block of a noisy copy
+# attends to its own cells in that copy and, for everything before it, to the **context row** — never to
+# another block of the copy. So read each copy block by block, with the context row as the past.
+#
+# * **dipo** — copy `ρ` shows each block just before its `ρ`-th decoding step and reads the tokens that
+#   step committed: every token in the state it was decoded from. The context row is the clean response.
+# * **tracerl** (`s = 2` here) — TraceRL's shrinkage merges `s` consecutive steps of a block into one
+#   copy, read from the state before the first of them: half the copies, and the token of the second
+#   step no longer sees what the first step committed.
+# * **diffu_grpo** — d1's one-step estimate: a single copy with the whole response masked. The context
+#   row masks the response as well (otherwise later blocks would see earlier response tokens through
+#   it) and each prompt token with probability `p = 0.15`, drawn afresh for every optimisation pass.
+# * **coupled_grpo** — DiffuCoder's coupled sampling: draw `t ~ U[0.2, 0.8]`, mask each response token
+#   with probability `t` in the first copy and the rest in the second. The masks are complementary, so
+#   every token is read once, with a random part of its block visible — which may include tokens that
+#   were decoded *after* it.
+
+# %%
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
+
+from dirl_min.core.estimates import OBJECTIVES, ObjectiveSpec
+from dirl_min.engine.score import rollout_views
+
+SPECS = {"dipo": ObjectiveSpec("dipo"), "tracerl": ObjectiveSpec("tracerl", shrinkage=2),
+         "diffu_grpo": ObjectiveSpec("diffu_grpo", prompt_mask_prob=0.15),
+         "coupled_grpo": ObjectiveSpec("coupled_grpo")}
+assert tuple(SPECS) == OBJECTIVES
+VIEWS = {name: [rollout_views(roll, i, spec)[0] for i in range(len(roll))] for name, spec in SPECS.items()}
+COLOURS = ["#9ecae1", "#e5e5e5", "#525252", "tab:red"]  # prompt, visible response, masked, read
+STATES = ["prompt", "visible response token", "masked (M)", "masked and read (target)"]
+
+PROMPT_BLOCKS_SHOWN = 4  # the prompt is long: draw only its last blocks, next to the response
+
+
+def first_shown(i):
+    return max(0, (len(roll.prompt_ids[i]) // B - PROMPT_BLOCKS_SHOWN) * B)
+
+
+# the response drawn: the first whose d1 draw masks a prompt token in the part drawn
+I = next(i for i in range(len(roll))
+         if (VIEWS["diffu_grpo"][i].context[first_shown(i):len(roll.prompt_ids[i])] == M).any())
+P_I, X0 = len(roll.prompt_ids[I]), first_shown(I)
+steps_i = torch.tensor([0] * P_I + roll.step_map[I])
+
+
+def state_rows(v, prompt_len):
+    """int [1 + R, L]: what the context row and each copy show (codes of STATES)."""
+    rows = [v.context] + [v.context.masked_fill(nz, M) for nz in v.noisy]
+    is_prompt = torch.arange(len(v.context)) < prompt_len
+    out = torch.where(is_prompt, 0, 1).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        out[r][row == M] = 2
+    out[1:][v.targets] = 3
+    return out.numpy()
+
+
+heights = [1 + len(VIEWS[n][I].noisy) for n in OBJECTIVES]
+fig, axes = plt.subplots(len(OBJECTIVES), 1, figsize=(10, 0.4 * sum(heights) + 2.2),
+                         gridspec_kw={"height_ratios": heights}, sharex=True)
+for ax, name in zip(axes, OBJECTIVES):
+    state = state_rows(VIEWS[name][I], P_I)[:, X0:]
+    ax.imshow(state, cmap=ListedColormap(COLOURS), vmin=0, vmax=3, aspect="auto", interpolation="nearest")
+    for j in range(P_I - X0, state.shape[1]):  # the decoding step of each response token
+        for r in range(state.shape[0]):
+            ax.text(j, r, int(steps_i[X0 + j]), ha="center", va="center", fontsize=7,
+                    color="w" if state[r, j] >= 2 else "k")
+    for e in range(0, state.shape[1] + 1, B):  # X0 is a block start
+        ax.axvline(e - 0.5, color="k", lw=0.6)
+    ax.axhline(0.5, color="k", lw=2)
+    ax.set_yticks(range(state.shape[0]), ["context"] + [f"copy {r + 1}" for r in range(state.shape[0] - 1)],
+                  fontsize=8)
+    ax.set_title(f"{name}: {state.shape[0] - 1} noisy cop{'y' if state.shape[0] == 2 else 'ies'}",
+                 fontsize=9, loc="left")
+axes[-1].set_xticks(range(0, state.shape[1], B), range(X0, X0 + state.shape[1], B))
+axes[-1].set_xlabel(f"position in response {I} (blocks of {B}; the first {X0} prompt positions are not drawn; "
+                    "numbers: the decoding step of each response token)", fontsize=8)
+fig.legend(handles=[Patch(color=c, label=s) for c, s in zip(COLOURS, STATES)], loc="lower center", ncol=4,
+           fontsize=8, frameon=False)
+fig.tight_layout(rect=(0, 0.04, 1, 1))
+plt.show()
+
+# %% [markdown]
+# What the pictures claim, checked on all eight responses: every generated token is read exactly once
+# by every objective; `tracerl` with `s = 1` is `dipo`, and with `s = 2` it matches the loop-by-loop
+# `reference/objectives.py` and never shows a token more than its decoding state did; the d1 context
+# row hides the whole response; the coupled masks are complementary over the response.
+
+# %%
+import math
+
+import reference.objectives as ref
+from dirl_min.core.rounds import step_rounds
+
+N = len(roll)
+full_steps = [torch.tensor([0] * len(roll.prompt_ids[i]) + roll.step_map[i]) for i in range(N)]
+generated = [s > 0 for s in full_steps]
+read_once = {n: all(torch.equal(VIEWS[n][i].targets.sum(0), generated[i].long()) for i in range(N))
+             for n in OBJECTIVES}
+s1_views = [rollout_views(roll, i, ObjectiveSpec("tracerl", shrinkage=1))[0] for i in range(N)]
+tracerl_s1_is_dipo = all(torch.equal(a.noisy, b.noisy) and torch.equal(a.targets, b.targets)
+                         for a, b in zip(s1_views, VIEWS["dipo"]))
+tracerl_matches_reference = all(
+    [VIEWS["tracerl"][i].noisy.tolist(), VIEWS["tracerl"][i].targets.tolist()]
+    == list(ref.merge_rounds(full_steps[i].tolist(), B, 2)) for i in range(N))
+
+
+def hides_at_least_the_decoding_state(i):
+    """tracerl masks, for each token it reads, everything dipo masks for it (no look-ahead)."""
+    exact, merged = VIEWS["dipo"][i], VIEWS["tracerl"][i]
+    return all(bool((merged.noisy[int(merged.targets[:, j].nonzero()[0])] >= exact.noisy[r]).all())
+               for r in range(len(exact.noisy)) for j in exact.targets[r].nonzero().flatten().tolist())
+
+
+tracerl_no_lookahead = all(hides_at_least_the_decoding_state(i) for i in range(N))
+d1_hides_response = all(bool((VIEWS["diffu_grpo"][i].context[generated[i]] == M).all()) for i in range(N))
+d1_prompt_masked = sum(int((VIEWS["diffu_grpo"][i].context[~generated[i]] == M).sum()) for i in range(N))
+coupled_complementary = all(
+    torch.equal(v.noisy[0] | v.noisy[1], generated[i]) and not bool((v.noisy[0] & v.noisy[1]).any())
+    for i, v in enumerate(VIEWS["coupled_grpo"]))
+rounds = [step_rounds(full_steps[i], B)[0].shape[0] for i in range(N)]
+expected_copies = {"dipo": sum(rounds), "tracerl": sum(math.ceil(r / 2) for r in rounds),
+                   "diffu_grpo": N, "coupled_grpo": 2 * N}
+print("every token read once:", read_once)
+print(f"tracerl s=1 == dipo: {tracerl_s1_is_dipo}; tracerl s=2 == reference: {tracerl_matches_reference}; "
+      f"never shows more than the decoding state: {tracerl_no_lookahead}")
+print(f"d1: response hidden in the context row: {d1_hides_response}; prompt tokens masked: {d1_prompt_masked} "
+      f"of {sum(len(p) for p in roll.prompt_ids)}")
+print("coupled masks complementary:", coupled_complementary)
+
+# %% [markdown]
+# ## Scoring the same responses four ways
+#
+# Each objective's views of all eight responses go through `trainer.policy_step` (what the trainer
+# runs: one call of the model for all of them) and through `engine.score.rounds_logp` directly, which
+# also says which position each log-probability belongs to. The decoder recorded every token's log-probability in
+# its decoding state; DiPO's copies rebuild exactly those states, so its numbers must equal the
+# recorded ones (the consistency invariant of notebook 03). The others read other contexts, and the
+# distance from the recorded `logp` is what their shortcut changes in what is differentiated.
+
+# %%
+from dirl_min.core.objectives import LOSS_MEANS
+from dirl_min.engine.score import rounds_logp
+from dirl_min.trainer import policy_step
+
+recorded = [torch.tensor(lp) for lp in roll.logp]
+n_tokens = sum(len(r) for r in roll.response_ids)
+SCORES, COPIES, SAME_AS_TRAINER = {}, {}, {}
+with torch.no_grad():
+    for name, spec in SPECS.items():
+        views, labels = zip(*(rollout_views(roll, i, spec) for i in range(N)))
+        context, noisy, targets = zip(*views)
+        out = rounds_logp(model, context, noisy, targets, M, B, labels=labels)
+        _, stats, trainer_logp = policy_step(model, roll, list(range(N)), torch.zeros(N), num_tokens=n_tokens,
+                                             num_sequences=N, eps_low=0.2, eps_high=0.28, spec=spec)
+        SAME_AS_TRAINER[name] = torch.equal(trainer_logp, out.logp)
+        COPIES[name] = int(stats["copies"])
+        per_response = [torch.full((len(r),), float("nan")) for r in roll.response_ids]
+        for lp, i, pos in zip(out.logp.tolist(), out.resp.tolist(), out.position.tolist()):
+            per_response[i][pos - len(roll.prompt_ids[i])] = lp
+        SCORES[name] = torch.cat(per_response)
+exact = torch.cat(recorded)
+DIFF = {n: (SCORES[n] - exact).abs() for n in OBJECTIVES}
+
+print(f"{'objective':<14}{'loss mean':>10}{'copies':>8}{'per resp.':>10}{'tokens':>8}"
+      f"{'mean |Δ|':>10}{'max |Δ|':>9}{'exact (<1e-4)':>15}")
+for n in OBJECTIVES:
+    d = DIFF[n]
+    print(f"{n:<14}{LOSS_MEANS[n]:>10}{COPIES[n]:>8}{COPIES[n] / N:>10.2f}{int((~SCORES[n].isnan()).sum()):>8}"
+          f"{float(d.mean()):>10.3f}{float(d.max()):>9.3f}{float((d < 1e-4).float().mean()):>15.0%}")
+print("policy_step's log-probs == rounds_logp's:", SAME_AS_TRAINER)
+
+# %%
+fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(13, 3.4), sharex=True, sharey=True)
+lo = float(min(exact.min(), *(SCORES[n].min() for n in OBJECTIVES))) - 0.3
+for ax, n in zip(axes, OBJECTIVES):
+    ax.plot([lo, 0.1], [lo, 0.1], color="0.6", lw=0.8)
+    ax.scatter(exact, SCORES[n], s=10, alpha=0.7)
+    ax.set_title(f"{n}: {COPIES[n]} copies, mean |Δ| {float(DIFF[n].mean()):.2f}", fontsize=9)
+    ax.set_xlabel("recorded logp (decoding state)")
+axes[0].set_ylabel("log-prob the objective reads")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## What each estimate conditions on, what it gets wrong, what it costs
+#
+# * **dipo** reads every token in the state it was sampled from, so `∇ℓ_j` is the gradient of the
+#   log-probability of the action actually taken, in the state it was taken in: the trajectory's own
+#   likelihood, with no approximation (SPEC §4). It pays for that with `R` copies per response (at most
+#   the block size; the table above gives the count here), scored in one call together with the clean row.
+# * **tracerl** with shrinkage `s` (TraceRL, Wang et al. 2025, §3) trades exactness for `⌈R/s⌉`
+#   copies. A token committed at the first step of a merged group is still read exactly (the points on
+#   the diagonal); one committed later loses sight of what the earlier steps of its group committed, so
+#   its log-probability is taken in a context with less information than it had — a biased estimate,
+#   never one that peeks ahead. `s = 1` is `dipo`, bit for bit.
+# * **diffu_grpo** (d1, Zhao et al. 2025, §3.2) reads every token in one copy, seeing only the prompt
+#   (a random 15% of it masked) and mask tokens: a mean-field estimate that ignores the rest of the
+#   response entirely, so it is far from the decoding state (the largest spread above). It is the
+#   cheapest (one copy), and because the prompt mask is redrawn every pass, several passes over one
+#   batch (`rl.num_iterations > 1`) see perturbed views, which d1 uses as a regulariser.
+# * **coupled_grpo** (DiffuCoder, Gong et al. 2025, §4) reads each token with a random share of its
+#   block-mates visible: two copies, complementary so every token is read exactly once — which,
+#   DiffuCoder argues, lowers the variance of the estimate compared with independent random masks. The
+#   context ignores the decoding order — a token may see block-mates that were decoded after it and miss
+#   ones decoded before — so it estimates a random-masking likelihood, not the sampled trajectory's.
+#   DiffuCoder's released code also averages in a fully masked copy and weights by `1/t`; dirl_min
+#   keeps the pair only.
+#
+# The loss differs too (`core.objectives.LOSS_MEANS`): `dipo` and `tracerl` average over all tokens of
+# the step (DAPO's token mean), `diffu_grpo` and `coupled_grpo` average within each response first
+# (GRPO's sequence mean). Which estimate learns fastest per second or per copy is an empirical
+# question: `python -m dirl_min.compare` trains each objective from one SFT checkpoint with the same
+# budget and seeds and plots held-out accuracy against wall-clock time and scored copies.
+
+# %% [markdown]
+# How often does each view hide tokens the decoder saw, or show tokens it had not yet committed? For
+# every read token, compare the block-mates visible in its copy with those visible when it was decoded:
+
+# %%
+def context_mismatch(name):
+    """(fraction of read tokens that miss a token they saw when decoded, fraction that see one decoded later).
+
+    What a token in copy ``r`` sees: its own block as the copy shows it, earlier blocks as the context
+    row shows them. When it was decoded it saw every earlier block and its block's earlier steps."""
+    missing = future = total = 0
+    for i in range(N):
+        v, steps = VIEWS[name][i], full_steps[i]
+        for r in range(len(v.noisy)):
+            row = v.context.masked_fill(v.noisy[r], M)
+            for j in v.targets[r].nonzero().flatten().tolist():
+                start, end = (j // B) * B, min((j // B + 1) * B, len(steps))
+                shown = torch.cat([v.context[:start] != M, row[start:end] != M])
+                seen = torch.cat([torch.ones(start, dtype=torch.bool), steps[start:end] < steps[j]])
+                missing += bool((seen & ~shown).any())
+                future += bool((shown & (steps[:end] > steps[j])).any())
+                total += 1
+    return missing / total, future / total
+
+
+MISMATCH = {n: context_mismatch(n) for n in OBJECTIVES}
+for n, (missing, future) in MISMATCH.items():
+    print(f"{n:<14} tokens missing part of their decoding context: {missing:5.0%}   "
+          f"seeing a later token: {future:5.0%}")
+
+# %% tags=["checks"]
+# Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
+CHECKS = {
+    "read_once": all(read_once.values()),
+    "tracerl_s1_is_dipo": bool(tracerl_s1_is_dipo),
+    "tracerl_matches_reference": bool(tracerl_matches_reference),
+    "tracerl_no_lookahead": bool(tracerl_no_lookahead),
+    "d1_hides_response": bool(d1_hides_response),
+    "d1_prompt_masked": d1_prompt_masked,
+    "coupled_complementary": bool(coupled_complementary),
+    "copies": COPIES,
+    "expected_copies": expected_copies,
+    "same_as_trainer": all(SAME_AS_TRAINER.values()),
+    "scored_every_token": all(int((~SCORES[n].isnan()).sum()) == n_tokens for n in OBJECTIVES),
+    "max_diff": {n: float(DIFF[n].max()) for n in OBJECTIVES},
+    "mean_diff": {n: float(DIFF[n].mean()) for n in OBJECTIVES},
+    "tracerl_s2_exact_fraction": float((DIFF["tracerl"] < 1e-4).float().mean()),
+    "mismatch": MISMATCH,
+    "seconds": time.perf_counter() - T_START,
+}
+assert CHECKS["read_once"] and CHECKS["scored_every_token"] and CHECKS["same_as_trainer"]
+assert CHECKS["tracerl_s1_is_dipo"] and CHECKS["tracerl_matches_reference"] and CHECKS["tracerl_no_lookahead"]
+assert CHECKS["d1_hides_response"] and CHECKS["d1_prompt_masked"] > 0 and CHECKS["coupled_complementary"]
+assert CHECKS["copies"] == CHECKS["expected_copies"]
+assert CHECKS["max_diff"]["dipo"] < 1e-4, "the consistency invariant is broken"
+assert all(CHECKS["max_diff"][n] > 1e-2 for n in ("tracerl", "diffu_grpo", "coupled_grpo"))
+assert 0 < CHECKS["tracerl_s2_exact_fraction"] < 1
+assert max(CHECKS["mean_diff"], key=CHECKS["mean_diff"].get) == "diffu_grpo"
+assert CHECKS["mismatch"]["dipo"] == (0.0, 0.0) and CHECKS["mismatch"]["tracerl"][1] == 0.0
+assert CHECKS["mismatch"]["coupled_grpo"][1] > 0 and CHECKS["mismatch"]["diffu_grpo"][0] > 0
+print(CHECKS)
