@@ -1,0 +1,139 @@
+"""``python -m dirl_min.compare``: the RL objectives side by side from one SFT checkpoint.
+
+    python -m dirl_min.compare                                 # four objectives x three seeds (long)
+    python -m dirl_min.compare --quick                         # plumbing only, under a minute
+    python -m dirl_min.compare --objectives dipo,tracerl --seeds 0 --rl.steps 300
+
+One SFT run (``<out>/sft``), then per objective and seed an RL run from its final checkpoint
+(``<out>/<objective>/seed-<s>``, checkpoints every ``rl.steps // 4`` steps), every checkpoint
+evaluated on the held-out split with ``dirl_min.eval`` on one evaluation seed (a paired
+comparison). Prints a table and writes ``compare.md``, ``compare.json`` and ``compare.png``.
+The work lives in :mod:`dirl_min.evaluation.compare` and :mod:`dirl_min.evaluation.compare_report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dirl_min.evaluation import compare as cmp
+from dirl_min.evaluation import compare_report as rep
+from dirl_min.tasks import DataError
+
+#: --quick: tiny budgets, prepended to the given settings (which override them)
+QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps", "100", "--sft.batch_size", "8",
+         "--sft.warmup_steps", "2", "--rl.steps", "4", "--rl.prompts_per_step", "2", "--rl.group_size", "4",
+         "--rl.rewards", "{accuracy: 1.0, format: 0.5}", "--eval.samples", "2", "--eval.max_problems", "8",
+         "--run.threads", "1"]
+
+EPILOG = (
+    "Every other option is a setting of python -m dirl_min.train (--section.name VALUE, or --config FILE), "
+    "given to every run, e.g. --rl.steps 300 --eval.samples 8. The comparison sets run.out, run.seed, "
+    "run.stages, run.save_every, run.log_every and rl.objective itself. The runs' own evaluations are cut to one "
+    "sample of one problem (whatever eval.* says); each checkpoint is evaluated here with the eval.* and decode.* "
+    "settings, so other eval.* settings redo evaluations, not runs.\n\n"
+    "Rerunning into the same --out reuses finished runs and evaluations with equal settings and continues "
+    "unfinished ones (a killed comparison resumes); runs with other settings are refused unless --overwrite.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dirl_min.compare", allow_abbrev=False, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train each RL objective from one SFT checkpoint with the same rollout budget and seeds, "
+                    "evaluate every checkpoint on the held-out split (avg@k with 95% intervals, greedy, tokens "
+                    "per step) and report accuracy against training seconds and scoring forwards.")
+    p.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (default: runs/compare)")
+    p.add_argument("--objectives", default=",".join(cmp.OBJECTIVES), metavar="LIST",
+                   help=f"comma-separated objectives (default: {','.join(cmp.OBJECTIVES)})")
+    p.add_argument("--seeds", default=None, metavar="LIST",
+                   help="comma-separated training seeds (run.seed of the RL runs; default: 0,1,2, with --quick: 0)")
+    p.add_argument("--eval-seed", type=int, default=0, metavar="N",
+                   help="sampling seed of every evaluation (the same for all checkpoints; default: 0)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny budgets (operands 0..9, SFT 100 steps, RL 4 steps of 2 prompts x 4 with a format reward "
+                        "so that groups differ, 8 held-out problems x 2 samples; 1 seed): checks the plumbing, "
+                        "measures nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace runs and evaluations made with other settings")
+    return p
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    """The comparison's options and the train settings for every run (checked here)."""
+    parser = build_parser()
+    args, settings = parser.parse_known_args(argv)
+    args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    bad = [o for o in args.objectives if o not in cmp.OBJECTIVES]
+    if bad or not args.objectives or len(set(args.objectives)) < len(args.objectives):
+        parser.error(f"--objectives: expected distinct names among {', '.join(cmp.OBJECTIVES)}, got {args.objectives}")
+    try:
+        args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not args.seeds or len(set(args.seeds)) < len(args.seeds):
+        parser.error(f"--seeds: expected distinct integers, got {args.seeds}")
+    settings = [*(QUICK if args.quick else []), *settings]
+    try:
+        args.cfg = cmp.check_settings(settings)
+    except cmp.CompareError as e:
+        parser.error(str(e))
+    return args, settings
+
+
+def _evaluate(run, args, tools) -> list[tuple[dict, list[float]]]:
+    """``(point, per-problem accuracy)`` of each checkpoint of ``run``, by step."""
+    cks = cmp.checkpoints_of(run, args.cfg)
+    costs = cmp.curve(cmp.rl_rows(run.folder), [s for s, _ in cks])
+    out = []
+    for (_, ck), at in zip(cks, costs):
+        print(f"compare: evaluating {run.name} {ck.name}", file=sys.stderr)
+        ev = cmp.evaluate_checkpoint(ck, run.folder / "eval" / ck.name, args.cfg, tools, seed=args.eval_seed,
+                                     overwrite=args.overwrite)
+        out.append((rep.point(ev, {**at, "checkpoint": ck.name}), ev["per_problem"]))
+    return out
+
+
+def compare(args, settings: list[str], tools: cmp.Tools) -> dict:
+    """Plan (every refusal before any work), train, evaluate; returns compare.json's content."""
+    out = Path(args.out)
+    plan = cmp.plan_runs(out, settings, args.objectives, args.seeds, args.cfg)
+    actions = cmp.plan_actions(plan, args.overwrite)
+    for run in plan:
+        cmp.execute(run, actions[run.name], tools.train)
+    (start, _), = _evaluate(plan[0], args, tools)
+    runs: dict[str, list[dict]] = {o: [] for o in args.objectives}
+    for run in plan[1:]:
+        pts = _evaluate(run, args, tools)
+        rows = cmp.rl_rows(run.folder)
+        runs[run.objective].append({"seed": run.seed, **rep.run_summary(rows, [p for p, _ in pts], pts[-1][1])})
+    table = {o: rep.aggregate(rs) for o, rs in runs.items()}
+    return {"settings": {"objectives": args.objectives, "seeds": args.seeds, "eval_seed": args.eval_seed,
+                         "quick": args.quick, "train_settings": settings, "samples": args.cfg.eval.samples},
+            "start": start, "table": table, "runs": runs, "actions": actions}
+
+
+def main(argv=None) -> dict:
+    args, settings = parse_args(argv)
+    from dirl_min import eval as eval_face, train
+
+    tools = cmp.Tools(train=lambda a: train.main(a), eval_args=eval_face.parse_args)
+    try:
+        result = compare(args, settings, tools)
+    except (cmp.CompareError, cmp.EvalError, DataError) as e:
+        raise SystemExit(f"dirl_min.compare: error: {e}") from None
+    out, k = Path(args.out), args.cfg.eval.samples
+    head, rows = rep.table_rows(result["start"], result["table"], k)
+    note = f"python -m dirl_min.compare {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
+    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "compare.md").write_text(rep.markdown(head, rows, f"Command: `{note}`"))
+    rep.plot(result["start"], result["runs"], out / "compare.png", k)
+    print(rep.text_table(head, rows))
+    print(rep.CI_NOTE)
+    print(f"outputs in {out}/ (compare.md, compare.json, compare.png)", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

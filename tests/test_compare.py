@@ -1,0 +1,146 @@
+"""python -m dirl_min.compare: the table's numbers are the runs' own files, reruns reuse and continue, other
+settings are refused. ``--quick`` budgets: plumbing, no accuracy claim."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dirl_min.evaluation import compare as cmp
+from dirl_min.metrics import format_percent
+
+OBJECTIVES = ["dipo", "tracerl"]
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _mtimes(out: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("checkpoints/*/model/*.safetensors")}
+
+
+def _check_run(out: Path, objective: str, result: dict) -> None:
+    """The table's row and the run's points against the run's own metrics.jsonl and eval files."""
+    run = out / objective / "seed-0"
+    rl = [r for r in _jsonl(run / "metrics.jsonl") if r["stage"] == "rl"]
+    assert [r["step"] for r in rl] == [1, 2, 3, 4]  # --quick: rl.steps 4, logged every step
+    points = result["runs"][objective][0]["points"]
+    assert [(p["step"], p["checkpoint"]) for p in points] == [
+        (1, "rl-000001"), (2, "rl-000002"), (3, "rl-000003"), (4, "rl-final")]
+    assert all(r["score_copies"] > 0 for r in rl if r["kept_fraction"] > 0)
+    for p in points:  # x: cumulative seconds of the time_* fields; y: that checkpoint's own evaluation
+        assert p["seconds"] == pytest.approx(sum(r[f] for r in rl[: p["step"]] for f in cmp.TIME_FIELDS))
+        samples = _jsonl(run / "eval" / p["checkpoint"] / "sampled" / "samples.jsonl")
+        assert len(samples) == 8 * 2  # 8 problems x 2 samples
+        assert p["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
+        assert p["tokens_per_step"] == pytest.approx(sum(s["tokens_per_step"] for s in samples) / len(samples))
+        greedy = _jsonl(run / "eval" / p["checkpoint"] / "greedy" / "samples.jsonl")
+        assert p["greedy"] == pytest.approx(sum(s["correct"] for s in greedy) / len(greedy))
+    row = result["table"][objective]  # one seed: the means are that run's numbers
+    assert row["accuracy"] == points[-1]["accuracy"] and row["greedy"] == points[-1]["greedy"]
+    assert row["train_seconds"] == pytest.approx(sum(r[f] for r in rl for f in cmp.TIME_FIELDS))
+    assert row["scoring_seconds_per_step"] == pytest.approx(sum(r["time_scoring"] for r in rl) / 4)
+    assert row["copies_per_step"] == pytest.approx(sum(r["score_copies"] for r in rl) / 4)
+    assert [p["copies"] for p in points] == [sum(r["score_copies"] for r in rl[: p["step"]]) for p in points]
+
+
+def test_quick_compare_table_rerun_and_refusal(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from dirl_min import compare, train
+
+    out = tmp_path / "cmp"
+    argv = ["--quick", "--out", str(out), "--objectives", ",".join(OBJECTIVES)]
+    first = compare.main(argv)
+    printed = capsys.readouterr().out
+    assert any(r["time_scoring"] > 0 for r in _jsonl(out / "dipo" / "seed-0" / "metrics.jsonl") if r["stage"] == "rl")
+    start = _jsonl(out / "sft" / "eval" / "sft-final" / "sampled" / "samples.jsonl")
+    assert first["start"]["accuracy"] == pytest.approx(sum(s["correct"] for s in start) / len(start))
+    for o in OBJECTIVES:
+        _check_run(out, o, first)
+        line = next(ln for ln in printed.splitlines() if ln.split()[:1] == [o])
+        row = first["table"][o]
+        assert format_percent(row["accuracy"]) in line.split() and f"{row['train_seconds']:.1f}" in line.split()
+        assert f"| {o} | 1 | {format_percent(row['accuracy'])} |" in (out / "compare.md").read_text()
+    assert json.loads((out / "compare.json").read_text())["table"] == first["table"]
+    with Image.open(out / "compare.png") as im:
+        im.verify()
+    with Image.open(out / "compare.png") as im:
+        assert im.format == "PNG" and im.size[0] > 2 * im.size[1] * 0.9  # two panels side by side
+
+    # A rerun: finished runs reused (no training, checkpoints untouched); a run cut short (no
+    # summary yet) and an evaluation cut short continue, with the same numbers.
+    before = _mtimes(out)
+    (out / "tracerl" / "seed-0" / "summary.json").unlink()
+    cut = out / "dipo" / "seed-0" / "eval" / "rl-000002" / "sampled"
+    lines = (cut / "samples.jsonl").read_text().splitlines(keepends=True)
+    (cut / "samples.jsonl").write_text("".join(lines[:5]))
+    (cut / "results.json").unlink()
+    calls, real = [], train.main
+    monkeypatch.setattr(train, "main", lambda a: calls.append(list(a)) or real(a))
+    second = compare.main(argv)
+    assert [(c[c.index("--run.out") + 1], c[-2:]) for c in calls] == [
+        (str(out / "tracerl" / "seed-0"), ["--run.resume", "true"])]
+    assert second["actions"] == {"sft": "reuse", "dipo/seed-0": "reuse", "tracerl/seed-0": "resume"}
+    assert _mtimes(out) == before  # the resumed run found its final checkpoint: nothing retrained
+    assert second["table"] == first["table"] and second["runs"] == first["runs"]
+    assert len(_jsonl(cut / "samples.jsonl")) == 16
+
+    # Other settings: refused before any work, naming the setting and the runs.
+    calls.clear()
+    table = (out / "compare.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        compare.main([*argv, "--rl.lr", "0.001"])
+    assert "rl.lr: 0.0003 -> 0.001" in str(e.value) and str(out / "dipo" / "seed-0") in str(e.value)
+    assert "--overwrite" in str(e.value) and calls == [] and _mtimes(out) == before
+    assert (out / "compare.md").read_text() == table
+
+    # Other evaluation settings leave the trained runs valid: the evaluations are refused, and
+    # with --overwrite redone, without training anything.
+    with pytest.raises(SystemExit, match="other settings.*top_k"):
+        compare.main([*argv, "--eval.top_k", "5"])
+    third = compare.main([*argv, "--eval.top_k", "5", "--overwrite"])
+    assert calls == [] and _mtimes(out) == before and set(third["actions"].values()) == {"reuse"}
+    redone = json.loads((cut / "results.json").read_text())["settings"]
+    assert redone["top_k"] == 5 and len(_jsonl(cut / "samples.jsonl")) == 16
+
+
+def _run(tmp_path, name, argv, parent=None):
+    return cmp.Run(name, tmp_path / name, tuple(argv), parent, "dipo" if parent else None, 0 if parent else None)
+
+
+def _saved(run, *, finished=True):
+    """Write the files a finished (or, ``finished=False``, interrupted) ``run`` leaves."""
+    run.folder.mkdir(parents=True)
+    (run.folder / "config.json").write_text(json.dumps(run.config()))
+    if finished:
+        (run.folder / "summary.json").write_text("{}")
+
+
+def test_plan_actions_reuse_resume_and_stale_children(tmp_path):
+    sft = _run(tmp_path, "sft", ["--sft.steps", "5"])
+    rl = _run(tmp_path, "rl", ["--rl.steps", "4"], parent="sft")
+    assert cmp.plan_actions([sft, rl], overwrite=False) == {"sft": "train", "rl": "train"}
+    _saved(sft)
+    _saved(rl, finished=False)
+    assert cmp.plan_actions([sft, rl], overwrite=False) == {"sft": "reuse", "rl": "resume"}
+    # SFT saved with other settings: it is replaced, and the RL run on its old checkpoint is stale
+    # although its own settings are equal.
+    (sft.folder / "config.json").write_text(json.dumps(cmp.Run("sft", sft.folder, ("--sft.steps", "6")).config()))
+    with pytest.raises(cmp.CompareError) as e:
+        cmp.plan_actions([sft, rl], overwrite=False)
+    assert "sft.steps: 6 -> 5" in str(e.value) and "starts from sft, which is trained again" in str(e.value)
+    assert cmp.plan_actions([sft, rl], overwrite=True) == {"sft": "replace", "rl": "replace"}
+
+
+def test_reserved_and_invalid_settings_are_refused():
+    with pytest.raises(cmp.CompareError, match="run.seed, run.stages"):
+        cmp.check_settings(["--run.stages", "[rl]", "--seed", "3"])
+    with pytest.raises(cmp.CompareError, match="rl.group_size"):
+        cmp.check_settings(["--rl.group_size", "0"])
+    with pytest.raises(cmp.CompareError, match="rl.steps = 0"):
+        cmp.check_settings(["--rl.steps", "0"])
+    assert cmp.check_settings(["--rl.steps", "8"]).rl.steps == 8
