@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from dirl_min.atomic import atomic_write, is_temporary
 from dirl_min.config import Config, SettingsError
 
 __all__ = ["OUTPUTS", "MAY_CHANGE_ON_RESUME", "config_differences", "check_out", "start_fresh", "load_latest"]
@@ -92,7 +93,7 @@ def start_fresh(out: Path, cfg) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
 
 def _verify(ck: Path) -> None:
@@ -125,7 +126,8 @@ def load_latest(out: Path, given: dict, load_weights: Callable[[Path], object]):
     """
     index = {}
     for ck in sorted((out / "checkpoints").glob("*-*")):
-        if ck.is_dir() and not ck.name.endswith(".tmp") and (ck / "trainer_state.pt").is_file():
+        # a temporary of an interrupted save is never a checkpoint (".tmp": the name before dirl_min.atomic)
+        if ck.is_dir() and not is_temporary(ck) and not ck.name.endswith(".tmp") and (ck / "trainer_state.pt").is_file():
             try:
                 # mapped, not read: only the index is needed, not every checkpoint's optimizer state
                 index[ck] = _state(ck / "trainer_state.pt", mmap=True)["ckpt_index"]

@@ -15,8 +15,8 @@ resources shipped inside installed packages, and pickled weights are refused.
 Modules: :mod:`~dirl_min.model.tokenizers` (tiny and Qwen tokenizers, a checkpoint's tokenizer,
 chat prompts, stop tokens; the chat template is ``qwen3_chat_template.jinja``),
 :mod:`~dirl_min.model.checkpoints` (load, save, checkpoint folders, the block size / mask token
-settings, dtype), :mod:`~dirl_min.model.tiny` (the tiny model), :mod:`~dirl_min.model.atomic`
-(atomic folder writes). This package re-exports their public names.
+settings, dtype), :mod:`~dirl_min.model.tiny` (the tiny model); checkpoints are written
+atomically by :mod:`dirl_min.atomic`. This package re-exports their public names.
 """
 
 from dirl_min.model.checkpoints import (

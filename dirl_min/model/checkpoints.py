@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dirl_min.model.atomic import atomic_dir
+from dirl_min.atomic import atomic_dir
 from dirl_min.model.tokenizers import load_tokenizer
 
 # SDAR config.json fields that are not Qwen3 configuration: remote-code plumbing and settings of
