@@ -11,7 +11,7 @@ import torch
 
 from dirl_min.atomic import atomic_dir, atomic_write
 from dirl_min.forward import _unwrap
-from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, save_model
+from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, TRAINER_STATE_FILE, save_model
 from dirl_min.progress import ProgressLines
 from dirl_min.sharding import full_state_dict
 
@@ -108,7 +108,7 @@ def save_checkpoint(path: Path, model, tokenizer, state: dict, state_dict: dict 
     (:func:`dirl_min.atomic.atomic_dir`): a crash mid-save leaves the previous checkpoint intact."""
     with atomic_dir(path) as tmp:
         save_model(model, tokenizer, tmp / TRAIN_CHECKPOINT_MODEL_DIR, state_dict=state_dict)
-        torch.save(state, tmp / "trainer_state.pt")
+        torch.save(state, tmp / TRAINER_STATE_FILE)
 
 
 class Checkpoints:

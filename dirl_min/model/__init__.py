@@ -22,6 +22,7 @@ atomically by :mod:`dirl_min.atomic`. This package re-exports their public names
 from dirl_min.model.checkpoints import (
     SDAR_ONLY_FIELDS,
     TRAIN_CHECKPOINT_MODEL_DIR,
+    TRAINER_STATE_FILE,
     checkpoint_folder,
     diffusion_settings,
     load_model,
@@ -45,6 +46,7 @@ __all__ = [
     "SDAR_MASK_TOKEN_ID",
     "SDAR_ONLY_FIELDS",
     "TRAIN_CHECKPOINT_MODEL_DIR",
+    "TRAINER_STATE_FILE",
     "build_tiny_tokenizer",
     "build_tiny",
     "checkpoint_folder",
