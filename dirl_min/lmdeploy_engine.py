@@ -59,7 +59,7 @@ def lmdeploy_missing() -> str | None:
     try:
         check_version(lmdeploy.__version__)
     except RuntimeError as e:
-        return f"needs a supported lmdeploy: {e}"
+        return f"needs a supported lmdeploy: {str(e).rstrip('.')}"  # callers end the sentence
     if not torch.cuda.is_available():
         return "needs a CUDA GPU and none is visible"
     return None
