@@ -99,9 +99,10 @@ def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: boo
     """One optimizer step of ``stage`` ("sft" or "dipo"), or one batch of rollouts ("rollout");
     seconds, memory and model FLOPs of this process."""
     from dirl_min.forward import SelectedLogits
+    from dirl_min.model import resolve_dtype
     from dirl_min.trainer import dipo_step, sft_loss
 
-    model, tok = build_shaped(shape, layers, getattr(torch, dtype))
+    model, tok = build_shaped(shape, layers, resolve_dtype(dtype))
     model.to(device).train()
     model.set_attn_implementation(attn)
     if checkpointing:
@@ -159,9 +160,9 @@ def _rollout(model, tok, roll, max_new_tokens: int, engine_path: str = "") -> in
 
     kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, seeds=list(range(len(roll))))
     if engine_path:
-        from dirl_min.lmdeploy_engine import LMDeployEngine
+        from dirl_min.lmdeploy_engine import make_engine
 
-        engine = LMDeployEngine(engine_path, block_size=BLOCK, mask_token_id=tok.mask_token_id)
+        engine = make_engine(engine_path, model)
         out = engine.generate(roll.prompt_ids, **kw)
     else:
         model.eval()
@@ -202,14 +203,18 @@ def main(argv=None) -> list[dict]:
         print("RESULT " + json.dumps(res))
         return [res]
     if args.save:
-        from dirl_min.model import save_model
+        from dirl_min.model import resolve_dtype, save_model
 
-        model, tok = build_shaped(args.shape, args.layers, getattr(torch, args.dtype))
+        model, tok = build_shaped(args.shape, args.layers, resolve_dtype(args.dtype))
         save_model(model, tok, args.save)
         print(f"saved a random {args.shape}-shaped model to {args.save}")
         return []
     if args.response_tokens % BLOCK:
         raise SystemExit(f"--response-tokens must be a multiple of {BLOCK}")
+    if args.lmdeploy:
+        from dirl_min.lmdeploy_engine import require_lmdeploy
+
+        require_lmdeploy("dirl_min.bench --shape --lmdeploy")  # here, not in each child process
     depth = SHAPES[args.shape]["num_hidden_layers"]
     layers = min(args.layers or depth, depth)
     print(f"{args.shape} shape (hidden {SHAPES[args.shape]['hidden_size']}, vocab {VOCAB}, Qwen tokenizer), "

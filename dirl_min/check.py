@@ -69,14 +69,13 @@ def engine_agreement(native, other) -> dict:
 def lmdeploy_agreement(model, tokenizer, model_path: str, prompts, *, max_new_tokens: int, threshold: float) -> dict:
     """Greedy decoding by LMDeploy (with the step hook) vs the native engine (CUDA only)."""
     from dirl_min.decoding import generate
-    from dirl_min.lmdeploy_engine import LMDeployEngine
-    from dirl_min.model import chat_prompt_ids, diffusion_settings, stop_token_ids
+    from dirl_min.lmdeploy_engine import make_engine
+    from dirl_min.model import chat_prompt_ids, stop_token_ids
 
-    block, mask_id = diffusion_settings(model)
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     kw = dict(max_new_tokens=max_new_tokens, threshold=threshold, temperature=0.0, stop_token_ids=stop_token_ids(tokenizer))
     native = generate(model, ids, **kw)
-    engine = LMDeployEngine(model_path, block_size=block, mask_token_id=mask_id, threshold=threshold)
+    engine = make_engine(model_path, model, threshold=threshold)
     try:
         return engine_agreement(native, engine.generate(ids, **kw))
     finally:
@@ -115,6 +114,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         parser.error("; ".join(msgs))
     if args.lmdeploy and not args.model:
         parser.error("--lmdeploy needs --model: a checkpoint folder LMDeploy can load")
+    if args.lmdeploy:
+        from dirl_min.lmdeploy_engine import lmdeploy_missing
+
+        if why := lmdeploy_missing():  # before the model is loaded
+            parser.error(f"--lmdeploy {why}")
     from dirl_min.tasks import DataError, read_text
 
     prompts = DEFAULT_PROMPTS

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from dirl_min.evaluation.benchmarks import (BENCHMARKS, DIRL_PROMPT, Benchmark, load_benchmarks,
                                             resolve_benchmarks)
-from dirl_min.evaluation.decode import check_lmdeploy, load_eval_model, score_responses
+from dirl_min.evaluation.decode import load_eval_model, score_responses
 from dirl_min.evaluation.errors import EvalError
 from dirl_min.evaluation.report import plot_sweep, summarize
 from dirl_min.evaluation.run import (PLOT_FILE, RESULTS_FILE, RUNTIME_FIELDS, EvalRun, finalize, merge_shards, prepare,
@@ -225,7 +225,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate_main(args) -> dict | None:
     """The whole evaluation for parsed ``args``; returns the results on the main process."""
     if args.backend == "lmdeploy":
-        check_lmdeploy()
+        from dirl_min.lmdeploy_engine import require_lmdeploy
+
+        require_lmdeploy("dirl_min.eval: --backend lmdeploy", "Use --backend native (the default).")
     t0 = time.perf_counter()
     benches = load_benchmarks(args)  # data errors before the (slow) model load
     import torch

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from dirl_min.decoding import Rollout
-from dirl_min.model import checkpoint_folder
+from dirl_min.model import checkpoint_folder, diffusion_settings
 
-__all__ = ["SUPPORTED_VERSIONS", "check_version", "StepRecorder", "step_hook", "rollout_from_records",
-           "weight_buckets", "LMDeployEngine"]
+__all__ = ["SUPPORTED_VERSIONS", "check_version", "lmdeploy_missing", "require_lmdeploy", "StepRecorder", "step_hook",
+           "rollout_from_records", "weight_buckets", "LMDeployEngine", "make_engine"]
 
 # lmdeploy releases whose DLLM sequence update the hook was written against and tested on
 SUPPORTED_VERSIONS = ("0.18.0",)
@@ -46,6 +46,33 @@ def check_version(version: str) -> None:
             f"dirl_min's LMDeploy step-map hook supports lmdeploy {', '.join(SUPPORTED_VERSIONS)}; found {version}. "
             "Its DLLM sequence update may differ, and a wrong step map silently biases DiPO. Install "
             f"lmdeploy=={SUPPORTED_VERSIONS[-1]} or use the native engine (rl.rollout_backend: native).")
+
+
+def lmdeploy_missing() -> str | None:
+    """Why LMDeploy cannot decode here, as words that follow what asked for it ("… needs a CUDA
+    GPU …"), or None when it can: the package, a version the step hook knows, a CUDA GPU."""
+    try:
+        import lmdeploy
+    except ImportError:
+        return (f"needs the lmdeploy package: pip install -e '.[lmdeploy]' on a CUDA machine (lmdeploy "
+                f"{SUPPORTED_VERSIONS[-1]} needs torch <= 2.12.1)")
+    try:
+        check_version(lmdeploy.__version__)
+    except RuntimeError as e:
+        return f"needs a supported lmdeploy: {str(e).rstrip('.')}"  # callers end the sentence
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU and none is visible"
+    return None
+
+
+def require_lmdeploy(asked_by: str, instead: str = "") -> None:
+    """Exit with one clear message unless LMDeploy can decode here (:func:`lmdeploy_missing`).
+
+    ``asked_by``: the command and option that chose LMDeploy (``"dirl_min.eval: --backend lmdeploy"``);
+    ``instead``: what to use otherwise, appended to the message.
+    """
+    if why := lmdeploy_missing():
+        raise SystemExit(f"{asked_by} {why}." + (f" {instead}" if instead else ""))
 
 
 @dataclass
@@ -172,12 +199,8 @@ class LMDeployEngine:
     def __init__(self, model_path: str, *, block_size: int, mask_token_id: int, strategy: str = "low_confidence_dynamic",
                  threshold: float = 0.9, steps: int = 0, tp: int = 1, cache_max_entry_count: float = 0.5,
                  session_len: int = 16384, bucket_bytes: int = 512 << 20):
-        import lmdeploy
-
-        check_version(lmdeploy.__version__)
-        if not torch.cuda.is_available():
-            raise RuntimeError("the LMDeploy rollout backend needs a CUDA GPU; none is visible "
-                               "(use rl.rollout_backend: native on CPU)")
+        if why := lmdeploy_missing():
+            raise RuntimeError(f"the LMDeploy engine {why}")
         from lmdeploy import PytorchEngineConfig
         from lmdeploy.pytorch.engine import Engine
 
@@ -261,3 +284,15 @@ class LMDeployEngine:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def make_engine(path, model, *, strategy: str = "low_confidence_dynamic", threshold: float = 0.9, steps: int = 0,
+                **engine_kw) -> LMDeployEngine:
+    """The one way dirl_min builds an :class:`LMDeployEngine`: on the checkpoint folder ``path``
+    (:func:`dirl_min.model.checkpoint_folder`), with ``model``'s block size and mask token (the
+    model's config is their single source, SPEC §3) and the unmasking rule ``strategy`` /
+    ``threshold`` / ``steps`` (as :class:`dirl_min.config.DecodeConfig`; 0 steps = block size).
+    ``engine_kw``: the engine's other options (``tp``, ``cache_max_entry_count``, …)."""
+    block, mask_id = diffusion_settings(model)
+    return LMDeployEngine(str(path), block_size=block, mask_token_id=mask_id, strategy=strategy, threshold=threshold,
+                          steps=steps, **engine_kw)

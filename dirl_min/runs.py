@@ -16,7 +16,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from dirl_min.atomic import atomic_write, is_temporary
 from dirl_min.config import Config, SettingsError
+from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, TRAINER_STATE_FILE
 
 __all__ = ["OUTPUTS", "MAY_CHANGE_ON_RESUME", "config_differences", "check_out", "start_fresh", "load_latest"]
 
@@ -92,14 +94,14 @@ def start_fresh(out: Path, cfg) -> None:
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
 
 
 def _verify(ck: Path) -> None:
     """Open every file of a checkpoint that a truncation would break; the error names the file."""
     from safetensors import safe_open
 
-    for f in sorted((ck / "model").glob("*.safetensors")):
+    for f in sorted((ck / TRAIN_CHECKPOINT_MODEL_DIR).glob("*.safetensors")):
         try:
             with safe_open(str(f), "pt"):
                 pass
@@ -125,19 +127,21 @@ def load_latest(out: Path, given: dict, load_weights: Callable[[Path], object]):
     """
     index = {}
     for ck in sorted((out / "checkpoints").glob("*-*")):
-        if ck.is_dir() and not ck.name.endswith(".tmp") and (ck / "trainer_state.pt").is_file():
+        # a temporary of an interrupted save is never a checkpoint (".tmp": the name before dirl_min.atomic)
+        temporary = is_temporary(ck) or ck.name.endswith(".tmp")
+        if ck.is_dir() and not temporary and (ck / TRAINER_STATE_FILE).is_file():
             try:
                 # mapped, not read: only the index is needed, not every checkpoint's optimizer state
-                index[ck] = _state(ck / "trainer_state.pt", mmap=True)["ckpt_index"]
+                index[ck] = _state(ck / TRAINER_STATE_FILE, mmap=True)["ckpt_index"]
             except OSError as e:
                 print(f"run.resume: skipping checkpoint {ck.name}, a file is unreadable (truncated?): {e}", file=sys.stderr)
     for ck in sorted(index, key=index.get, reverse=True):
-        state = _state(ck / "trainer_state.pt")
+        state = _state(ck / TRAINER_STATE_FILE)
         if "config" in state and (diffs := config_differences(state["config"], given)):
             raise _mismatch(ck, diffs)
         try:
             _verify(ck)
-            weights = load_weights(ck / "model")
+            weights = load_weights(ck / TRAIN_CHECKPOINT_MODEL_DIR)
         except Exception as e:
             print(f"run.resume: skipping checkpoint {ck.name}, a file is unreadable (truncated?): {e}", file=sys.stderr)
             continue

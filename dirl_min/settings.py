@@ -6,7 +6,8 @@ an ``argparse.Namespace``) and returns one message per broken rule, naming the s
 the value and what is allowed. To check a new setting, add a row.
 
 * :data:`CONFIG_RULES` + :data:`CONFIG_CROSS_RULES`: ``python -m dirl_min.train``
-  (:func:`validate`).
+  (:func:`validate`); :data:`LAUNCH_RULES`: its settings against the launch (processes,
+  Accelerate backend) and the machine, once Accelerate has started (:func:`check_launch`).
 * :data:`EVAL_RULES` / :data:`CHECK_RULES`: the options of ``python -m dirl_min.eval`` and
   ``python -m dirl_min.check``.
 """
@@ -25,8 +26,8 @@ from dirl_min.core.estimates import OBJECTIVES
 from dirl_min.decoding import STRATEGIES
 from dirl_min.tasks import RESPONSE_STYLES
 
-__all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CONFIG_CROSS_RULES",
-           "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES"]
+__all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CONFIG_CROSS_RULES", "Launch",
+           "launch_of", "check_launch", "LAUNCH_RULES", "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES"]
 
 
 @dataclass(frozen=True)
@@ -250,19 +251,95 @@ def validate(cfg) -> None:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(msgs))
 
 
-def check_processes(cfg, world: int) -> None:
-    """Settings that depend on the number of processes, checked once it is known (before any work).
+@dataclass(frozen=True)
+class Launch:
+    """What the launch provides, known once Accelerate has started (:func:`launch_of`).
 
-    Every process runs ``sft.grad_accum`` non-empty micro-batches of its share of the batch, and
-    decodes at least one prompt per sampling round.
+    ``world``: processes; ``backend``: Accelerate's distributed type by name (``NO``, ``MULTI_GPU``,
+    ``DEEPSPEED``, ``FSDP``, …); ``zero_stage`` / ``fsdp_version``: DeepSpeed's / FSDP's, 0 elsewhere.
     """
-    msgs = []
+
+    world: int = 1
+    backend: str = "NO"
+    zero_stage: int = 0
+    fsdp_version: int = 0
+
+
+def launch_of(accel) -> Launch:
+    """The :class:`Launch` of an ``accelerate.Accelerator`` (its state's plugins)."""
+    kind = accel.distributed_type.name
+    zero = getattr(getattr(accel.state, "deepspeed_plugin", None), "zero_stage", 0) if kind == "DEEPSPEED" else 0
+    fsdp = getattr(accel.state.fsdp_plugin, "fsdp_version", 1) if kind == "FSDP" else 0
+    return Launch(world=accel.num_processes, backend=kind, zero_stage=zero or 0, fsdp_version=fsdp)
+
+
+def _per_process_shares(cfg, launch: Launch):
+    """Every process runs ``sft.grad_accum`` non-empty micro-batches of its share of the batch, and
+    decodes at least one prompt per sampling round."""
+    out, world = [], launch.world
     if "sft" in cfg.run.stages and cfg.sft.steps and cfg.sft.grad_accum > cfg.sft.batch_size // world:
-        msgs.append(f"sft.grad_accum = {cfg.sft.grad_accum}: expected at most the {cfg.sft.batch_size // world} "
-                    f"examples each of the {world} process(es) gets per step (sft.batch_size = {cfg.sft.batch_size})")
+        out.append(f"sft.grad_accum = {cfg.sft.grad_accum}: expected at most the {cfg.sft.batch_size // world} "
+                   f"examples each of the {world} process(es) gets per step (sft.batch_size = {cfg.sft.batch_size})")
     if "rl" in cfg.run.stages and cfg.rl.steps and cfg.rl.prompts_per_step < world:
-        msgs.append(f"rl.prompts_per_step = {cfg.rl.prompts_per_step}: expected at least one prompt for each of the "
-                    f"{world} processes")
+        out.append(f"rl.prompts_per_step = {cfg.rl.prompts_per_step}: expected at least one prompt for each of the "
+                   f"{world} processes")
+    return out
+
+
+def _zero3(cfg, launch: Launch):
+    if launch.backend == "DEEPSPEED" and launch.zero_stage == 3:
+        return ["DeepSpeed ZeRO-3 is refused: rollouts and evaluation decode with a different number of "
+                "forwards per rank, and ZeRO-3's per-forward parameter gathers would hang; dirl_min's gather-once "
+                "path is written and tested for FSDP2 only (DeepSpeed cannot run on CPU). Use "
+                "configs/accelerate/fsdp2-8gpu.yaml (sharded) or zero2-8gpu.yaml."]
+    return []
+
+
+def _fsdp(cfg, launch: Launch):
+    """FSDP1 is refused; under FSDP2, the combinations known to be wrong or never run."""
+    if launch.backend != "FSDP":
+        return []
+    if launch.fsdp_version != 2:
+        return ["FSDP version 1 is refused: dirl_min supports FSDP2 (fsdp_version: 2), see "
+                "configs/accelerate/fsdp2-8gpu.yaml"]
+    out = []
+    stages = [s for s in cfg.run.stages if getattr(cfg, s).steps > 0]
+    if len(stages) > 1:
+        out.append(f"FSDP2: run.stages {stages}: each stage wraps the model anew, and FSDP2 refuses a second root "
+                   "over units the first one initialised; run SFT and DiPO as two jobs (the second with "
+                   "--model.path <sft checkpoint>/model)")
+    if cfg.run.resume:
+        out.append("FSDP2: run.resume: the checkpoint holds rank 0's optimizer shard only")
+    if cfg.rl.rollout_backend != "native" and "rl" in stages:
+        out.append("FSDP2: rl.rollout_backend lmdeploy: the weight sync reads local shards")
+    if cfg.rl.beta > 0 and "rl" in stages:
+        out.append("FSDP2: rl.beta > 0: the reference model would be a copy of sharded units (never run)")
+    return out
+
+
+def _lmdeploy_here(cfg, launch: Launch):
+    """LMDeploy rollouts need the package (a version the step hook knows) and a CUDA GPU on this machine."""
+    if cfg.rl.rollout_backend != "lmdeploy" or "rl" not in cfg.run.stages or not cfg.rl.steps:
+        return []
+    from dirl_min.lmdeploy_engine import lmdeploy_missing
+
+    why = lmdeploy_missing()
+    return [f"rl.rollout_backend = 'lmdeploy': {why}; or use rl.rollout_backend: native"] if why else []
+
+
+#: checks of the settings against the launch (processes, Accelerate backend) and the machine:
+#: ``(cfg, launch) -> list of messages``
+LAUNCH_RULES: list[Callable] = [_per_process_shares, _zero3, _fsdp, _lmdeploy_here]
+
+
+def check_launch(cfg, launch: Launch) -> None:
+    """The settings against what the launch provides (:data:`LAUNCH_RULES`), once Accelerate has
+    started and before the model is built; ``cfg`` passed :func:`validate`.
+
+    Raises:
+        SettingsError: listing every setting this launch cannot run, and why.
+    """
+    msgs = [m for rule in LAUNCH_RULES for m in rule(cfg, launch)]
     if msgs:
         raise SettingsError("invalid settings for this launch:\n  " + "\n  ".join(msgs))
 
@@ -286,6 +363,11 @@ def _eval_cross(args) -> list[str]:
         out.append("--thresholds sweeps the dynamic strategy's threshold; use --strategy low_confidence_dynamic")
     if args.hub and args.data_dir:
         out.append("--hub and --data-dir exclude each other")
+    if args.backend == "lmdeploy":  # one engine decodes with one rule, from a folder it can load
+        if args.thresholds and len(args.thresholds) > 1:
+            out.append("--backend lmdeploy takes one --thresholds value per run")
+        if not args.model or args.model == "tiny":
+            out.append("--backend lmdeploy needs --model: a checkpoint folder LMDeploy can load")
     return out
 
 

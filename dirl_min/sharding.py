@@ -8,8 +8,9 @@ on all ranks together, and keeps them gathered while the decoder runs any number
 with no collective at all; leaving it frees the gathered copies again.
 
 Backends that cannot run on CPU (DeepSpeed needs CUDA; Accelerate 1.15 turns an FSDP config
-into plain CPU data parallelism) are checked by :func:`check_backend`: combinations known to
-be wrong or never exercised are refused with a clear message instead of hanging.
+into plain CPU data parallelism) are checked with the other settings
+(:data:`dirl_min.settings.LAUNCH_RULES`): combinations known to be wrong or never exercised
+are refused with a clear message instead of hanging.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["fsdp_states", "full_parameters", "full_state_dict", "check_backend"]
+__all__ = ["fsdp_states", "full_parameters", "full_state_dict"]
 
 
 def fsdp_states(model) -> list:
@@ -81,38 +82,3 @@ def full_state_dict(model) -> dict | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def check_backend(accel, cfg) -> None:
-    """Refuse distributed set-ups that dirl_min knows to be wrong or has never run."""
-    from accelerate.utils import DistributedType
-
-    kind = accel.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        stage = getattr(getattr(accel.state, "deepspeed_plugin", None), "zero_stage", 0)
-        if stage == 3:
-            raise SystemExit(
-                "DeepSpeed ZeRO-3 is refused: rollouts and evaluation decode with a different number of "
-                "forwards per rank, and ZeRO-3's per-forward parameter gathers would hang; dirl_min's gather-once "
-                "path is written and tested for FSDP2 only (DeepSpeed cannot run on CPU). Use "
-                "configs/accelerate/fsdp2-8gpu.yaml (sharded) or zero2-8gpu.yaml.")
-        return
-    if kind != DistributedType.FSDP:
-        return
-    if getattr(accel.state.fsdp_plugin, "fsdp_version", 1) != 2:
-        raise SystemExit("FSDP version 1 is refused: dirl_min supports FSDP2 (fsdp_version: 2), see "
-                         "configs/accelerate/fsdp2-8gpu.yaml")
-    problems = []
-    stages = [s for s in cfg.run.stages if getattr(cfg, s).steps > 0]
-    if len(stages) > 1:
-        problems.append(f"run.stages {stages}: each stage wraps the model anew, and FSDP2 refuses a second root "
-                        "over units the first one initialised; run SFT and DiPO as two jobs (the second with "
-                        "--model.path <sft checkpoint>/model)")
-    if cfg.run.resume:
-        problems.append("run.resume: the checkpoint holds rank 0's optimizer shard only")
-    if cfg.rl.rollout_backend != "native" and "rl" in stages:
-        problems.append("rl.rollout_backend lmdeploy: the weight sync reads local shards")
-    if cfg.rl.beta > 0 and "rl" in stages:
-        problems.append("rl.beta > 0: the reference model would be a copy of sharded units (never run)")
-    if problems:
-        raise SystemExit("FSDP2: refused settings:\n  " + "\n  ".join(problems))

@@ -28,8 +28,8 @@ from dirl_min.loops.sft import run_sft
 from dirl_min.loops.state import (
     Checkpoints, EpochSampler, MetricsLog, resume, save_checkpoint, seed_everything as _seed_everything)
 from dirl_min.progress import progress_mode
-from dirl_min.settings import check_processes, validate
-from dirl_min.sharding import check_backend, full_parameters
+from dirl_min.settings import check_launch, launch_of, validate
+from dirl_min.sharding import full_parameters
 from dirl_min.engine.rollouts import rollout_and_reward
 from dirl_min.evaluation.protocol import evaluate
 from dirl_min.loops.sft import sft_loss
@@ -122,10 +122,9 @@ def _start(argv):
         torch.set_num_threads(cfg.run.threads)
     _seed_everything(cfg.run.seed)
     accel = Accelerator(cpu=not torch.cuda.is_available())
-    check_backend(accel, cfg)
     out = Path(cfg.run.out)
     try:
-        check_processes(cfg, accel.num_processes)
+        check_launch(cfg, launch_of(accel))  # processes, Accelerate backend, LMDeploy on this machine
         built = build(cfg)
         found = runs.load_latest(out, cfg.to_dict(), lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
     except (tasks.DataError, SettingsError) as e:

@@ -131,12 +131,12 @@ def test_deepspeed_makes_one_update_per_dipo_step_from_all_micro_batches(tmp_pat
 def test_more_micro_batches_than_a_process_has_examples_is_refused_clearly():
     """Each of 2 processes gets 4 of 8 examples: 5 micro-batches would leave one empty."""
     cfg = parse_config(["--sft.batch_size", "8", "--sft.grad_accum", "5"])
-    settings.check_processes(cfg, 1)  # one process has all 8
+    settings.check_launch(cfg, settings.Launch(world=1))  # one process has all 8
     with pytest.raises(SettingsError, match=r"sft.grad_accum = 5: expected at most the 4 examples each of the 2 "
                                             r"process\(es\) gets per step \(sft.batch_size = 8\)"):
-        settings.check_processes(cfg, 2)
+        settings.check_launch(cfg, settings.Launch(world=2))
     with pytest.raises(SettingsError, match=r"rl.prompts_per_step = 1: expected at least one prompt for each of the 2"):
-        settings.check_processes(parse_config(["--rl.prompts_per_step", "1"]), 2)
+        settings.check_launch(parse_config(["--rl.prompts_per_step", "1"]), settings.Launch(world=2))
 
 
 _RL_ARGS = ["--run.stages", '["rl"]', "--rl.steps", "4", "--rl.prompts_per_step", "2", "--rl.group_size", "4",

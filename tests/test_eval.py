@@ -522,7 +522,7 @@ def test_a_corrupt_samples_file_is_reported_with_file_and_line(tmp_path):
         E.read_records(tmp_path / "samples.jsonl")
 
 
-def test_lmdeploy_backend_without_lmdeploy_or_cuda_exits_with_a_clear_message():
+def test_lmdeploy_backend_without_lmdeploy_or_cuda_exits_with_a_clear_message(tmp_path):
     try:
         import lmdeploy  # noqa: F401
         has = torch.cuda.is_available()
@@ -531,7 +531,7 @@ def test_lmdeploy_backend_without_lmdeploy_or_cuda_exits_with_a_clear_message():
     if has:
         pytest.skip("lmdeploy and CUDA are present")
     with pytest.raises(SystemExit, match="--backend lmdeploy needs"):
-        E.main(["--backend", "lmdeploy"])
+        E.main(["--backend", "lmdeploy", "--model", str(tmp_path)])  # (--model: the settings ask for one first)
 
 
 @pytest.mark.slow

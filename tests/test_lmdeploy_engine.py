@@ -157,3 +157,25 @@ def test_check_version_names_the_supported_release():
     check_version("0.18.0")
     with pytest.raises(RuntimeError, match="lmdeploy==0.18.0"):
         check_version("0.17.1")
+
+
+def test_lmdeploy_missing_names_what_is_missing_on_this_machine(monkeypatch):
+    import sys
+
+    from dirl_min.lmdeploy_engine import lmdeploy_missing, require_lmdeploy
+
+    monkeypatch.setitem(sys.modules, "lmdeploy", None)  # an import of it now raises ImportError
+    assert "needs the lmdeploy package: pip install -e '.[lmdeploy]'" in lmdeploy_missing()
+    assert "torch <= 2.12.1" in lmdeploy_missing()
+    with pytest.raises(SystemExit, match=r"^dirl_min.eval: --backend lmdeploy needs the lmdeploy package.*Use native\.$"):
+        require_lmdeploy("dirl_min.eval: --backend lmdeploy", "Use native.")
+    monkeypatch.undo()
+    lmdeploy = _lmdeploy()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert lmdeploy_missing() == "needs a CUDA GPU and none is visible"
+    monkeypatch.setattr(lmdeploy, "__version__", "0.19.0")
+    assert "needs a supported lmdeploy" in lmdeploy_missing() and "found 0.19.0" in lmdeploy_missing()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(lmdeploy, "__version__", "0.18.0")
+    assert lmdeploy_missing() is None
+    require_lmdeploy("anyone")  # no exit

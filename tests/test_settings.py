@@ -119,6 +119,8 @@ def test_long_evaluation_prompts_are_skipped_and_counted_like_training_ones(tmp_
     (["--top-p", "0"], "--top-p = 0.0: expected a number in (0, 1]"),
     (["--prompt-template", "Q"], "--prompt-template = 'Q': expected a text containing {question}"),
     (["--held-out", "0", "--task", "embedded"], "--held-out = 0: expected an integer >= 1"),
+    (["--backend", "lmdeploy"], "--backend lmdeploy needs --model"),  # before the (tiny) model is built
+    (["--backend", "lmdeploy", "--model", "m", "--thresholds", "0.8,0.9"], "takes one --thresholds value"),
 ])
 def test_eval_options_use_the_same_rules(argv, message, capsys):
     from dirl_min import eval as E
@@ -156,3 +158,17 @@ def test_usage_lines_name_the_command_and_check_help_describes_every_option(caps
     with pytest.raises(SystemExit):
         train.main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m dirl_min.train")
+
+
+def test_lmdeploy_rollouts_the_machine_cannot_run_are_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
+    import dirl_min.lmdeploy_engine as L
+
+    monkeypatch.setattr(L, "lmdeploy_missing", lambda: "needs a CUDA GPU and none is visible")
+    built = []
+    monkeypatch.setattr(train, "build", lambda *a, **k: built.append(1))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as err:
+        train.main(["--out", str(out), "--rl.rollout_backend", "lmdeploy", "--model.path", str(tmp_path)])
+    assert ("rl.rollout_backend = 'lmdeploy': needs a CUDA GPU and none is visible; or use rl.rollout_backend: native"
+            in str(err.value.code))
+    assert not built and not out.exists()

@@ -80,7 +80,7 @@ def _accel(kind: str, **plugin):
     from accelerate.utils import DistributedType
 
     state = SimpleNamespace(fsdp_plugin=SimpleNamespace(**plugin), deepspeed_plugin=SimpleNamespace(**plugin))
-    return SimpleNamespace(distributed_type=DistributedType[kind], state=state)
+    return SimpleNamespace(distributed_type=DistributedType[kind], state=state, num_processes=1)
 
 
 @pytest.mark.parametrize("kind, plugin, overrides, message", [
@@ -92,22 +92,22 @@ def _accel(kind: str, **plugin):
     ("FSDP", {"fsdp_version": 2}, {"stages": ["rl"], "beta": 0.01}, "reference model"),
 ])
 def test_untested_or_wrong_backend_combinations_are_refused(kind, plugin, overrides, message):
-    from dirl_min.sharding import check_backend
+    from dirl_min.settings import SettingsError, check_launch, launch_of
 
     cfg = Config()
     cfg.run.stages = overrides.get("stages", cfg.run.stages)
     cfg.run.resume = overrides.get("resume", False)
     cfg.rl.rollout_backend = overrides.get("backend", "native")
     cfg.rl.beta = overrides.get("beta", 0.0)
-    with pytest.raises(SystemExit, match=message):
-        check_backend(_accel(kind, **plugin), cfg)
+    with pytest.raises(SettingsError, match=message):
+        check_launch(cfg, launch_of(_accel(kind, **plugin)))
 
 
 @pytest.mark.parametrize("kind, plugin", [("DEEPSPEED", {"zero_stage": 2}), ("FSDP", {"fsdp_version": 2}),
                                           ("MULTI_GPU", {}), ("NO", {})])
 def test_supported_backends_pass(kind, plugin):
-    from dirl_min.sharding import check_backend
+    from dirl_min.settings import check_launch, launch_of
 
     cfg = Config()
     cfg.run.stages = ["rl"] if kind == "FSDP" else cfg.run.stages
-    check_backend(_accel(kind, **plugin), cfg)
+    check_launch(cfg, launch_of(_accel(kind, **plugin)))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
+from dirl_min.atomic import atomic_write
 from dirl_min.evaluation.errors import EvalError
 from dirl_min.data import Problem
 
@@ -167,10 +168,8 @@ def _download(name: str, src: HubSource, folder: Path) -> tuple[Path, dict]:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"repo": src.repo, "revision": src.revision, "file": src.file, "commit": commit, "records": len(records)}
     path = folder / f"{name}.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
-    (folder / f"{name}.source.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(folder / f"{name}.source.json", json.dumps(meta, indent=2) + "\n")
     return path, meta
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from dirl_min.evaluation.benchmarks import Benchmark
 from dirl_min.evaluation.errors import EvalError
 
-__all__ = ["load_eval_model", "score_responses", "check_lmdeploy", "lmdeploy_engine", "decoder", "decode_batch"]
+__all__ = ["load_eval_model", "score_responses", "decoder", "decode_batch"]
 
 
 # --------------------------------------------------------------------------------------
@@ -88,46 +88,18 @@ def load_eval_model(spec: str, *, dtype: str = "auto", device=None):
 # --------------------------------------------------------------------------------------
 
 
-def check_lmdeploy() -> None:
-    """``--backend lmdeploy``: exit with a clear message when lmdeploy or CUDA is missing."""
-    try:
-        import lmdeploy
-    except ImportError:
-        raise SystemExit("dirl_min.eval: --backend lmdeploy needs the lmdeploy package (pip install -e '.[lmdeploy]'; "
-                         "lmdeploy 0.18 needs CUDA and torch <= 2.12.1). Use --backend native (the default).") from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SystemExit("dirl_min.eval: --backend lmdeploy needs a CUDA GPU and none is visible. "
-                         "Use --backend native (the default).")
-    from dirl_min.lmdeploy_engine import check_version
-
-    try:
-        check_version(lmdeploy.__version__)
-    except RuntimeError as exc:
-        raise SystemExit(f"dirl_min.eval: {exc}") from None
-
-
-def lmdeploy_engine(args, model):
-    """The LMDeploy engine for ``--backend lmdeploy`` (one confidence threshold per engine)."""
-    from dirl_min.lmdeploy_engine import LMDeployEngine
-    from dirl_min.model import diffusion_settings
-
-    if len(args.thresholds) != 1:
-        raise SystemExit("dirl_min.eval: --backend lmdeploy takes one --thresholds value per run")
-    if not args.model or args.model == "tiny":
-        raise SystemExit("dirl_min.eval: --backend lmdeploy needs --model: a checkpoint folder LMDeploy can load")
-    block, mask_id = diffusion_settings(model)
-    return LMDeployEngine(args.model, block_size=block, mask_token_id=mask_id, strategy=args.strategy,
-                          threshold=args.thresholds[0], steps=args.steps)
-
-
 def decoder(args, model):
     """The generate function of ``--backend``: :func:`dirl_min.decoding.generate` on ``model``
-    (native), or the LMDeploy engine's; both take the same arguments and return a Rollout."""
+    (native), or that of an LMDeploy engine on ``--model`` (one threshold per engine: the
+    settings allow one with ``--backend lmdeploy``); both take the same arguments and return a Rollout."""
+    if args.backend == "lmdeploy":
+        from dirl_min.lmdeploy_engine import make_engine
+
+        return make_engine(args.model, model, strategy=args.strategy, threshold=args.thresholds[0],
+                           steps=args.steps).generate
     from dirl_min.decoding import generate
 
-    return lmdeploy_engine(args, model).generate if args.backend == "lmdeploy" else partial(generate, model)
+    return partial(generate, model)
 
 
 # --------------------------------------------------------------------------------------

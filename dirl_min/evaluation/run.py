@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dirl_min.atomic import atomic_write
 from dirl_min.evaluation.benchmarks import Benchmark, load_benchmarks
 from dirl_min.evaluation.decode import decode_batch, decoder
 from dirl_min.evaluation.errors import EvalError
@@ -145,12 +145,6 @@ def _jsonl(records: Iterable[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def remove_outputs(out: Path) -> None:
     """``--overwrite``: delete the samples, results, settings and plot of an earlier run in ``out``."""
     for p in [*_sample_files(out), out / RESULTS_FILE, out / CONFIG_FILE, out / PLOT_FILE]:
@@ -224,7 +218,7 @@ def prepare(args, model, tok, identity: dict, benchmarks: list[Benchmark] | None
                             "use another --out, or --overwrite to discard them")
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cfg_path, json.dumps(settings, indent=2) + "\n")
+        atomic_write(cfg_path, json.dumps(settings, indent=2) + "\n")
     return EvalRun(args, benches, identity, settings, out)
 
 
@@ -316,7 +310,7 @@ def finalize(run: EvalRun, *, wall_seconds: float | None = None, world: int = 1,
     out, args = run.out, run.args
     files = _sample_files(out)
     merged = merge_shards(read_records(p) for p in files)
-    _atomic_write(out / SAMPLES_FILE, _jsonl(merged))
+    atomic_write(out / SAMPLES_FILE, _jsonl(merged))
     for p in files[1:]:
         p.unlink()
     by_key = {record_key(r): r for r in merged}
@@ -334,7 +328,7 @@ def finalize(run: EvalRun, *, wall_seconds: float | None = None, world: int = 1,
         "runs": runs,
         "runtime": {"wall_seconds": wall_seconds, "processes": world, "batch_size": args.batch_size},
     }
-    _atomic_write(out / RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(out / RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if plot and len(args.thresholds) > 1:
         plot_sweep(runs, out / PLOT_FILE)
     return results

@@ -16,7 +16,6 @@ from dirl_min.engine.rollouts import rollout_and_reward
 from dirl_min.forward import SelectedLogits, _unwrap
 from dirl_min.loops.policy import policy_step
 from dirl_min.loops.state import EpochSampler, make_scheduler
-from dirl_min.model import diffusion_settings
 from dirl_min.sharding import full_parameters
 
 
@@ -24,16 +23,11 @@ def make_rollout_engine(cfg, policy):
     """None for the native decoder; an :class:`LMDeployEngine` for ``rl.rollout_backend: lmdeploy``."""
     if cfg.rl.rollout_backend == "native":
         return None
-    # the backend's name and its need for model.path are checked with the other settings (settings.py)
-    try:
-        from dirl_min.lmdeploy_engine import LMDeployEngine
-        import lmdeploy  # noqa: F401
-    except ImportError:
-        raise SystemExit("rl.rollout_backend lmdeploy needs the lmdeploy package (pip install -e '.[lmdeploy]' on a "
-                         "CUDA machine; lmdeploy 0.18 needs torch <= 2.12.1)") from None
-    block, mask_id = diffusion_settings(_unwrap(policy))
-    return LMDeployEngine(cfg.model.path, block_size=block, mask_token_id=mask_id, strategy=cfg.decode.strategy,
-                          threshold=cfg.decode.threshold, steps=cfg.decode.steps)
+    # the backend's name, its need for model.path and for lmdeploy + CUDA are settings (settings.py)
+    from dirl_min.lmdeploy_engine import make_engine
+
+    return make_engine(cfg.model.path, _unwrap(policy), strategy=cfg.decode.strategy, threshold=cfg.decode.threshold,
+                       steps=cfg.decode.steps)
 
 
 def _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times):

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
+from dirl_min.atomic import atomic_dir, atomic_write
 from dirl_min.forward import _unwrap
-from dirl_min.model import save_model
+from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, TRAINER_STATE_FILE, save_model
 from dirl_min.progress import ProgressLines
 from dirl_min.sharding import full_state_dict
 
@@ -87,7 +86,7 @@ def truncate_log(path: Path, state: dict) -> None:
     done, stage, step = set(state.get("done", [])), state["stage"], state["step"]
     keep = [line for line in path.read_text().splitlines()
             if line.strip() and ((row := json.loads(line))["stage"] in done or (row["stage"] == stage and row["step"] <= step))]
-    path.write_text("".join(line + "\n" for line in keep))
+    atomic_write(path, "".join(line + "\n" for line in keep))  # a crash here must not lose the log
 
 
 def seed_everything(seed: int) -> None:
@@ -106,17 +105,11 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, model, tokenizer, state: dict, state_dict: dict | None = None) -> None:
-    """Model (HF format) + optimizer, scheduler, RNG, data cursor, step — written atomically:
-    everything goes to a temporary folder that is renamed into place, so a crash mid-save
-    leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(model, tokenizer, tmp / "model", state_dict=state_dict)
-    torch.save(state, tmp / "trainer_state.pt")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    """Model (HF format) + optimizer, scheduler, RNG, data cursor, step — written atomically
+    (:func:`dirl_min.atomic.atomic_dir`): a crash mid-save leaves the previous checkpoint intact."""
+    with atomic_dir(path) as tmp:
+        save_model(model, tokenizer, tmp / TRAIN_CHECKPOINT_MODEL_DIR, state_dict=state_dict)
+        torch.save(state, tmp / TRAINER_STATE_FILE)
 
 
 class Checkpoints:

@@ -15,14 +15,16 @@ resources shipped inside installed packages, and pickled weights are refused.
 Modules: :mod:`~dirl_min.model.tokenizers` (tiny and Qwen tokenizers, a checkpoint's tokenizer,
 chat prompts, stop tokens; the chat template is ``qwen3_chat_template.jinja``),
 :mod:`~dirl_min.model.checkpoints` (load, save, checkpoint folders, the block size / mask token
-settings, dtype), :mod:`~dirl_min.model.tiny` (the tiny model), :mod:`~dirl_min.model.atomic`
-(atomic folder writes); this package re-exports their public names. :mod:`~dirl_min.model.forward`
-(the backend seam: the backbone driven with dirl_min's masks) is imported as its own module.
+settings, dtype), :mod:`~dirl_min.model.tiny` (the tiny model); checkpoints are written
+atomically by :mod:`dirl_min.atomic`. This package re-exports their public names.
+:mod:`~dirl_min.model.forward` (the backend seam: the backbone driven with dirl_min's masks) is
+imported as its own module.
 """
 
 from dirl_min.model.checkpoints import (
     SDAR_ONLY_FIELDS,
     TRAIN_CHECKPOINT_MODEL_DIR,
+    TRAINER_STATE_FILE,
     checkpoint_folder,
     diffusion_settings,
     load_model,
@@ -46,6 +48,7 @@ __all__ = [
     "SDAR_MASK_TOKEN_ID",
     "SDAR_ONLY_FIELDS",
     "TRAIN_CHECKPOINT_MODEL_DIR",
+    "TRAINER_STATE_FILE",
     "build_tiny_tokenizer",
     "build_tiny",
     "checkpoint_folder",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dirl_min.model.atomic import atomic_dir
+from dirl_min.atomic import atomic_dir
 from dirl_min.model.tokenizers import load_tokenizer
 
 # SDAR config.json fields that are not Qwen3 configuration: remote-code plumbing and settings of
@@ -145,6 +145,8 @@ def _check_weights(path: Path) -> None:
 
 #: the subfolder of a ``dirl_min.train`` checkpoint (``<ckpt>/model`` + ``<ckpt>/trainer_state.pt``)
 TRAIN_CHECKPOINT_MODEL_DIR = "model"
+#: the file of a ``dirl_min.train`` checkpoint that holds optimizer, scheduler, RNG and data cursor
+TRAINER_STATE_FILE = "trainer_state.pt"
 
 
 def checkpoint_folder(path) -> Path:
