@@ -2,6 +2,8 @@
 
 ``python -m dirl_min.train --help`` lists every setting below with its meaning and
 default. Precedence: defaults < ``--config FILE.yaml`` < ``--section.name VALUE``.
+The other commands' settings (:mod:`dirl_min.command_config`) are parsed by the same
+:func:`parse_config`, each from its own dataclass of sections and table of short flags.
 
 The block size and mask id are *not* settings here: they belong to the model
 (``config.json``), the single source of truth. ``model.block_size`` only builds the

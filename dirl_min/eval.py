@@ -49,6 +49,7 @@ __all__ = [
     "plot_sweep",
     "build_parser",
     "parse_args",
+    "parse_config",
     "sample_seed",
     "shard_indices",
     "merge_shards",
