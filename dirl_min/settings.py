@@ -76,8 +76,11 @@ def _betas(name: str) -> Rule:
 
 
 def _template(name: str, *, optional=False) -> Rule:
-    return Rule(name, lambda v: (optional and v is None) or (isinstance(v, str) and "{question}" in v),
-                "a text containing {question} (where the question goes)")
+    return Rule(name, lambda v: (optional and v == "") or (isinstance(v, str) and "{question}" in v),
+                "a text containing {question} (where the question goes)" + (" or '' (the default)" if optional else ""))
+
+
+_DTYPE = ("auto", "float32", "bfloat16", "float16")
 
 
 def _levels(name: str) -> Rule:
@@ -102,7 +105,7 @@ CONFIG_RULES: list[Rule] = [
     at_least("model.mask_token_id", -1, "-1 = from the checkpoint"),
     at_least("model.hidden_size", 1), at_least("model.num_layers", 1), at_least("model.num_heads", 1),
     at_least("model.num_kv_heads", 1), at_least("model.intermediate_size", 1),
-    one_of("model.dtype", "auto", "float32", "bfloat16", "float16"),
+    one_of("model.dtype", *_DTYPE),
     one_of("model.attn_implementation", "auto", "sdpa", "flex_attention", "eager"),
     _levels("data.task_levels"),
     at_least("data.task_max_operand", 0),
@@ -275,14 +278,11 @@ def check_processes(cfg, world: int) -> None:
 
 # ---- the other commands' settings (dirl_min.command_config; messages name their short flags) ----
 
-_DTYPE = ("auto", "float32", "bfloat16", "float16")
-
 EVAL_RULES: list[Rule] = [
     one_of("model.dtype", *_DTYPE), one_of("model.backend", "native", "lmdeploy"),
     one_of("data.task", "", "embedded"), _levels("data.task_levels"),
     at_least("data.held_out", 1), at_least("data.task_max_operand", 0), at_least("data.limit", 0, "0 = all"),
-    Rule("data.prompt_template", lambda v: v == "" or (isinstance(v, str) and "{question}" in v),
-         "a text containing {question} (where the question goes)"),
+    _template("data.prompt_template", optional=True),
     at_least("eval.samples", 1), number("eval.temperature", 0, why="0 = greedy"), at_least("eval.top_k", 0, "0 = off"),
     number("eval.top_p", 0, 1, lo_open=True), at_least("eval.max_new_tokens", 1), at_least("eval.batch_size", 1),
     at_least("eval.seed", 0),
