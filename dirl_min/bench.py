@@ -86,76 +86,38 @@ def _print_table(result: dict[str, Any]) -> None:
         print(" | ".join(x.ljust(w) for x, w in zip(line[:5], widths)) + " | " + line[5])
 
 
+def _parser_kw() -> dict:
+    from dirl_min.command_config import BENCH_ALIASES, BenchCommand
+
+    return dict(prog="python -m dirl_min.bench", root=BenchCommand, aliases=BENCH_ALIASES,
+                description="Benchmark block-diffusion decoding and DiPO rescoring on CPU (float32), figures measured "
+                            "side by side in one run on random models with a sharpened output head. --shape NAME runs "
+                            "the real-shape training-step benchmark instead (python -m dirl_min.bench_shape --help).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m dirl_min.bench",
-        description="Benchmark block-diffusion decoding and DiPO rescoring on CPU (float32), figures measured "
-                    "side by side in one run on random models with a sharpened output head.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--sizes", default="tiny,mid",
-                   help=f"comma-separated model sizes to benchmark, from: {', '.join(SIZES)} "
-                        "(tiny = build_tiny defaults; mid = hidden 512, 8 layers, 8/4 heads, MLP 1536)")
-    p.add_argument("--new-tokens", type=int, default=256,
-                   help="max_new_tokens of every decoding run (whole blocks; no stop tokens, so every run of a "
-                        "row decodes the same number of blocks)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="timed repeats per configuration (after one short warm-up), interleaved across the "
-                        "configurations of a row; medians are reported. 2 keeps the default run near 5 minutes "
-                        "on 2 busy cores; use 3 or more for steadier figures")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (0 = torch's default for this machine). 1 by default: on a "
-                        "machine shared with other work, several threads make timings erratic")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="what the figures divide by: 'wall' = time.perf_counter (what a user waits); 'cpu' = "
-                        "time.process_time, this process's CPU time, which other processes' load barely "
-                        "disturbs when --threads is 1 (with more threads it sums their work). Both are kept in --json")
-    p.add_argument("--batch", type=int, default=16, help="batch size of the large-batch row (row 4)")
-    p.add_argument("--block-size", type=int, default=4, help="diffusion block size B")
-    p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the dynamic strategy")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="decoding temperature for rows 1-5 (0 = greedy); rescoring rollouts always use 1.0")
-    p.add_argument("--top-k", type=int, default=0, help="top-k for rows 1-5 when sampling (0 = off)")
-    p.add_argument("--sharpen", type=float, default=25.0,
-                   help="factor applied to the untied lm_head weights so that the random model is confident")
-    p.add_argument("--seed", type=int, default=0, help="model weight seed")
-    p.add_argument("--ref-max-seconds", type=float, default=60.0,
-                   help="if the uncached reference decoder is estimated to take longer than this at "
-                        "--new-tokens, halve its token count until it fits (the value used is printed)")
-    p.add_argument("--ref-tokens", type=int, default=0,
-                   help="new tokens for the reference comparison (row 1), overriding the estimate (0 = auto)")
-    p.add_argument("--no-reference", action="store_true", help="skip the uncached reference decoder (row 1)")
-    p.add_argument("--rescore-batch", type=int, default=8,
-                   help="rollouts rescored in row 6 (sampled: temperature 1, top-k 50, as DiRL's rollouts); "
-                        "0 skips the row")
-    p.add_argument("--rescore-new-tokens", type=int, default=64, help="new tokens of each rescored rollout")
-    p.add_argument("--quick", action="store_true",
-                   help="a fast smoke run (about a minute): --new-tokens 64 --repeats 1 --ref-max-seconds 15 "
-                        "--rescore-batch 4 --rescore-new-tokens 32 (explicitly given options still win)")
-    p.add_argument("--json", metavar="PATH", default=None, help="also write all results (and raw timings) here")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    return p
+    """The command line: :class:`dirl_min.command_config.BenchCommand`'s settings and their flags."""
+    from dirl_min.config import build_parser as config_parser
 
-
-QUICK = {"new_tokens": 64, "repeats": 1, "ref_max_seconds": 15.0, "rescore_batch": 4, "rescore_new_tokens": 32}
+    return config_parser(**_parser_kw())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse options; ``--quick`` replaces the defaults of :data:`QUICK` but not options given explicitly."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        for k, v in QUICK.items():
-            if getattr(args, k) == parser.get_default(k):
-                setattr(args, k, v)
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    bad = [s for s in sizes if s not in SIZES]
-    if bad or not sizes:
-        parser.error(f"--sizes: unknown size(s) {bad}; choose from {', '.join(SIZES)}")
-    args.size_list = sizes
-    for name in ("new_tokens", "repeats", "batch", "block_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be ≥ 1")
+    """The checked settings (:data:`dirl_min.settings.BENCH_RULES`) under the flags' names; ``--quick``
+    replaces the defaults of :data:`~dirl_min.command_config.BENCH_QUICK`, not settings given explicitly."""
+    from dirl_min.command_config import BENCH_ALIASES, BENCH_QUICK, BenchCommand, parse_command
+    from dirl_min.config import _apply as apply_setting, flat
+    from dirl_min.settings import BENCH_RULES
+
+    cfg = parse_command(argv, BENCH_RULES, **_parser_kw())
+    if cfg.run.quick:  # parse again from the quick defaults: the options given still win
+        base = BenchCommand()
+        for dotted, value in BENCH_QUICK.items():
+            apply_setting(base, dotted, value, "--quick")
+        cfg = parse_command(argv, BENCH_RULES, base=base, **_parser_kw())
+    args = flat(cfg, BENCH_ALIASES)
+    args.size_list = list(cfg.model.sizes)
+    args.json = args.json or None
     return args
 
 

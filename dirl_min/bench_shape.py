@@ -171,29 +171,31 @@ def _rollout(model, tok, roll, max_new_tokens: int, engine_path: str = "") -> in
     return sum(len(r) for r in out.response_ids)
 
 
+def _parser_kw() -> dict:
+    from dirl_min.command_config import SHAPE_ALIASES, ShapeCommand
+
+    return dict(prog="python -m dirl_min.bench --shape", description=__doc__.split("\n\n")[0], root=ShapeCommand,
+                aliases=SHAPE_ALIASES)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dirl_min.bench --shape",
-                                description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help="the checkpoint whose shape is used")
-    p.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0 = all of the real depth)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--responses", type=int, default=8)
-    p.add_argument("--response-tokens", type=int, default=1024, help="tokens per response (a multiple of 4)")
-    p.add_argument("--stages", default="dipo,sft", help="comma list of sft, dipo, rollout")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU (H100/H200)")
-    p.add_argument("--lmdeploy", default="", help="rollout stage: decode with LMDeploy from this saved folder (--save)")
-    p.add_argument("--save", default="", help="only save the random model (with the Qwen tokenizer) to this folder")
-    p.add_argument("--checkpointing", default="on,off", help="comma list of on, off (each a child process)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per child (0 = torch's default)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--attn", default="sdpa", choices=("sdpa", "flex_attention"))
-    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
-    p.add_argument("--json", default="", help="also write the results here")
-    return p
+    """The command line: :class:`dirl_min.command_config.ShapeCommand`'s settings and their flags."""
+    from dirl_min.config import build_parser as config_parser
+
+    return config_parser(**_parser_kw())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The checked settings (:data:`dirl_min.settings.SHAPE_RULES`) under the flags' names."""
+    from dirl_min.command_config import SHAPE_ALIASES, parse_command
+    from dirl_min.config import flat
+    from dirl_min.settings import SHAPE_RULES
+
+    return flat(parse_command(argv, SHAPE_RULES, **_parser_kw()), SHAPE_ALIASES)
 
 
 def main(argv=None) -> list[dict]:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:  # a child: one configuration, one JSON line
@@ -209,8 +211,6 @@ def main(argv=None) -> list[dict]:
         save_model(model, tok, args.save)
         print(f"saved a random {args.shape}-shaped model to {args.save}")
         return []
-    if args.response_tokens % BLOCK:
-        raise SystemExit(f"--response-tokens must be a multiple of {BLOCK}")
     if args.lmdeploy:
         from dirl_min.lmdeploy_engine import require_lmdeploy
 
@@ -222,8 +222,8 @@ def main(argv=None) -> list[dict]:
           f"{args.device}, {args.attn}; {args.responses} responses × {args.response_tokens} tokens; "
           f"torch threads {args.threads or torch.get_num_threads()}; one optimizer step per child process", flush=True)
     rows = []
-    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        cks = [c.strip() for c in args.checkpointing.split(",") if c.strip()]
+    for stage in args.stages:
+        cks = args.checkpointing
         for ckpt in cks[:1] if stage == "rollout" else cks:  # decoding never checkpoints (no gradient)
             cmd = [sys.executable, "-m", "dirl_min.bench_shape", "--worker", f"{stage}:{ckpt}",
                    *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn",

@@ -82,44 +82,34 @@ def lmdeploy_agreement(model, tokenizer, model_path: str, prompts, *, max_new_to
         engine.close()
 
 
+def _parser_kw() -> dict:
+    from dirl_min.command_config import CHECK_ALIASES, CheckCommand
+
+    return dict(description=__doc__.split("\n\n")[0], prog="python -m dirl_min.check", root=CheckCommand,
+                aliases=CHECK_ALIASES)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dirl_min.check", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="", help="checkpoint folder, or a dirl_min.train checkpoint (its model/ "
-                        "subfolder); empty = a random tiny model")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="auto = bfloat16 on GPU, float32 on CPU")
-    parser.add_argument("--prompts", default="", help="a UTF-8 text file with one prompt per line (empty = four built-in)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens decoded per prompt (whole blocks)")
-    parser.add_argument("--temperature", type=float, default=1.0,
-                        help="sampling temperature of the decoded responses (0 = greedy)")
-    parser.add_argument("--threshold", type=float, default=0.9,
-                        help="confidence threshold of the dynamic unmasking strategy, in [0, 1]")
-    parser.add_argument("--tolerance", type=float, default=0.0,
-                        help="fail (exit 1) above this max |difference|; 0 = 1e-4 in float32, 0.1 in bf16")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--lmdeploy", action="store_true",
-                        help="also decode greedily with LMDeploy (CUDA, lmdeploy 0.18) and report how often its tokens "
-                             "and step maps equal the native engine's (bf16 rounding may flip a few near-threshold steps)")
-    return parser
+    """The command line: :class:`dirl_min.command_config.CheckCommand`'s settings and their flags."""
+    from dirl_min.config import build_parser as config_parser
+
+    return config_parser(**_parser_kw())
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     """The options (checked: :data:`dirl_min.settings.CHECK_RULES`) and the prompts; errors exit with status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from dirl_min.settings import CHECK_RULES, problems
+    from dirl_min.command_config import CHECK_ALIASES, parse_command
+    from dirl_min.config import flat
+    from dirl_min.settings import CHECK_CROSS_RULES, CHECK_RULES
+    from dirl_min.tasks import DataError, read_text
 
-    if msgs := problems(args, CHECK_RULES, prefix="--"):
-        parser.error("; ".join(msgs))
-    if args.lmdeploy and not args.model:
-        parser.error("--lmdeploy needs --model: a checkpoint folder LMDeploy can load")
+    args = flat(parse_command(argv, CHECK_RULES, CHECK_CROSS_RULES, **_parser_kw()), CHECK_ALIASES)
+    parser = build_parser()
     if args.lmdeploy:
         from dirl_min.lmdeploy_engine import lmdeploy_missing
 
         if why := lmdeploy_missing():  # before the model is loaded
             parser.error(f"--lmdeploy {why}")
-    from dirl_min.tasks import DataError, read_text
 
     prompts = DEFAULT_PROMPTS
     if args.prompts:

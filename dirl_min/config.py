@@ -2,6 +2,8 @@
 
 ``python -m dirl_min.train --help`` lists every setting below with its meaning and
 default. Precedence: defaults < ``--config FILE.yaml`` < ``--section.name VALUE``.
+The other commands' settings (:mod:`dirl_min.command_config`) are parsed by the same
+:func:`parse_config`, each from its own dataclass of sections and table of short flags.
 
 The block size and mask id are *not* settings here: they belong to the model
 (``config.json``), the single source of truth. ``model.block_size`` only builds the
@@ -11,6 +13,7 @@ tiny model, or declares the block size of a plain (non-SDAR) checkpoint.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +25,12 @@ class SettingsError(ValueError):
     """Invalid settings; the message names each setting, its value and what is allowed."""
 
 
-def _f(default, help: str):
+def _f(default, help: str, *, hidden: bool = False):
+    """A setting: its default and its meaning (shown by ``--help`` unless ``hidden``)."""
+    meta = {"help": help, "hidden": hidden}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -106,19 +111,31 @@ class RLConfig:
 
 
 @dataclass
-class DecodeConfig:
+class Unmasking:
+    """Which masked positions a denoising step commits (shared by every command that decodes)."""
+
     strategy: str = _f("low_confidence_dynamic", "low_confidence_dynamic, low_confidence_static or sequential")
     threshold: float = _f(0.9, "dynamic strategy confidence threshold")
     steps: int = _f(0, "static/sequential: denoising steps per block (0 = block size)")
+
+
+@dataclass
+class DecodeConfig(Unmasking):
     fused_commit: bool = _f(True, "write a finished block's K/V in the next block's first forward")
 
 
 @dataclass
-class EvalConfig:
+class Sampling:
+    """How each problem is sampled for avg@k (shared by the main job's evaluation and dirl_min.eval)."""
+
     samples: int = _f(16, "samples per problem at temperature 1 (avg@k, pass@k; DiRL: 16)")
-    temperature: float = _f(1.0, "sampling temperature for avg@k")
-    top_k: int = _f(50, "top-k for avg@k (0 = off; DiRL: 50, as python -m dirl_min.eval)")
-    top_p: float = _f(1.0, "top-p for avg@k")
+    temperature: float = _f(1.0, "sampling temperature for avg@k (0 = greedy)")
+    top_k: int = _f(50, "top-k for avg@k (0 = off; DiRL: 50)")
+    top_p: float = _f(1.0, "top-p for avg@k (1 = off)")
+
+
+@dataclass
+class EvalConfig(Sampling):
     greedy: bool = _f(True, "also report greedy accuracy")
     max_new_tokens: int = _f(16, "evaluation length limit (whole blocks); python -m dirl_min.eval and DiRL: 8192, "
                                  "here the embedded task's answers fit in 16 and an untrained model never stops")
@@ -161,9 +178,10 @@ def _parse_value(text: str, current, name: str):
             return False
         raise SettingsError(f"--{name}: expected true/false, got {text!r}")
     if isinstance(current, (list, dict)):
-        value = yaml.safe_load(text)
-        if isinstance(current, list) and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(current, list) and not text.lstrip().startswith("["):  # a comma list: 1,2 or sft,rl or off
+            value = [_scalar(v.strip()) for v in text.split(",") if v.strip()]
+        else:
+            value = yaml.safe_load(text)
         if not isinstance(value, type(current)):
             raise SettingsError(f"--{name}: expected a {type(current).__name__} (YAML), got {text!r}")
         return value
@@ -173,7 +191,17 @@ def _parse_value(text: str, current, name: str):
         raise SettingsError(f"--{name}: expected {type(current).__name__}, got {text!r}") from None
 
 
-def _apply(cfg: Config, dotted: str, value, source: str) -> None:
+def _scalar(text: str):
+    """A number where the text is one, else the text (YAML would read on/off/yes as booleans)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _apply(cfg, dotted: str, value, source: str) -> None:
     section, _, name = dotted.partition(".")
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub) or not name or not hasattr(sub, name):
@@ -190,7 +218,7 @@ def _apply(cfg: Config, dotted: str, value, source: str) -> None:
     setattr(sub, name, value)
 
 
-def load_yaml(cfg: Config, path: str | Path) -> None:
+def load_yaml(cfg, path: str | Path) -> None:
     """Apply a YAML file of ``section: {name: value}`` onto ``cfg``.
 
     Raises:
@@ -217,7 +245,8 @@ def load_yaml(cfg: Config, path: str | Path) -> None:
             _apply(cfg, f"{section}.{name}", value, str(path))
 
 
-# Short spellings of the settings people type most.
+# Short spellings of the settings people type most: ``flag -> setting``. A flag for a true/false
+# setting takes no value and sets it true; ``flag -> (setting, value)`` sets that value instead.
 ALIASES = {
     "--model": "model.path",
     "--sft-data": "data.sft_data",
@@ -230,43 +259,79 @@ ALIASES = {
 }
 
 
-def build_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with one ``--section.name`` option per setting (help = meaning, default)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", help="YAML file of settings (overridden by the options below)")
-    short = parser.add_argument_group("short forms")
-    for flag, dotted in ALIASES.items():
-        if dotted in ("run.resume", "run.overwrite"):
-            short.add_argument(flag, dest=dotted, action="store_const", const="true", default=argparse.SUPPRESS,
-                               help=f"same as --{dotted} true")
+def _flags(root, aliases: dict) -> tuple[dict, dict]:
+    """``aliases`` split into ``{setting: [flags taking a value]}`` and ``{flag: (setting, value)}``."""
+    valued, const = {}, {}
+    defaults = root()
+    for flag, target in aliases.items():
+        dotted, value = (target, None) if isinstance(target, str) else target
+        section, _, name = dotted.partition(".")
+        if isinstance(getattr(getattr(defaults, section), name), bool) and value is None:
+            value = "true"
+        if value is None:
+            valued.setdefault(dotted, []).append(flag)
         else:
-            short.add_argument(flag, dest=dotted, default=argparse.SUPPRESS, metavar="VALUE", help=f"same as --{dotted}")
-    defaults = Config()
+            const[flag] = (dotted, value)
+    return valued, const
+
+
+def build_parser(description: str, prog: str | None = None, *, root=Config, aliases: dict | None = None,
+                 **parser_kw) -> argparse.ArgumentParser:
+    """An argparse parser with one ``--section.name`` option per setting of the dataclass ``root``
+    (help = meaning and default), its short spellings from ``aliases`` (default :data:`ALIASES`)."""
+    valued, const = _flags(root, ALIASES if aliases is None else aliases)
+    parser = argparse.ArgumentParser(prog=prog, description=description, **parser_kw)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of settings (overridden by the options below)")
+    defaults = root()
     for section in dataclasses.fields(defaults):
         group = parser.add_argument_group(section.name)
         for f in dataclasses.fields(getattr(defaults, section.name)):
+            dotted = f"{section.name}.{f.name}"
             default = getattr(getattr(defaults, section.name), f.name)
-            group.add_argument(
-                f"--{section.name}.{f.name}",
-                dest=f"{section.name}.{f.name}",
-                default=argparse.SUPPRESS,
-                metavar=type(default).__name__.upper(),
-                help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"),  # argparse %-formats help
-            )
+            text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # argparse %-formats help
+            group.add_argument(*valued.get(dotted, []), f"--{dotted}", dest=dotted, default=argparse.SUPPRESS,
+                               metavar=type(default).__name__.upper(),
+                               help=argparse.SUPPRESS if f.metadata.get("hidden") else text)
+            for flag, (target, value) in const.items():
+                if target == dotted:
+                    group.add_argument(flag, dest=dotted, action="store_const", const=value,
+                                       default=argparse.SUPPRESS, help=f"same as --{dotted} {value}")
     return parser
 
 
-def parse_config(argv=None, description: str = "dirl_min", prog: str | None = None) -> Config:
-    """Defaults, then ``--config`` YAML, then ``--section.name`` overrides (each value's type is
-    checked here; ranges and combinations by :func:`dirl_min.settings.validate`)."""
-    parser = build_parser(description, prog)
+def parse_config(argv=None, description: str = "dirl_min", prog: str | None = None, *, root=Config,
+                 aliases: dict | None = None, base=None, **parser_kw):
+    """Defaults (of ``root``, or a copy of ``base``), then ``--config`` YAML, then the options
+    (each value's type is checked here; ranges and combinations by :mod:`dirl_min.settings`).
+
+    Every command parses with this: ``root`` is its dataclass of sections, ``aliases`` its
+    short flags (:func:`build_parser`); ``parser_kw`` goes to ``argparse.ArgumentParser``."""
+    parser = build_parser(description, prog, root=root, aliases=aliases, **parser_kw)
     args = vars(parser.parse_args(argv))
-    cfg = Config()
+    cfg = copy.deepcopy(base) if base is not None else root()
     if args.pop("config", None):
-        load_yaml(cfg, parser.parse_args(argv).config)
+        load_yaml(cfg, parser.parse_args(argv).config)  # raises SettingsError (the file's errors)
     for dotted, value in args.items():
         try:
             _apply(cfg, dotted, value, "command line")
         except ValueError as e:
             parser.error(str(e))
     return cfg
+
+
+def flat(cfg, aliases: dict) -> argparse.Namespace:
+    """``cfg``'s settings under their short flags' names (``--top-k`` -> ``top_k``): the namespace
+    that a command's parts read. A flag that sets a value (``--no-progress``) is true when the
+    setting holds it."""
+    valued, const = _flags(type(cfg), aliases)
+    out = {}
+    for dotted, flags in valued.items():
+        out.update({f.lstrip("-").replace("-", "_"): _get(cfg, dotted) for f in flags})
+    for flag, (dotted, value) in const.items():
+        out[flag.lstrip("-").replace("-", "_")] = _get(cfg, dotted) == _parse_value(value, _get(cfg, dotted), dotted)
+    return argparse.Namespace(**out)
+
+
+def _get(cfg, dotted: str):
+    section, _, name = dotted.partition(".")
+    return getattr(getattr(cfg, section), name)

@@ -49,6 +49,7 @@ __all__ = [
     "plot_sweep",
     "build_parser",
     "parse_args",
+    "parse_config",
     "sample_seed",
     "shard_indices",
     "merge_shards",
@@ -83,142 +84,47 @@ EPILOG = ("Outputs in --out: samples.jsonl (one record per sample, appended as b
           "The method and the protocol: docs/method.md (benchmark sources: its section 6).")
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
+DESCRIPTION = ("Evaluate a block-diffusion model with DiRL's protocol (docs/method.md §6): sampled answers per "
+               "problem, math-verify accuracy (avg@k, pass@k), tokens per step, response length, truncation rate "
+               "and throughput. Defaults are DiRL's settings. Every setting also has a dotted name "
+               "(--eval.samples) and may come from a YAML file (--config; sections as below).")
+
+
+def _parser_kw() -> dict:
+    from dirl_min.command_config import EVAL_ALIASES, EvalCommand
+
+    return dict(description=DESCRIPTION, prog="python -m dirl_min.eval", root=EvalCommand, aliases=EVAL_ALIASES,
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dirl_min.config import DataConfig, DecodeConfig, EvalConfig
+    """The command line: :class:`dirl_min.command_config.EvalCommand`'s settings and their flags."""
+    from dirl_min.config import build_parser as config_parser
 
-    dc = DataConfig()
-    ec, dec = EvalConfig(), DecodeConfig()  # one source for the defaults the main job's evaluation shares
-    p = argparse.ArgumentParser(
-        prog="python -m dirl_min.eval",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Evaluate a block-diffusion model with DiRL's protocol (docs/method.md §6): sampled answers per "
-                    "problem, math-verify accuracy (avg@k, pass@k), tokens per step, response length, "
-                    "truncation rate and throughput. Defaults are DiRL's settings.",
-        epilog=EPILOG)
-    _model_options(p.add_argument_group("model"))
-    _data_options(p.add_argument_group("data"), dc)
-    _decoding_options(p.add_argument_group("decoding"), ec, dec)
-    _output_options(p)
-    return p
+    return config_parser(**_parser_kw())
 
 
-def _model_options(g) -> None:
-    """Which model, in which dtype, decoded by which backend."""
-    g.add_argument("--model", default="", metavar="PATH",
-                   help="checkpoint folder to evaluate (SDAR / DiRL / TraDo / Qwen3, or a dirl_min.train checkpoint, "
-                        "whose model/ subfolder is used); '' or 'tiny' = a random tiny model, for smoke tests "
-                        "(default: '')")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="parameter dtype; auto = bfloat16 on GPU, float32 on CPU (default: auto)")
-    g.add_argument("--backend", default="native", choices=["native", "lmdeploy"],
-                   help="native = dirl_min's batched KV-cached decoder; lmdeploy needs the lmdeploy package and "
-                        "CUDA (default: native)")
+def parse_config(argv=None):
+    """The settings (:class:`~dirl_min.command_config.EvalCommand`), checked by
+    :data:`dirl_min.settings.EVAL_RULES`; errors exit with status 2."""
+    from dirl_min.command_config import parse_command
+    from dirl_min.settings import EVAL_CROSS_RULES, EVAL_RULES
 
-
-def _data_options(g, dc) -> None:
-    """Which problems: benchmark names/files, the embedded task, --limit, the prompt."""
-    g.add_argument("--benchmarks", default=None, metavar="LIST",
-                   help="comma-separated benchmark names, fetched with --hub or looked up in --data-dir (math500, "
-                        "gsm8k, aime2024, aime2025, olympiadbench), and/or files (JSON/JSONL/parquet records with "
-                        "question and ground_truth_answer) or folders of such files (default: "
-                        f"{','.join(BENCHMARKS)}, unless --task is given)")
-    g.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="folder holding the benchmark files, one per name: math500.jsonl (or DiRL's MATH500.json), "
-                        "gsm8k.jsonl, ... (default: none; see --hub)")
-    g.add_argument("--hub", action="store_true",
-                   help="get the benchmarks from DiRL's Hugging Face datasets Auraithm/{MATH500,GSM8K,AIME2024,"
-                        "AIME2025,OlympiadBench} with `datasets`, converted to JSONL and cached in $DIRL_MIN_DATA "
-                        "(default ~/.cache/dirl_min/benchmarks); cached copies are read offline")
-    g.add_argument("--task", default=None, choices=["embedded"],
-                   help="also evaluate the embedded arithmetic task's held-out split (the one dirl_min.train "
-                        "evaluates and never trains on); alone unless --benchmarks is given (default: none)")
-    g.add_argument("--task-levels", default=",".join(map(str, dc.task_levels)), metavar="LIST",
-                   help=f"embedded task: levels, as in dirl_min.train's data.task_levels (default: "
-                        f"{','.join(map(str, dc.task_levels))})")
-    g.add_argument("--task-max-operand", type=int, default=dc.task_max_operand, metavar="N",
-                   help=f"embedded task: operands 0..N (default: {dc.task_max_operand})")
-    g.add_argument("--held-out", type=int, default=dc.held_out, metavar="N",
-                   help=f"embedded task: size of the held-out split (default: {dc.held_out})")
-    g.add_argument("--split-seed", type=int, default=dc.split_seed, metavar="N",
-                   help=f"embedded task: seed of the train/held-out split (default: {dc.split_seed})")
-    g.add_argument("--limit", type=int, default=0, metavar="N",
-                   help="evaluate only the first N problems of each benchmark (0 = all; default: 0)")
-    g.add_argument("--prompt-template", default=None, metavar="TEXT",
-                   help="user message; {question} is replaced by the question and the result is rendered with "
-                        "the model's chat template (default for benchmark files: DiRL's "
-                        f"{DIRL_PROMPT!r}; for --task embedded: {dc.prompt_template!r}, dirl_min.train's default)")
-
-
-def _decoding_options(g, ec, dec) -> None:
-    """How each sample is decoded (defaults: DiRL's, shared with the main job's evaluation)."""
-    from dirl_min.decoding import STRATEGIES
-
-    g.add_argument("--samples", type=int, default=ec.samples, metavar="N",
-                   help=f"sampled responses per problem: avg@N accuracy and pass@k (default: {ec.samples})")
-    g.add_argument("--temperature", type=float, default=ec.temperature,
-                   help=f"sampling temperature; 0 = greedy (default: {ec.temperature})")
-    g.add_argument("--top-k", type=int, default=ec.top_k, help=f"top-k truncation, 0 = off (default: {ec.top_k})")
-    g.add_argument("--top-p", type=float, default=ec.top_p,
-                   help=f"top-p (nucleus) truncation, 1 = off (default: {ec.top_p})")
-    g.add_argument("--strategy", default=dec.strategy, choices=list(STRATEGIES),
-                   help=f"which masked positions a denoising step commits (default: {dec.strategy})")
-    g.add_argument("--threshold", type=float, default=dec.threshold,
-                   help=f"confidence threshold of the dynamic strategy (default: {dec.threshold})")
-    g.add_argument("--thresholds", type=_floats, default=None, metavar="LIST",
-                   help="sweep several dynamic thresholds, e.g. 0.7,0.8,0.9,0.95 (replaces --threshold; "
-                        "writes a plot of accuracy against tokens per step; default: off)")
-    g.add_argument("--steps", type=int, default=0,
-                   help="static/sequential strategies: denoising steps per block; 0 = block size (default: 0)")
-    g.add_argument("--max-new-tokens", type=int, default=8192, metavar="N",
-                   help="response length limit, counted in whole blocks (default: 8192, DiRL's; the main job's "
-                        f"evaluation uses {ec.max_new_tokens} for the embedded task, pass --max-new-tokens "
-                        f"{ec.max_new_tokens} with --task embedded to compare with its table)")
-    g.add_argument("--batch-size", type=int, default=64, metavar="N",
-                   help="sequences decoded together per process; results do not depend on it (default: 64)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="sampling seed; each sample's seed is a function of (seed, benchmark, problem, sample) "
-                        "(default: 0)")
-
-
-def _output_options(p) -> None:
-    """Scoring (math-verify) and the output folder."""
-    g = p.add_argument_group("scoring")
-    g.add_argument("--verify-timeout", type=float, default=5.0, metavar="S",
-                   help="hard time bound per math-verify check, seconds (default: 5.0)")
-    g.add_argument("--verify-workers", type=int, default=0, metavar="N",
-                   help="math-verify checks run in parallel, each in its own process; 0 = one at a time (default: 0)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/eval", metavar="DIR",
-                   help="output folder; rerunning with the same folder resumes (default: runs/eval)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="discard earlier samples and results in --out instead of resuming")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parse_command(argv, EVAL_RULES, EVAL_CROSS_RULES, **_parser_kw())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and check the command line (argparse errors exit with status 2)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from dirl_min.settings import EVAL_CROSS_RULES, EVAL_RULES, problems
+    """The checked settings under the flags' names (``args.top_k``), as :mod:`dirl_min.evaluation` reads them;
+    ``thresholds`` always a list (``[threshold]`` without a sweep), unset texts ``None``."""
+    from dirl_min.command_config import EVAL_ALIASES
+    from dirl_min.config import flat
 
-    msgs = problems(args, EVAL_RULES, prefix="--")
-    for cross in EVAL_CROSS_RULES:
-        msgs += cross(args)
-    if msgs:
-        parser.error("; ".join(msgs))
-    args.thresholds = [float(t) for t in (args.thresholds or [args.threshold])]
-    if len(set(args.thresholds)) != len(args.thresholds):
-        parser.error("--thresholds has repeated values")
+    cfg = parse_config(argv)
+    args = flat(cfg, EVAL_ALIASES)
+    args.thresholds = [float(t) for t in (cfg.decode.thresholds or [cfg.decode.threshold])]
+    args.task_levels = ",".join(map(str, cfg.data.task_levels))
+    for name in ("benchmarks", "data_dir", "task", "prompt_template"):
+        setattr(args, name, getattr(args, name) or None)  # '' = not given
     return args
 
 

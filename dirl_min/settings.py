@@ -2,14 +2,15 @@
 
 A rule is a row of a table: the setting, a test of its value, and what is allowed, in
 words. :func:`problems` applies a table to any object (a :class:`~dirl_min.config.Config`,
-an ``argparse.Namespace``) and returns one message per broken rule, naming the setting,
+a command's settings) and returns one message per broken rule, naming the setting,
 the value and what is allowed. To check a new setting, add a row.
 
 * :data:`CONFIG_RULES` + :data:`CONFIG_CROSS_RULES`: ``python -m dirl_min.train``
   (:func:`validate`); :data:`LAUNCH_RULES`: its settings against the launch (processes,
   Accelerate backend) and the machine, once Accelerate has started (:func:`check_launch`).
-* :data:`EVAL_RULES` / :data:`CHECK_RULES`: the options of ``python -m dirl_min.eval`` and
-  ``python -m dirl_min.check``.
+* :data:`EVAL_RULES` / :data:`CHECK_RULES` / ... (with their cross rules): the settings of
+  ``python -m dirl_min.eval``, ``check`` and ``bench`` (:mod:`dirl_min.command_config`),
+  checked by :func:`command_problems`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from dirl_min.decoding import STRATEGIES
 from dirl_min.tasks import RESPONSE_STYLES
 
 __all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CONFIG_CROSS_RULES", "Launch",
-           "launch_of", "check_launch", "LAUNCH_RULES", "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES"]
+           "launch_of", "check_launch", "LAUNCH_RULES", "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES",
+           "CHECK_CROSS_RULES", "BENCH_RULES", "SHAPE_RULES", "command_problems"]
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,16 @@ def _betas(name: str) -> Rule:
 
 
 def _template(name: str, *, optional=False) -> Rule:
-    return Rule(name, lambda v: (optional and v is None) or (isinstance(v, str) and "{question}" in v),
-                "a text containing {question} (where the question goes)")
+    return Rule(name, lambda v: (optional and v == "") or (isinstance(v, str) and "{question}" in v),
+                "a text containing {question} (where the question goes)" + (" or '' (the default)" if optional else ""))
+
+
+_DTYPE = ("auto", "float32", "bfloat16", "float16")
+
+
+def _levels(name: str) -> Rule:
+    return Rule(name, lambda v: isinstance(v, list) and bool(v) and all(_int(x) and x in (1, 2, 3) for x in v)
+                and len(set(v)) == len(v), "a non-empty list of distinct levels from 1, 2, 3")
 
 
 def _rewards(v) -> bool:
@@ -96,10 +106,9 @@ CONFIG_RULES: list[Rule] = [
     at_least("model.mask_token_id", -1, "-1 = from the checkpoint"),
     at_least("model.hidden_size", 1), at_least("model.num_layers", 1), at_least("model.num_heads", 1),
     at_least("model.num_kv_heads", 1), at_least("model.intermediate_size", 1),
-    one_of("model.dtype", "auto", "float32", "bfloat16", "float16"),
+    one_of("model.dtype", *_DTYPE),
     one_of("model.attn_implementation", "auto", "sdpa", "flex_attention", "eager"),
-    Rule("data.task_levels", lambda v: isinstance(v, list) and bool(v) and all(_int(x) and x in (1, 2, 3) for x in v)
-         and len(set(v)) == len(v), "a non-empty list of distinct levels from 1, 2, 3"),
+    _levels("data.task_levels"),
     at_least("data.task_max_operand", 0),
     at_least("data.held_out", 1, "the embedded task's evaluation problems"),
     _template("data.prompt_template"),
@@ -225,14 +234,14 @@ def _paths(cfg):
 CONFIG_CROSS_RULES: list[Callable] = [_tiny_heads, _accumulation, _lmdeploy_needs_a_checkpoint, _paths, _embedded_split]
 
 
-def problems(obj, rules: list[Rule], *, prefix: str = "") -> list[str]:
-    """One message per rule of ``rules`` that ``obj``'s value breaks (``prefix`` is put before names: ``--``)."""
+def problems(obj, rules: list[Rule], *, names: dict | None = None) -> list[str]:
+    """One message per rule of ``rules`` that ``obj``'s value breaks (``names``: how to show a setting)."""
     out = []
     for rule in rules:
         value = _get(obj, rule.name)
         if not rule.ok(value):
             allowed = rule.allowed() if callable(rule.allowed) else rule.allowed
-            shown = prefix + (rule.name.replace("_", "-") if prefix else rule.name)
+            shown = (names or {}).get(rule.name, rule.name)
             out.append(f"{shown} = {value!r}: expected {allowed}")
     return out
 
@@ -344,29 +353,34 @@ def check_launch(cfg, launch: Launch) -> None:
         raise SettingsError("invalid settings for this launch:\n  " + "\n  ".join(msgs))
 
 
-# ---- the other commands' own options (attribute names of their argparse namespaces) ----
+# ---- the other commands' settings (dirl_min.command_config; messages name their short flags) ----
 
 EVAL_RULES: list[Rule] = [
-    at_least("samples", 1), at_least("max_new_tokens", 1), at_least("batch_size", 1), at_least("limit", 0, "0 = all"),
-    number("temperature", 0, why="0 = greedy"), at_least("top_k", 0, "0 = off"), number("top_p", 0, 1, lo_open=True),
-    at_least("steps", 0, "0 = block size"), number("threshold", 0, 1),
-    Rule("thresholds", lambda v: v is None or all(_num(t) and 0 <= t <= 1 for t in v), "numbers in [0, 1]"),
-    at_least("held_out", 1), at_least("task_max_operand", 0), at_least("seed", 0),
-    number("verify_timeout", 0, lo_open=True), at_least("verify_workers", 0),
-    _template("prompt_template", optional=True),
+    one_of("model.dtype", *_DTYPE), one_of("model.backend", "native", "lmdeploy"),
+    one_of("data.task", "", "embedded"), _levels("data.task_levels"),
+    at_least("data.held_out", 1), at_least("data.task_max_operand", 0), at_least("data.limit", 0, "0 = all"),
+    _template("data.prompt_template", optional=True),
+    at_least("eval.samples", 1), number("eval.temperature", 0, why="0 = greedy"), at_least("eval.top_k", 0, "0 = off"),
+    number("eval.top_p", 0, 1, lo_open=True), at_least("eval.max_new_tokens", 1), at_least("eval.batch_size", 1),
+    at_least("eval.seed", 0),
+    one_of("decode.strategy", *STRATEGIES), number("decode.threshold", 0, 1), at_least("decode.steps", 0, "0 = block size"),
+    Rule("decode.thresholds", lambda v: isinstance(v, list) and all(_num(t) and 0 <= t <= 1 for t in v)
+         and len(set(v)) == len(v), "distinct numbers in [0, 1]"),
+    number("verify.timeout", 0, lo_open=True), at_least("verify.workers", 0),
+    Rule("run.out", lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"),
 ]
 
 
-def _eval_cross(args) -> list[str]:
+def _eval_cross(cfg) -> list[str]:
     out = []
-    if args.thresholds and args.strategy != "low_confidence_dynamic":
+    if cfg.decode.thresholds and cfg.decode.strategy != "low_confidence_dynamic":
         out.append("--thresholds sweeps the dynamic strategy's threshold; use --strategy low_confidence_dynamic")
-    if args.hub and args.data_dir:
+    if cfg.data.hub and cfg.data.data_dir:
         out.append("--hub and --data-dir exclude each other")
-    if args.backend == "lmdeploy":  # one engine decodes with one rule, from a folder it can load
-        if args.thresholds and len(args.thresholds) > 1:
+    if cfg.model.backend == "lmdeploy":  # one engine decodes with one rule, from a folder it can load
+        if cfg.decode.thresholds and len(cfg.decode.thresholds) > 1:
             out.append("--backend lmdeploy takes one --thresholds value per run")
-        if not args.model or args.model == "tiny":
+        if not cfg.model.path or cfg.model.path == "tiny":
             out.append("--backend lmdeploy needs --model: a checkpoint folder LMDeploy can load")
     return out
 
@@ -374,7 +388,70 @@ def _eval_cross(args) -> list[str]:
 EVAL_CROSS_RULES: list[Callable] = [_eval_cross]
 
 CHECK_RULES: list[Rule] = [
-    at_least("max_new_tokens", 1), number("temperature", 0, why="0 = greedy"), number("threshold", 0, 1),
-    number("tolerance", 0, why="0 = the dtype's default"), at_least("seed", 0),
-    Rule("model", lambda v: not v or Path(v).is_dir(), "a checkpoint folder (empty = the tiny model)"),
+    one_of("model.dtype", *_DTYPE),
+    Rule("model.path", lambda v: not v or Path(v).is_dir(), "a checkpoint folder (empty = the tiny model)"),
+    at_least("rollout.max_new_tokens", 1), number("rollout.temperature", 0, why="0 = greedy"),
+    number("rollout.threshold", 0, 1), at_least("rollout.seed", 0),
+    number("check.tolerance", 0, why="0 = the dtype's default"),
 ]
+
+
+def _check_cross(cfg) -> list[str]:
+    if cfg.check.lmdeploy and not cfg.model.path:
+        return ["--lmdeploy needs --model: a checkpoint folder LMDeploy can load"]
+    return []
+
+
+CHECK_CROSS_RULES: list[Callable] = [_check_cross]
+
+
+
+def _names_from(name: str, choices: Callable[[], tuple], what: str) -> Rule:
+    """A non-empty list of distinct names from ``choices()`` (a callable: the names need an import)."""
+    return Rule(name, lambda v: isinstance(v, list) and bool(v) and len(set(v)) == len(v)
+                and all(x in choices() for x in v), lambda: f"a non-empty list of distinct {what} from "
+                + ", ".join(choices()))
+
+
+def _sizes():
+    from dirl_min.benchmarking.measures import SIZES
+
+    return tuple(SIZES)
+
+
+def _shapes():
+    from dirl_min.bench_shape import SHAPES
+
+    return tuple(SHAPES)
+
+
+BENCH_RULES: list[Rule] = [
+    _names_from("model.sizes", _sizes, "sizes"), at_least("model.block_size", 1),
+    number("model.sharpen", 0, lo_open=True), at_least("model.seed", 0),
+    at_least("decode.new_tokens", 1), at_least("decode.batch", 1), number("decode.threshold", 0, 1),
+    number("decode.temperature", 0, why="0 = greedy"), at_least("decode.top_k", 0, "0 = off"),
+    number("reference.max_seconds", 0, lo_open=True), at_least("reference.tokens", 0, "0 = auto"),
+    at_least("rescore.batch", 0, "0 skips the row"), at_least("rescore.new_tokens", 1),
+    at_least("run.repeats", 1), at_least("run.threads", 0, "0 = torch's default"), one_of("run.clock", "wall", "cpu"),
+]
+
+SHAPE_RULES: list[Rule] = [
+    Rule("model.shape", lambda v: v in _shapes(), lambda: "one of " + ", ".join(_shapes())),
+    at_least("model.layers", 0, "0 = all"), one_of("model.dtype", "float32", "bfloat16"),
+    one_of("model.attn", "sdpa", "flex_attention"),
+    Rule("model.device", lambda v: isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda"), "cpu or cuda"),
+    at_least("step.responses", 1),
+    Rule("step.response_tokens", lambda v: _int(v) and v > 0 and v % 4 == 0, "a positive multiple of 4 (the block size)"),
+    _names_from("step.stages", lambda: ("sft", "dipo", "rollout"), "stages"),
+    _names_from("step.checkpointing", lambda: ("on", "off"), "settings"),
+    number("step.peak_tflops", 0, lo_open=True), at_least("run.threads", 0, "0 = torch's default"),
+]
+
+def command_problems(cfg, rules: list[Rule], cross_rules=(), aliases: dict | None = None) -> list[str]:
+    """Every broken rule of a command's settings ``cfg``, named by the command's short flag where
+    it has one (``aliases``: flag -> setting, as :func:`dirl_min.config.parse_config` takes)."""
+    names = {target: flag for flag, target in (aliases or {}).items() if isinstance(target, str)}
+    msgs = problems(cfg, rules, names=names)
+    for cross in cross_rules:
+        msgs += cross(cfg)
+    return msgs

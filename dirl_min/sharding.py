@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import torch
 
 __all__ = ["fsdp_states", "full_parameters", "full_state_dict"]
 
