@@ -1,7 +1,7 @@
 """Every setting of every command checked in one place, before any work.
 
 A rule is a row of a table: the setting, a test of its value, and what is allowed, in
-words. :func:`problems` applies a table to any object (a :class:`~dirl_min.config.Config`,
+words (:mod:`dirl_min.rules`). :func:`problems` applies a table to any object (a :class:`~dirl_min.config.Config`,
 a command's settings) and returns one message per broken rule, naming the setting,
 the value and what is allowed. To check a new setting, add a row.
 
@@ -15,13 +15,12 @@ the value and what is allowed. To check a new setting, add a row.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dirl_min.config import SettingsError
+from dirl_min.rules import Rule, at_least, is_int, is_number, number, one_of, problems
 from dirl_min.core.objectives import GROUP_FILTERS
 from dirl_min.core.estimates import OBJECTIVES
 from dirl_min.decoding import STRATEGIES
@@ -32,47 +31,8 @@ __all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CON
            "CHECK_CROSS_RULES", "BENCH_RULES", "SHAPE_RULES", "command_problems"]
 
 
-@dataclass(frozen=True)
-class Rule:
-    """``name``: the setting (``sft.steps``) or option attribute (``max_new_tokens``);
-    ``ok(value)``: whether the value is allowed; ``allowed``: what is, in words."""
-
-    name: str
-    ok: Callable[[Any], bool]
-    allowed: str | Callable[[], str]  # a callable when the words need an import
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def at_least(name: str, lo: int, why: str = "") -> Rule:
-    """An integer >= lo."""
-    return Rule(name, lambda v: _int(v) and v >= lo, f"an integer >= {lo}" + (f" ({why})" if why else ""))
-
-
-def number(name: str, lo: float = -math.inf, hi: float = math.inf, *, lo_open=False, hi_open=False, why="") -> Rule:
-    """A finite number in the interval [lo, hi] (ends open where asked)."""
-    def ok(v):
-        return _num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-
-    if hi == math.inf:
-        words = f"a number {'>' if lo_open else '>='} {lo:g}"
-    else:
-        words = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-    return Rule(name, ok, words + (f" ({why})" if why else ""))
-
-
-def one_of(name: str, *choices) -> Rule:
-    return Rule(name, lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
-
-
 def _betas(name: str) -> Rule:
-    return Rule(name, lambda v: isinstance(v, list) and len(v) == 2 and all(_num(b) and 0 <= b < 1 for b in v),
+    return Rule(name, lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
                 "two numbers in [0, 1), e.g. [0.9, 0.98]")
 
 
@@ -85,14 +45,14 @@ _DTYPE = ("auto", "float32", "bfloat16", "float16")
 
 
 def _levels(name: str) -> Rule:
-    return Rule(name, lambda v: isinstance(v, list) and bool(v) and all(_int(x) and x in (1, 2, 3) for x in v)
+    return Rule(name, lambda v: isinstance(v, list) and bool(v) and all(is_int(x) and x in (1, 2, 3) for x in v)
                 and len(set(v)) == len(v), "a non-empty list of distinct levels from 1, 2, 3")
 
 
 def _rewards(v) -> bool:
     from dirl_min.rewards import REWARDS
 
-    return isinstance(v, dict) and bool(v) and all(k in REWARDS and _num(w) for k, w in v.items())
+    return isinstance(v, dict) and bool(v) and all(k in REWARDS and is_number(w) for k, w in v.items())
 
 
 def _reward_words() -> str:
@@ -173,12 +133,6 @@ CONFIG_RULES: list[Rule] = [
 ]
 
 
-def _get(obj, name: str):
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _embedded_split(cfg):
     """Messages for ``data.held_out`` against the embedded task it splits (when that task is used)."""
     from dirl_min import tasks
@@ -232,18 +186,6 @@ def _paths(cfg):
 
 #: checks across settings (and of the files named): ``cfg -> list of messages``
 CONFIG_CROSS_RULES: list[Callable] = [_tiny_heads, _accumulation, _lmdeploy_needs_a_checkpoint, _paths, _embedded_split]
-
-
-def problems(obj, rules: list[Rule], *, names: dict | None = None) -> list[str]:
-    """One message per rule of ``rules`` that ``obj``'s value breaks (``names``: how to show a setting)."""
-    out = []
-    for rule in rules:
-        value = _get(obj, rule.name)
-        if not rule.ok(value):
-            allowed = rule.allowed() if callable(rule.allowed) else rule.allowed
-            shown = (names or {}).get(rule.name, rule.name)
-            out.append(f"{shown} = {value!r}: expected {allowed}")
-    return out
 
 
 def validate(cfg) -> None:
@@ -364,7 +306,7 @@ EVAL_RULES: list[Rule] = [
     number("eval.top_p", 0, 1, lo_open=True), at_least("eval.max_new_tokens", 1), at_least("eval.batch_size", 1),
     at_least("eval.seed", 0),
     one_of("decode.strategy", *STRATEGIES), number("decode.threshold", 0, 1), at_least("decode.steps", 0, "0 = block size"),
-    Rule("decode.thresholds", lambda v: isinstance(v, list) and all(_num(t) and 0 <= t <= 1 for t in v)
+    Rule("decode.thresholds", lambda v: isinstance(v, list) and all(is_number(t) and 0 <= t <= 1 for t in v)
          and len(set(v)) == len(v), "distinct numbers in [0, 1]"),
     number("verify.timeout", 0, lo_open=True), at_least("verify.workers", 0),
     Rule("run.out", lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"),
@@ -441,7 +383,7 @@ SHAPE_RULES: list[Rule] = [
     one_of("model.attn", "sdpa", "flex_attention"),
     Rule("model.device", lambda v: isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda"), "cpu or cuda"),
     at_least("step.responses", 1),
-    Rule("step.response_tokens", lambda v: _int(v) and v > 0 and v % 4 == 0, "a positive multiple of 4 (the block size)"),
+    Rule("step.response_tokens", lambda v: is_int(v) and v > 0 and v % 4 == 0, "a positive multiple of 4 (the block size)"),
     _names_from("step.stages", lambda: ("sft", "dipo", "rollout"), "stages"),
     _names_from("step.checkpointing", lambda: ("on", "off"), "settings"),
     number("step.peak_tflops", 0, lo_open=True), at_least("run.threads", 0, "0 = torch's default"),

@@ -144,3 +144,16 @@ def test_reserved_and_invalid_settings_are_refused():
     with pytest.raises(cmp.CompareError, match="rl.steps = 0"):
         cmp.check_settings(["--rl.steps", "0"])
     assert cmp.check_settings(["--rl.steps", "8"]).rl.steps == 8
+
+
+def test_a_step_that_kept_no_group_scored_no_copies():
+    """A step whose groups were all filtered out has no update and scores nothing: 0 copies (an older
+    log lacks the field there); a trained step without the field makes the copies unknown."""
+    from dirl_min.evaluation.compare import curve
+    from dirl_min.evaluation.compare_report import step_copies
+
+    assert step_copies({"step": 1, "score_copies": 12.0, "loss": 0.1}) == 12.0
+    assert step_copies({"step": 2}) == 0.0
+    assert step_copies({"step": 3, "loss": 0.1}) is None
+    rows = [{"step": 1, "score_copies": 12.0, "loss": 0.1, "time_update": 1.0}, {"step": 2, "time_rollout": 2.0}]
+    assert curve(rows, [1, 2]) == [{"step": 1, "seconds": 1.0, "copies": 12.0}, {"step": 2, "seconds": 3.0, "copies": 12.0}]

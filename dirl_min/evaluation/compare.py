@@ -28,6 +28,7 @@ from dirl_min.core.estimates import OBJECTIVES  # the rl.objective values, in th
 from dirl_min.evaluation.benchmarks import load_benchmarks
 from dirl_min.evaluation.decode import load_eval_model
 from dirl_min.evaluation.errors import EvalError
+from dirl_min.evaluation.compare_report import step_copies
 from dirl_min.evaluation.run import SAMPLES_FILE, finalize, prepare, read_records, remove_outputs, run_shard
 from dirl_min.runs import OUTPUTS, config_differences
 from dirl_min.settings import validate
@@ -237,10 +238,11 @@ def rl_rows(folder: Path) -> list[dict]:
 
 def curve(rows: list[dict], steps: list[int]) -> list[dict]:
     """Per step in ``steps``: cumulative training seconds (the :data:`TIME_FIELDS` of rows up to it)
-    and cumulative scoring copies (None when a row has no ``score_copies``)."""
+    and cumulative scoring copies (:func:`step_copies`; None when a row that trained has none)."""
     out = []
     for k in steps:
+        upto = [step_copies(r) for r in rows if r["step"] <= k]
+        copies = None if None in upto else sum(upto)
         upto = [r for r in rows if r["step"] <= k]
-        copies = None if any("score_copies" not in r for r in upto) else sum(r["score_copies"] for r in upto)
         out.append({"step": k, "seconds": sum(r.get(f, 0.0) for r in upto for f in TIME_FIELDS), "copies": copies})
     return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from dirl_min.metrics import bootstrap_ci, format_percent
 from dirl_min.report import format_table
 
-__all__ = ["point", "run_summary", "aggregate", "table_rows", "text_table", "markdown", "plot"]
+__all__ = ["step_copies", "point", "run_summary", "aggregate", "table_rows", "text_table", "markdown", "plot"]
 
 CI_NOTE = ("95% CI: percentile bootstrap over the held-out problems of each problem's accuracy averaged over "
            "seeds and samples (pooled over seeds; it covers problem sampling, not seed-to-seed spread: see min-max)")
@@ -28,6 +28,12 @@ def point(evaluation: dict, at: dict) -> dict:
             "greedy": None if g is None else g["accuracy"], "tokens_per_step": s["tokens_per_step"]}
 
 
+def step_copies(row: dict) -> float | None:
+    """The noisy copies a step scored: its ``score_copies``; 0 for a step that kept no group (no
+    ``loss``: nothing was scored); None for a trained step of a log without the field."""
+    return row.get("score_copies", 0.0 if "loss" not in row else None)
+
+
 def _mean(values: list) -> float | None:
     return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
@@ -37,7 +43,7 @@ def run_summary(rows: list[dict], points: list[dict], per_problem: list[float]) 
     training seconds, and per step the mean scoring copies and scoring seconds."""
     return {"points": points, "per_problem": per_problem, "steps_logged": len(rows),
             "train_seconds": points[-1]["seconds"],
-            "copies_per_step": _mean([r.get("score_copies") for r in rows]),
+            "copies_per_step": _mean([step_copies(r) for r in rows]),
             "scoring_seconds_per_step": _mean([r.get("time_scoring", 0.0) for r in rows])}
 
 

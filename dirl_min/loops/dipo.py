@@ -222,6 +222,7 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         t = time.perf_counter()
         # 3. score, 4. update: on micro-batches of the kept responses
         micro, totals, n_real = _micro_batches(cfg, accel, kept, rolls)
+        row["score_copies"] = 0.0  # no group kept: nothing scored, no update
         if totals[0] > 0:
             row.update(_update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n_real, times, step))
         times["update"] = time.perf_counter() - t - times["scoring"]  # backward + optimizer
