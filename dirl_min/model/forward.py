@@ -19,8 +19,8 @@ import torch
 
 from dirl_min.core.masks import mask_from_metadata, mask_mod
 
-__all__ = ["attention_backend", "backbone_hidden", "dense_denoiser", "SelectedLogits", "selected_logp", "layout_logits",
-           "layout_logp_entropy", "layout_attention_mask"]
+__all__ = ["attention_backend", "backbone_hidden", "dense_denoiser", "SelectedLogits", "selected_hidden", "selected_logp",
+           "layout_logits", "layout_logp_entropy", "layout_attention_mask"]
 
 
 def _unwrap(model):
@@ -167,27 +167,29 @@ class SelectedLogits(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, position_ids, attention_mask, select, prefix=None, targets=None,
-                temperature: float = 1.0):
-        """int64 ``[N, T]`` ×2, mask (see :func:`backbone_hidden`), bool ``[N, T]`` → float ``[select.sum(), V]``.
+    def forward(self, input_ids, position_ids, attention_mask, select, *, targets, prefix=None,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 ``[N, T]`` ×2, mask (see :func:`backbone_hidden`), bool ``[N, T]``, int64 targets
+        ``[select.sum()]`` → :func:`selected_logp`'s ``(logp, entropy)``, float32 ``[select.sum()]`` each,
+        never holding all ``[n, V]`` logits at once. ``prefix``: as :func:`selected_hidden`."""
+        hidden = selected_hidden(self.lm, input_ids, position_ids, attention_mask, select, prefix)
+        return selected_logp(hidden, self.lm.get_output_embeddings(), targets, temperature=temperature)
 
-        ``prefix = (ids [P, Tp], positions [P, Tp], mask, rows [N])``: first run the prefix rows,
-        then let row ``i`` of the main input attend to prefix row ``rows[i]`` before itself
-        (``attention_mask`` then covers ``Tp + T`` keys).
 
-        With ``targets`` (int64 ``[select.sum()]``) it returns :func:`selected_logp` instead of
-        the logits: ``(logp, entropy)``, never holding all ``[n, V]`` logits at once.
-        """
-        cache = None
-        if prefix is not None:
-            ids, pos, mask, rows = prefix
-            recorder = _PrefixRecorder()
-            backbone_hidden(self.lm, ids, pos, mask, recorder)
-            cache = _PrefixReader(recorder, rows)
-        hidden = backbone_hidden(self.lm, input_ids, position_ids, attention_mask, cache)
-        if targets is None:
-            return self.lm.get_output_embeddings()(hidden[select])
-        return selected_logp(hidden[select], self.lm.get_output_embeddings(), targets, temperature=temperature)
+def selected_hidden(lm, input_ids, position_ids, attention_mask, select, prefix=None) -> torch.Tensor:
+    """The backbone's last hidden states at the ``select`` positions: float ``[select.sum(), H]``.
+
+    ``prefix = (ids [P, Tp], positions [P, Tp], mask, rows [N])``: first run the prefix rows,
+    then let row ``i`` of the main input attend to prefix row ``rows[i]`` before itself
+    (``attention_mask`` then covers ``Tp + T`` keys).
+    """
+    cache = None
+    if prefix is not None:
+        ids, pos, mask, rows = prefix
+        recorder = _PrefixRecorder()
+        backbone_hidden(lm, ids, pos, mask, recorder)
+        cache = _PrefixReader(recorder, rows)
+    return backbone_hidden(lm, input_ids, position_ids, attention_mask, cache)[select]
 
 
 LOGP_CHUNK = 4096  # target tokens whose [·, V] logits are alive at once (151,936 × 4096 × 4 B ≈ 2.5 GB)
@@ -242,12 +244,9 @@ def layout_attention_mask(model, seg, pos, copy, clean_copy, block_size, num_que
     return mask_from_metadata(seg, pos, copy, clean_copy, block_size, num_queries=num_queries)[:, None]
 
 
-def _layout_call(model, input_ids, seg, pos, copy, clean_copy, block_size, select, **kw):
-    """The layout's mask and positions through :class:`SelectedLogits` (``kw``: its ``targets``, ``temperature``)."""
-    mask = layout_attention_mask(model, seg, pos, copy, clean_copy, block_size)
-    if not isinstance(model, SelectedLogits) and not hasattr(model, "module"):
-        model = SelectedLogits(model)
-    return model(input_ids, pos.clamp(min=0), mask, select, **kw)
+def _layout_inputs(model, seg, pos, copy, clean_copy, block_size):
+    """The layout's attention mask and positions (padding at position 0)."""
+    return layout_attention_mask(model, seg, pos, copy, clean_copy, block_size), pos.clamp(min=0)
 
 
 def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, select) -> torch.Tensor:
@@ -263,7 +262,9 @@ def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, sele
     Returns:
         float ``[select.sum(), V]`` in row-major order of ``select``.
     """
-    return _layout_call(model, input_ids, seg, pos, copy, clean_copy, block_size, select)
+    lm = _unwrap(model)  # analysis and tests only: training reads log-probs through SelectedLogits
+    mask, positions = _layout_inputs(lm, seg, pos, copy, clean_copy, block_size)
+    return lm.get_output_embeddings()(selected_hidden(lm, input_ids, positions, mask, select))
 
 
 def layout_logp_entropy(model, input_ids, seg, pos, copy, clean_copy, block_size, select, targets, *,
@@ -277,5 +278,7 @@ def layout_logp_entropy(model, input_ids, seg, pos, copy, clean_copy, block_size
         ``(logp, entropy)``: float32 ``[select.sum()]`` each, as :func:`selected_logp` (``entropy``
         detached), never holding all ``[select.sum(), V]`` logits at once.
     """
-    return _layout_call(model, input_ids, seg, pos, copy, clean_copy, block_size, select,
-                        targets=targets, temperature=temperature)
+    mask, positions = _layout_inputs(model, seg, pos, copy, clean_copy, block_size)
+    if not isinstance(model, SelectedLogits) and not hasattr(model, "module"):
+        model = SelectedLogits(model)
+    return model(input_ids, positions, mask, select, targets=targets, temperature=temperature)
