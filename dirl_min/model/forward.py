@@ -157,7 +157,7 @@ class _PrefixReader:
 
 
 class SelectedLogits(torch.nn.Module):
-    """A causal LM as a denoiser that returns logits only where asked.
+    """A causal LM as a denoiser that reads log-probabilities only where asked.
 
     Training calls go through this module's ``forward`` so that distributed wrappers
     (DDP, FSDP, DeepSpeed) see the forward they need; the loss stays in the trainer.
