@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 # The pieces live in dirl_min.benchmarking; the names stay importable from here.
+from dirl_min.atomic import atomic_write
 from dirl_min.benchmarking.measures import (
     PROMPTS,
     SIZES,
@@ -168,7 +169,7 @@ def main(argv=None) -> dict[str, Any] | list[dict]:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=2, default=str) + "\n")
+        atomic_write(path, json.dumps(out, indent=2, default=str) + "\n")
         print(f"results written to {path}")
     return out
 

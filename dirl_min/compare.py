@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from dirl_min.atomic import atomic_write
 from dirl_min.evaluation import compare as cmp
 from dirl_min.evaluation import compare_report as rep
 from dirl_min.tasks import DataError
@@ -126,8 +127,8 @@ def main(argv=None) -> dict:
     out, k = Path(args.out), args.cfg.eval.samples
     head, rows = rep.table_rows(result["start"], result["table"], k)
     note = f"python -m dirl_min.compare {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "compare.md").write_text(rep.markdown(head, rows, f"Command: `{note}`"))
+    atomic_write(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    atomic_write(out / "compare.md", rep.markdown(head, rows, f"Command: `{note}`"))
     rep.plot(result["start"], result["runs"], out / "compare.png", k)
     print(rep.text_table(head, rows))
     print(rep.CI_NOTE)

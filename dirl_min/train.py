@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from dirl_min.atomic import atomic_write
 from dirl_min.config import Config, SettingsError, parse_config
 from dirl_min.forward import _unwrap
 from dirl_min.model import build_tiny, load_model, resolve_dtype
@@ -190,7 +191,7 @@ def _finish(cfg, summary: dict) -> None:
 
 def _write_outputs(out: Path, summary: dict, log: MetricsLog) -> None:
     """summary.json, curves.png, and the table on stdout (main process only)."""
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     log.close()
     plot_curves(out)
     print(print_table(summary))
