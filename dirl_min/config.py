@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from dirl_min.rules import get_setting
+
 
 class SettingsError(ValueError):
     """Invalid settings; the message names each setting, its value and what is allowed."""
@@ -309,8 +311,8 @@ def parse_config(argv=None, description: str = "dirl_min", prog: str | None = No
     parser = build_parser(description, prog, root=root, aliases=aliases, **parser_kw)
     args = vars(parser.parse_args(argv))
     cfg = copy.deepcopy(base) if base is not None else root()
-    if args.pop("config", None):
-        load_yaml(cfg, parser.parse_args(argv).config)  # raises SettingsError (the file's errors)
+    if config_file := args.pop("config", None):
+        load_yaml(cfg, config_file)  # raises SettingsError (the file's errors)
     for dotted, value in args.items():
         try:
             _apply(cfg, dotted, value, "command line")
@@ -326,12 +328,8 @@ def flat(cfg, aliases: dict) -> argparse.Namespace:
     valued, const = _flags(type(cfg), aliases)
     out = {}
     for dotted, flags in valued.items():
-        out.update({f.lstrip("-").replace("-", "_"): _get(cfg, dotted) for f in flags})
+        out.update({f.lstrip("-").replace("-", "_"): get_setting(cfg, dotted) for f in flags})
     for flag, (dotted, value) in const.items():
-        out[flag.lstrip("-").replace("-", "_")] = _get(cfg, dotted) == _parse_value(value, _get(cfg, dotted), dotted)
+        current = get_setting(cfg, dotted)
+        out[flag.lstrip("-").replace("-", "_")] = current == _parse_value(value, current, dotted)
     return argparse.Namespace(**out)
-
-
-def _get(cfg, dotted: str):
-    section, _, name = dotted.partition(".")
-    return getattr(getattr(cfg, section), name)

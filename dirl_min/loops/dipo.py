@@ -140,7 +140,7 @@ def _score_and_backward(cfg, accel, wrapped, micro, totals, n_real, ref_model, l
         if real:
             copies += stats_k.pop("copies")
             loss_total += float(loss.detach())
-            stats = {key: stats.get(key, 0.0) + v / n_real for key, v in stats_k.items() if key != "copies"}
+            stats = {key: stats.get(key, 0.0) + v / n_real for key, v in stats_k.items()}
     return sum(all_ranks(accel, loss_total)), {**stats, "score_copies": sum(all_ranks(accel, copies))}
 
 
@@ -158,13 +158,15 @@ def _update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n
 
     Returns the row's ``lr`` (of these updates), ``loss``, ``grad_norm`` and stats (last pass)."""
     fresh = cfg.rl.num_iterations > 1 and cfg.rl.objective in RANDOM_VIEWS
-    olds = [_fresh_logp_old(cfg, wrapped, micro, totals, it) if fresh else [None] * len(micro)
-            for it in range(cfg.rl.num_iterations if fresh else 1)]
+    if fresh:  # one list per pass, read before any update
+        olds = [_fresh_logp_old(cfg, wrapped, micro, totals, it) for it in range(cfg.rl.num_iterations)]
+    else:  # one list, filled by the first pass and reused by the later ones
+        olds = [[None] * len(micro)] * cfg.rl.num_iterations
     copies = 0.0
     for it in range(cfg.rl.num_iterations):
         # 3. score: log-probs of the kept responses under the policy, the loss, its gradient
         loss_total, stats = _score_and_backward(cfg, accel, wrapped, micro, totals, n_real, ref_model,
-                                                olds[it if fresh else 0], it, times)
+                                                olds[it], it, times)
         copies += stats.pop("score_copies")
         if not math.isfinite(loss_total):
             raise FloatingPointError(f"RL step {step}: the loss is {loss_total}; lower rl.lr")
