@@ -1,9 +1,9 @@
 """dirl_min: block-diffusion SFT and DiPO reinforcement learning, small, exact and fast.
 
-Core modules (pure functions): :mod:`dirl_min.masking`, :mod:`dirl_min.decoding`,
-:mod:`dirl_min.dipo`, :mod:`dirl_min.rewards`. Model-specific code:
-:mod:`dirl_min.model` (checkpoints, tokenizers, the forward seam :mod:`dirl_min.model.forward`, re-exported
-by :mod:`dirl_min.forward`). Data: :mod:`dirl_min.data` (re-exported by :mod:`dirl_min.tasks`).
+The top level holds the commands (``python -m dirl_min.train``, ``eval``, ``compare``, ``bench``,
+``check``) and the public re-exports :mod:`dirl_min.masking`, :mod:`dirl_min.decoding`,
+:mod:`dirl_min.dipo`, :mod:`dirl_min.rewards`, :mod:`dirl_min.tasks` and :mod:`dirl_min.trainer`;
+the code lives in the layered packages (README, "layer").
 """
 
 import os

@@ -22,8 +22,8 @@ configurations of a row interleaved repeat by repeat, so that load from other pr
 falls on all of them alike; only the ratios inside one run are meant to be compared.
 
 ``--shape qwen3-0.6b`` (or ``sdar-1.7b``) runs a different benchmark instead: one SFT and one
-DiPO step on a real checkpoint's shape, see :mod:`dirl_min.bench_shape`
-(``python -m dirl_min.bench_shape --help``).
+DiPO step on a real checkpoint's shape, see :mod:`dirl_min.speed.shapes`
+(``python -m dirl_min.bench --shape qwen3-0.6b --help``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -40,38 +41,11 @@ from typing import Any
 
 import torch
 
-# The pieces live in dirl_min.benchmarking; the names stay importable from here.
-from dirl_min.atomic import atomic_write
-from dirl_min.benchmarking.measures import (
-    PROMPTS,
-    SIZES,
-    bench_model,
-    bench_prompts,
-    choose_reference_tokens,
-    decoded_blocks,
-    forwards_per_block,
-    fused_commit_check,
-    mean_tokens_per_step,
-    rescore_agreement,
-    steps_per_block,
-)
-from dirl_min.benchmarking.rows import bench_size
-from dirl_min.benchmarking.timing import Case, time_cases
+from dirl_min.infra.atomic import atomic_write
+from dirl_min.speed import shapes
+from dirl_min.speed.rows import bench_size
 
-__all__ = [
-    "SIZES",
-    "bench_model",
-    "bench_prompts",
-    "decoded_blocks",
-    "forwards_per_block",
-    "mean_tokens_per_step",
-    "fused_commit_check",
-    "rescore_agreement",
-    "steps_per_block",
-    "choose_reference_tokens",
-    "time_cases",
-    "main",
-]
+__all__ = ["build_parser", "parse_args", "main", "shape_build_parser", "shape_parse_args", "shape_main"]
 
 
 def _print_table(result: dict[str, Any]) -> None:
@@ -88,27 +62,27 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 def _parser_kw() -> dict:
-    from dirl_min.command_config import BENCH_ALIASES, BenchCommand
+    from dirl_min.settings.commands import BENCH_ALIASES, BenchCommand
 
     return dict(prog="python -m dirl_min.bench", root=BenchCommand, aliases=BENCH_ALIASES,
                 description="Benchmark block-diffusion decoding and DiPO rescoring on CPU (float32), figures measured "
                             "side by side in one run on random models with a sharpened output head. --shape NAME runs "
-                            "the real-shape training-step benchmark instead (python -m dirl_min.bench_shape --help).")
+                            "the real-shape training-step benchmark instead (python -m dirl_min.bench --shape qwen3-0.6b --help).")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: :class:`dirl_min.command_config.BenchCommand`'s settings and their flags."""
-    from dirl_min.config import build_parser as config_parser
+    """The command line: :class:`dirl_min.settings.commands.BenchCommand`'s settings and their flags."""
+    from dirl_min.settings.config import build_parser as config_parser
 
     return config_parser(**_parser_kw())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The checked settings (:data:`dirl_min.settings.BENCH_RULES`) under the flags' names; ``--quick``
-    replaces the defaults of :data:`~dirl_min.command_config.BENCH_QUICK`, not settings given explicitly."""
-    from dirl_min.command_config import BENCH_ALIASES, BENCH_QUICK, BenchCommand, parse_command
-    from dirl_min.config import _apply as apply_setting, flat
-    from dirl_min.settings import BENCH_RULES
+    """The checked settings (:data:`dirl_min.settings.checks.BENCH_RULES`) under the flags' names; ``--quick``
+    replaces the defaults of :data:`~dirl_min.settings.commands.BENCH_QUICK`, not settings given explicitly."""
+    from dirl_min.settings.commands import BENCH_ALIASES, BENCH_QUICK, BenchCommand, parse_command
+    from dirl_min.settings.config import _apply as apply_setting, flat
+    from dirl_min.settings.checks import BENCH_RULES
 
     cfg = parse_command(argv, BENCH_RULES, **_parser_kw())
     if cfg.run.quick:  # parse again from the quick defaults: the options given still win
@@ -125,9 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, Any] | list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--shape" or a.startswith("--shape=") for a in argv):
-        from dirl_min import bench_shape  # real-shape training steps: a separate benchmark
-
-        return bench_shape.main(argv)
+        return shape_main(argv)  # real-shape training steps: a separate benchmark
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -172,6 +144,83 @@ def main(argv=None) -> dict[str, Any] | list[dict]:
         atomic_write(path, json.dumps(out, indent=2, default=str) + "\n")
         print(f"results written to {path}")
     return out
+
+
+def _shape_parser_kw() -> dict:
+    from dirl_min.settings.commands import SHAPE_ALIASES, ShapeCommand
+
+    return dict(prog="python -m dirl_min.bench --shape", description=shapes.__doc__.split("\n\n")[0], root=ShapeCommand,
+                aliases=SHAPE_ALIASES)
+
+
+def shape_build_parser() -> argparse.ArgumentParser:
+    """The command line: :class:`dirl_min.settings.commands.ShapeCommand`'s settings and their flags."""
+    from dirl_min.settings.config import build_parser as config_parser
+
+    return config_parser(**_shape_parser_kw())
+
+
+def shape_parse_args(argv=None) -> argparse.Namespace:
+    """The checked settings (:data:`dirl_min.settings.checks.SHAPE_RULES`) under the flags' names."""
+    from dirl_min.settings.commands import SHAPE_ALIASES, parse_command
+    from dirl_min.settings.config import flat
+    from dirl_min.settings.checks import SHAPE_RULES
+
+    return flat(parse_command(argv, SHAPE_RULES, **_shape_parser_kw()), SHAPE_ALIASES)
+
+
+def shape_main(argv=None) -> list[dict]:
+    args = shape_parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:  # a child: one configuration, one JSON line
+        stage, ckpt = args.worker.split(":")
+        res = shapes.run_step(args.shape, args.layers, args.dtype, stage, ckpt == "on", args.responses,
+                       args.response_tokens, args.device, args.attn, args.peak_tflops, args.lmdeploy)
+        print("RESULT " + json.dumps(res))
+        return [res]
+    if args.save:
+        from dirl_min.model import resolve_dtype, save_model
+
+        model, tok = shapes.build_shaped(args.shape, args.layers, resolve_dtype(args.dtype))
+        save_model(model, tok, args.save)
+        print(f"saved a random {args.shape}-shaped model to {args.save}")
+        return []
+    if args.lmdeploy:
+        from dirl_min.engine.lmdeploy_engine import require_lmdeploy
+
+        require_lmdeploy("dirl_min.bench --shape --lmdeploy")  # here, not in each child process
+    depth = shapes.SHAPES[args.shape]["num_hidden_layers"]
+    layers = min(args.layers or depth, depth)
+    print(f"{args.shape} shape (hidden {shapes.SHAPES[args.shape]['hidden_size']}, vocab {shapes.VOCAB}, Qwen tokenizer), "
+          f"{layers} of its {depth} layers{' (REDUCED DEPTH)' if layers < depth else ''}, {args.dtype}, "
+          f"{args.device}, {args.attn}; {args.responses} responses × {args.response_tokens} tokens; "
+          f"torch threads {args.threads or torch.get_num_threads()}; one optimizer step per child process", flush=True)
+    rows = []
+    for stage in args.stages:
+        cks = args.checkpointing
+        for ckpt in cks[:1] if stage == "rollout" else cks:  # decoding never checkpoints (no gradient)
+            cmd = [sys.executable, "-m", "dirl_min.bench", "--worker", f"{stage}:{ckpt}",
+                   *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn",
+                               "peak_tflops", "lmdeploy")
+                     for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+            if done.returncode or not lines:
+                print(f"{stage} checkpointing {ckpt}: FAILED (exit {done.returncode})\n{done.stderr[-2000:]}")
+                rows.append({"stage": stage, "checkpointing": ckpt == "on", "failed": done.returncode})
+                continue
+            r = json.loads(lines[-1][7:])
+            rows.append(r)
+            cuda = (f", peak CUDA {r['peak_cuda_gib']:.2f} GiB, MFU {r['mfu']:.1%} (attention FLOPs not counted)"
+                    if "peak_cuda_gib" in r else "")
+            print(f"{stage:>4}  checkpointing {ckpt:>3}: {r['seconds']:8.1f} s/step ({r['cpu_seconds']:.0f} s CPU), "
+                  f"{r['trained_tokens'] / r['seconds']:8.1f} {'generated' if stage == 'rollout' else 'trained'} tokens/s, peak RSS {r['peak_rss_gib']:6.2f} GiB "
+                  f"(model alone {r['rss_after_build_gib']:.2f} GiB){cuda}; {r['params'] / 1e6:.0f} M params", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def consistency(model, tokenizer, prompts, *, max_new_tokens: int, temperature: 
         dict with ``max_abs_diff``, ``mean_abs_diff``, ``tokens`` (compared),
         ``tokens_per_step`` and ``forwards``.
     """
-    from dirl_min.decoding import generate_text
-    from dirl_min.dipo import rescore
+    from dirl_min.engine.decode import generate_text
+    from dirl_min.engine.score import rescore
 
     model.eval()
     out = generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -68,8 +68,8 @@ def engine_agreement(native, other) -> dict:
 
 def lmdeploy_agreement(model, tokenizer, model_path: str, prompts, *, max_new_tokens: int, threshold: float) -> dict:
     """Greedy decoding by LMDeploy (with the step hook) vs the native engine (CUDA only)."""
-    from dirl_min.decoding import generate
-    from dirl_min.lmdeploy_engine import make_engine
+    from dirl_min.engine.decode import generate
+    from dirl_min.engine.lmdeploy_engine import make_engine
     from dirl_min.model import chat_prompt_ids, stop_token_ids
 
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
@@ -83,30 +83,30 @@ def lmdeploy_agreement(model, tokenizer, model_path: str, prompts, *, max_new_to
 
 
 def _parser_kw() -> dict:
-    from dirl_min.command_config import CHECK_ALIASES, CheckCommand
+    from dirl_min.settings.commands import CHECK_ALIASES, CheckCommand
 
     return dict(description=__doc__.split("\n\n")[0], prog="python -m dirl_min.check", root=CheckCommand,
                 aliases=CHECK_ALIASES)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: :class:`dirl_min.command_config.CheckCommand`'s settings and their flags."""
-    from dirl_min.config import build_parser as config_parser
+    """The command line: :class:`dirl_min.settings.commands.CheckCommand`'s settings and their flags."""
+    from dirl_min.settings.config import build_parser as config_parser
 
     return config_parser(**_parser_kw())
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    """The options (checked: :data:`dirl_min.settings.CHECK_RULES`) and the prompts; errors exit with status 2."""
-    from dirl_min.command_config import CHECK_ALIASES, parse_command
-    from dirl_min.config import flat
-    from dirl_min.settings import CHECK_CROSS_RULES, CHECK_RULES
-    from dirl_min.tasks import DataError, read_text
+    """The options (checked: :data:`dirl_min.settings.checks.CHECK_RULES`) and the prompts; errors exit with status 2."""
+    from dirl_min.settings.commands import CHECK_ALIASES, parse_command
+    from dirl_min.settings.config import flat
+    from dirl_min.settings.checks import CHECK_CROSS_RULES, CHECK_RULES
+    from dirl_min.data import DataError, read_text
 
     args = flat(parse_command(argv, CHECK_RULES, CHECK_CROSS_RULES, **_parser_kw()), CHECK_ALIASES)
     parser = build_parser()
     if args.lmdeploy:
-        from dirl_min.lmdeploy_engine import lmdeploy_missing
+        from dirl_min.engine.lmdeploy_engine import lmdeploy_missing
 
         if why := lmdeploy_missing():  # before the model is loaded
             parser.error(f"--lmdeploy {why}")

@@ -8,7 +8,7 @@ One SFT run (``<out>/sft``), then per objective and seed an RL run from its fina
 (``<out>/<objective>/seed-<s>``, checkpoints every ``rl.steps // 4`` steps), every checkpoint
 evaluated on the held-out split with ``dirl_min.eval`` on one evaluation seed (a paired
 comparison). Prints a table and writes ``compare.md``, ``compare.json`` and ``compare.png``.
-The work lives in :mod:`dirl_min.evaluation.compare` and :mod:`dirl_min.evaluation.compare_report`.
+The work lives in :mod:`dirl_min.comparison.runner` and :mod:`dirl_min.comparison.summary`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-from dirl_min.atomic import atomic_write
-from dirl_min.evaluation import compare as cmp
-from dirl_min.evaluation import compare_report as rep
-from dirl_min.tasks import DataError
+from dirl_min.infra.atomic import atomic_write
+from dirl_min.comparison import runner as cmp
+from dirl_min.comparison import summary as rep
+from dirl_min.data import DataError
 
 #: --quick: tiny budgets, prepended to the given settings (which override them)
 QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps", "100", "--sft.batch_size", "8",

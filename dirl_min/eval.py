@@ -30,44 +30,14 @@ import sys
 import time
 from pathlib import Path
 
-from dirl_min.evaluation.benchmarks import (BENCHMARKS, DIRL_PROMPT, Benchmark, load_benchmarks,
-                                            resolve_benchmarks)
-from dirl_min.evaluation.decode import load_eval_model, score_responses
-from dirl_min.evaluation.errors import EvalError
-from dirl_min.evaluation.report import plot_sweep, summarize
-from dirl_min.evaluation.run import (PLOT_FILE, RESULTS_FILE, RUNTIME_FIELDS, EvalRun, finalize, merge_shards, prepare,
-                                     read_records, record_key, remove_outputs, run_shard, sample_seed,
-                                     shard_indices)
-from dirl_min.tasks import DataError
+from dirl_min.evaluation.benchmarks import load_benchmarks
+from dirl_min.evaluation.responses import load_eval_model
+from dirl_min.infra.errors import EvalError
+from dirl_min.evaluation.report import summarize
+from dirl_min.evaluation.run import RESULTS_FILE, finalize, prepare, remove_outputs, run_shard
+from dirl_min.data import DataError
 
-__all__ = [
-    "DIRL_PROMPT",
-    "BENCHMARKS",
-    "EvalError",
-    "Benchmark",
-    "EvalRun",
-    "plot_sweep",
-    "build_parser",
-    "parse_args",
-    "parse_config",
-    "sample_seed",
-    "shard_indices",
-    "merge_shards",
-    "record_key",
-    "read_records",
-    "score_responses",
-    "resolve_benchmarks",
-    "load_benchmarks",
-    "load_eval_model",
-    "prepare",
-    "run_shard",
-    "finalize",
-    "summarize",
-    "main",
-    "PLOT_FILE",
-    "RUNTIME_FIELDS",
-]
-# All but build_parser, parse_args and main live in dirl_min.evaluation; importable from here as before.
+__all__ = ["build_parser", "parse_config", "parse_args", "evaluate_main", "main"]
 
 
 EPILOG = ("Outputs in --out: samples.jsonl (one record per sample, appended as batches finish), "
@@ -91,24 +61,24 @@ DESCRIPTION = ("Evaluate a block-diffusion model with DiRL's protocol (docs/meth
 
 
 def _parser_kw() -> dict:
-    from dirl_min.command_config import EVAL_ALIASES, EvalCommand
+    from dirl_min.settings.commands import EVAL_ALIASES, EvalCommand
 
     return dict(description=DESCRIPTION, prog="python -m dirl_min.eval", root=EvalCommand, aliases=EVAL_ALIASES,
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: :class:`dirl_min.command_config.EvalCommand`'s settings and their flags."""
-    from dirl_min.config import build_parser as config_parser
+    """The command line: :class:`dirl_min.settings.commands.EvalCommand`'s settings and their flags."""
+    from dirl_min.settings.config import build_parser as config_parser
 
     return config_parser(**_parser_kw())
 
 
 def parse_config(argv=None):
-    """The settings (:class:`~dirl_min.command_config.EvalCommand`), checked by
-    :data:`dirl_min.settings.EVAL_RULES`; errors exit with status 2."""
-    from dirl_min.command_config import parse_command
-    from dirl_min.settings import EVAL_CROSS_RULES, EVAL_RULES
+    """The settings (:class:`~dirl_min.settings.commands.EvalCommand`), checked by
+    :data:`dirl_min.settings.checks.EVAL_RULES`; errors exit with status 2."""
+    from dirl_min.settings.commands import parse_command
+    from dirl_min.settings.checks import EVAL_CROSS_RULES, EVAL_RULES
 
     return parse_command(argv, EVAL_RULES, EVAL_CROSS_RULES, **_parser_kw())
 
@@ -116,8 +86,8 @@ def parse_config(argv=None):
 def parse_args(argv=None) -> argparse.Namespace:
     """The checked settings under the flags' names (``args.top_k``), as :mod:`dirl_min.evaluation` reads them;
     ``thresholds`` always a list (``[threshold]`` without a sweep), unset texts ``None``."""
-    from dirl_min.command_config import EVAL_ALIASES
-    from dirl_min.config import flat
+    from dirl_min.settings.commands import EVAL_ALIASES
+    from dirl_min.settings.config import flat
 
     cfg = parse_config(argv)
     args = flat(cfg, EVAL_ALIASES)
@@ -131,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def evaluate_main(args) -> dict | None:
     """The whole evaluation for parsed ``args``; returns the results on the main process."""
     if args.backend == "lmdeploy":
-        from dirl_min.lmdeploy_engine import require_lmdeploy
+        from dirl_min.engine.lmdeploy_engine import require_lmdeploy
 
         require_lmdeploy("dirl_min.eval: --backend lmdeploy", "Use --backend native (the default).")
     t0 = time.perf_counter()

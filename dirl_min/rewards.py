@@ -3,7 +3,7 @@
 :mod:`dirl_min.core.answers` (boxed-answer extraction, the checks that need no math-verify),
 :mod:`dirl_min.core.rewards` (speed and shaping rewards, their combination),
 :mod:`dirl_min.engine.verifier` (math-verify in bounded worker processes) and
-:mod:`dirl_min.engine.rewards` (accuracy through that verifier, batch scoring).
+:mod:`dirl_min.engine.grading` (accuracy through that verifier, batch scoring).
 """
 
 from dirl_min.core.answers import MAX_ANSWER_CHARS, MAX_INT_EXPONENT, MAX_NESTING, extract_boxed
@@ -18,7 +18,7 @@ from dirl_min.core.rewards import (
     repetition_reward,
     speed_reward,
 )
-from dirl_min.engine.rewards import REWARDS, compute_rewards, math_reward, math_rewards
+from dirl_min.engine.grading import REWARDS, compute_rewards, math_reward, math_rewards
 from dirl_min.engine.verifier import STARTUP_TIMEOUT, shutdown_verifiers, verifier_stats
 
 __all__ = [

@@ -19,39 +19,34 @@ from pathlib import Path
 
 import torch
 
-from dirl_min.atomic import atomic_write
-from dirl_min.config import Config, SettingsError, parse_config
-from dirl_min.forward import _unwrap
+from dirl_min.infra.atomic import atomic_write
+from dirl_min.settings.config import Config, SettingsError, parse_config
+from dirl_min.model.forward import unwrap
 from dirl_min.model import build_tiny, load_model, resolve_dtype
-from dirl_min import runs, tasks
-from dirl_min.loops.dipo import make_rollout_engine, run_rl
+from dirl_min import data
+from dirl_min.settings import runs
+from dirl_min.loops.rl import run_rl
 from dirl_min.loops.sft import run_sft
-from dirl_min.loops.state import (
-    Checkpoints, EpochSampler, MetricsLog, resume, save_checkpoint, seed_everything as _seed_everything)
-from dirl_min.progress import progress_mode
-from dirl_min.settings import check_launch, launch_of, validate
-from dirl_min.sharding import full_parameters
-from dirl_min.engine.rollouts import rollout_and_reward
+from dirl_min.loops.state import Checkpoints, MetricsLog, resume, seed_everything as _seed_everything
+from dirl_min.infra.progress import progress_mode
+from dirl_min.settings.checks import check_launch, launch_of, validate
+from dirl_min.infra.sharding import full_parameters
 from dirl_min.evaluation.protocol import evaluate
-from dirl_min.loops.sft import sft_loss
-from dirl_min.metrics import bootstrap_ci
-from dirl_min.report import plot_curves, print_table
+from dirl_min.evaluation.stats import bootstrap_ci
+from dirl_min.evaluation.train_report import plot_curves, print_table
 
-# The loops live in dirl_min.loops; their names are re-exported here, where tests and notebooks
-# have found them (a monkeypatch must target the module that looks a name up: dirl_min.loops.*).
-__all__ = ["main", "build", "run_eval", "run_sft", "run_rl", "make_rollout_engine", "MetricsLog", "EpochSampler",
-           "save_checkpoint", "rollout_and_reward", "sft_loss", "print_table"]
+__all__ = ["main", "build", "run_eval"]
 
 
 def build(cfg: Config):
     """Model, tokenizer and the three data sets (SFT records, RL problems, eval problems).
 
     The data files are read before the model is loaded, so that their errors come first."""
-    problems = tasks.arithmetic_problems(cfg.data.task_max_operand, tuple(cfg.data.task_levels))
-    train_p, test_p = tasks.split_problems(problems, cfg.data.held_out, cfg.data.split_seed)
-    sft_raw = tasks.load_records(cfg.data.sft_data) if cfg.data.sft_data else None
-    rl = tasks.load_problems(cfg.data.rl_data) if cfg.data.rl_data else train_p
-    ev = tasks.load_problems(cfg.data.eval_data) if cfg.data.eval_data else test_p
+    problems = data.arithmetic_problems(cfg.data.task_max_operand, tuple(cfg.data.task_levels))
+    train_p, test_p = data.split_problems(problems, cfg.data.held_out, cfg.data.split_seed)
+    sft_raw = data.load_records(cfg.data.sft_data) if cfg.data.sft_data else None
+    rl = data.load_problems(cfg.data.rl_data) if cfg.data.rl_data else train_p
+    ev = data.load_problems(cfg.data.eval_data) if cfg.data.eval_data else test_p
     if cfg.model.path:
         model, tok = load_model(
             cfg.model.path,
@@ -71,8 +66,8 @@ def build(cfg: Config):
     model.set_attn_implementation(attn)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    sft = (tasks.load_sft(cfg.data.sft_data, tok, sft_raw) if sft_raw is not None
-           else tasks.sft_records(train_p, tok, cfg.data.prompt_template, cfg.data.response_style))
+    sft = (data.load_sft(cfg.data.sft_data, tok, sft_raw) if sft_raw is not None
+           else data.sft_records(train_p, tok, cfg.data.prompt_template, cfg.data.response_style))
     rl = _fitting_prompts(rl, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "rl")
     ev = _fitting_prompts(ev, tok, cfg.data.prompt_template, cfg.data.max_prompt_tokens, "eval")  # as in training
     if cfg.eval.max_problems:
@@ -84,7 +79,7 @@ def _fitting_prompts(problems, tok, template, limit, what):
     """Problems whose chat prompt fits ``limit`` tokens; the others are skipped and counted."""
     from dirl_min.model import chat_prompt_ids
 
-    kept = [p for p in problems if len(chat_prompt_ids(tok, tasks.render_prompt(template, p.question))) <= limit]
+    kept = [p for p in problems if len(chat_prompt_ids(tok, data.render_prompt(template, p.question))) <= limit]
     if len(kept) < len(problems):
         print(f"{what}: skipped {len(problems) - len(kept)} of {len(problems)} prompts longer than "
               f"data.max_prompt_tokens={limit}", file=sys.stderr)
@@ -100,7 +95,7 @@ def run_eval(cfg, accel, model, tok, problems, name, seed_offset):
 
     with full_parameters(model):
         return evaluate(
-            _unwrap(model), tok, problems, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
+            unwrap(model), tok, problems, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
             top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
             decode_cfg=cfg.decode, prompt_template=cfg.data.prompt_template, seed=cfg.run.seed * 1000 + seed_offset,
             batch_size=cfg.eval.batch_size, rank=accel.process_index, world=accel.num_processes, gather=gather_object,
@@ -128,7 +123,7 @@ def _start(argv):
         check_launch(cfg, launch_of(accel))  # processes, Accelerate backend, LMDeploy on this machine
         built = build(cfg)
         found = runs.load_latest(out, cfg.to_dict(), lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
-    except (tasks.DataError, SettingsError) as e:
+    except (data.DataError, SettingsError) as e:
         raise SystemExit(f"dirl_min.train: error: {e}") from None
     state = resume(out, built[0], found, cfg, accel.is_main_process)
     if accel.is_main_process and found is None:

@@ -171,7 +171,7 @@ print("core mask == union of the three clauses:", torch.equal(core, union))
 #   layout equals a plain block-causal forward over `x_0`, whatever `x_t` is.
 
 # %%
-from dirl_min.forward import backbone_hidden
+from dirl_min.model.forward import backbone_hidden
 
 g = torch.Generator().manual_seed(0)
 xs0 = torch.randint(0, 95, (Ls,), generator=g)  # some clean tokens

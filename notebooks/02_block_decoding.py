@@ -67,7 +67,7 @@ print("prompt lengths:", [len(p) for p in PROMPTS], "→ P mod B:", [len(p) % B 
 
 # %%
 from dirl_min.decoding import generate, propose, select_unmask
-from dirl_min.forward import backbone_hidden
+from dirl_min.model.forward import backbone_hidden
 from dirl_min.masking import block_causal_mask
 
 THRESHOLD = 0.6

@@ -250,7 +250,7 @@ print(f"{len(roll)} responses, {n_scored} tokens: max |rescore − recorded logp
 
 # %%
 import reference.masking as ref_masking
-from dirl_min.forward import backbone_hidden
+from dirl_min.model.forward import backbone_hidden
 
 
 def reference_rescore(k):

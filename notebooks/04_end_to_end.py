@@ -40,7 +40,8 @@ import json
 
 import transformers
 
-from dirl_min.train import main, print_table
+from dirl_min.evaluation.train_report import print_table
+from dirl_min.train import main
 
 transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars from the checkpoints
 

@@ -27,7 +27,7 @@ else
   python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: use DRY_RUN=1')" || exit 1
   DEV=cuda; DTYPE=bfloat16; SIZE=(--responses 8 --response-tokens 1024); ATTNS=(flex_attention sdpa)
 fi
-BENCH=(python -m dirl_min.bench_shape --shape "$SHAPE" --device "$DEV" --dtype "$DTYPE" "${SIZE[@]}")
+BENCH=(python -m dirl_min.bench --shape "$SHAPE" --device "$DEV" --dtype "$DTYPE" "${SIZE[@]}")
 status=0
 run() {  # name, command...: log it, keep going on failure, remember it
   local name=$1; shift

@@ -20,7 +20,7 @@ def prepare(model, rank):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-    from dirl_min.forward import SelectedLogits
+    from dirl_min.model.forward import SelectedLogits
 
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["Qwen3DecoderLayer"],
@@ -45,10 +45,10 @@ def main(out: Path):
     from accelerate.utils import gather_object
 
     from dirl_min import tasks
-    from dirl_min.config import DecodeConfig
+    from dirl_min.settings.config import DecodeConfig
     from dirl_min.decoding import generate
     from dirl_min.model import build_tiny, save_model
-    from dirl_min.sharding import full_parameters, full_state_dict
+    from dirl_min.infra.sharding import full_parameters, full_state_dict
     from dirl_min.trainer import dipo_step, evaluate, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
 
     state = PartialState(cpu=True)

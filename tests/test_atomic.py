@@ -1,4 +1,4 @@
-"""dirl_min.atomic: the one helper for atomic writes (files and folders), and its users."""
+"""dirl_min.infra.atomic: the one helper for atomic writes (files and folders), and its users."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dirl_min.atomic import atomic_dir, atomic_write, is_temporary
+from dirl_min.infra.atomic import atomic_dir, atomic_write, is_temporary
 
 
 def test_atomic_write_replaces_the_file_or_leaves_it_whole(tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_an_interrupted_checkpoint_save_keeps_the_previous_one(tmp_path, monkeyp
 
 
 def test_resume_never_picks_a_temporary_left_by_a_crash(tmp_path):
-    from dirl_min import runs
+    from dirl_min.settings import runs
 
     # what a SIGKILL during atomic_dir leaves: a complete-looking folder under a temporary name
     left = tmp_path / "checkpoints" / ".rl-000002.tmp-x1y2z3"

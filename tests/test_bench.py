@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dirl_min.bench import parse_args
-from dirl_min.benchmarking.measures import (
+from dirl_min.speed.measures import (
     _layout_tokens,
     _subset,
     bench_model,
@@ -19,12 +19,12 @@ from dirl_min.benchmarking.measures import (
     rescore_agreement,
     steps_per_block,
 )
-from dirl_min.benchmarking.timing import Case, time_cases
+from dirl_min.speed.timing import Case, time_cases
 from dirl_min.decoding import generate
 from dirl_min.dipo import rollout_rounds, build_layout
 from dirl_min.model import build_tiny
 from reference.decoding import decode
-from dirl_min.forward import dense_denoiser
+from dirl_min.model.forward import dense_denoiser
 
 B = 4
 

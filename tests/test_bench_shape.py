@@ -1,10 +1,10 @@
-"""The real-shape benchmark's synthetic batch (dirl_min.bench_shape). Nothing here is timed."""
+"""The real-shape benchmark's synthetic batch (dirl_min.speed.shapes). Nothing here is timed."""
 
 from __future__ import annotations
 
 import torch
 
-from dirl_min.bench_shape import BLOCK, synthetic_batch
+from dirl_min.speed.shapes import BLOCK, synthetic_batch
 from dirl_min.dipo import rollout_rounds
 from dirl_min.model import build_tiny_tokenizer
 

@@ -15,7 +15,7 @@ def test_check_passes_on_a_consistent_model(capsys):
 
 def test_check_catches_a_scorer_that_disagrees_with_the_engine(monkeypatch, capsys):
     """If the trainer's scoring drifted from the decoder (here: a wrong step map), the check fails."""
-    from dirl_min import dipo
+    from dirl_min.engine import score as dipo  # check.py looks rescore up there
 
     real = dipo.rescore
 

@@ -8,7 +8,7 @@ import torch
 
 from dirl_min.core.rounds import step_rounds
 from dirl_min.engine.score import rounds_logp
-from dirl_min.forward import SelectedLogits
+from dirl_min.model.forward import SelectedLogits
 from dirl_min.model import build_tiny
 
 

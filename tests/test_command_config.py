@@ -1,4 +1,4 @@
-"""Every command's settings: one parser (dirl_min.config.parse_config), one rule table (dirl_min.settings)."""
+"""Every command's settings: one parser (dirl_min.settings.config.parse_config), one rule table (dirl_min.settings.checks)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import dataclasses
 
 import pytest
 
-from dirl_min import bench, bench_shape, check
+from dirl_min import bench, check
 from dirl_min import eval as E
-from dirl_min import command_config as C
-from dirl_min import settings as S
+from dirl_min.settings import commands as C
+from dirl_min.settings import checks as S
 
 COMMANDS = {  # root, flags, rules, the command's parser
     "eval": (C.EvalCommand, C.EVAL_ALIASES, S.EVAL_RULES, E.build_parser),
     "check": (C.CheckCommand, C.CHECK_ALIASES, S.CHECK_RULES, check.build_parser),
     "bench": (C.BenchCommand, C.BENCH_ALIASES, S.BENCH_RULES, bench.build_parser),
-    "bench --shape": (C.ShapeCommand, C.SHAPE_ALIASES, S.SHAPE_RULES, bench_shape.build_parser),
+    "bench --shape": (C.ShapeCommand, C.SHAPE_ALIASES, S.SHAPE_RULES, bench.shape_build_parser),
 }
 # true/false switches, and texts checked where they are used (files, folders, benchmark names)
 FREE = {"model.path", "data.benchmarks", "data.data_dir", "data.hub", "data.split_seed", "run.overwrite",
@@ -78,5 +78,5 @@ def test_quick_keeps_the_settings_of_a_yaml_file(tmp_path):
 
 def test_comma_lists_keep_words_as_words():
     """YAML would read off as false: --checkpointing off is the list ['off']."""
-    assert bench_shape.parse_args(["--checkpointing", "off", "--stages", "sft"]).checkpointing == ["off"]
+    assert bench.shape_parse_args(["--checkpointing", "off", "--stages", "sft"]).checkpointing == ["off"]
     assert E.parse_args(["--task-levels", "1,3", "--task", "embedded"]).task_levels == "1,3"

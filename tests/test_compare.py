@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dirl_min.evaluation import compare as cmp
-from dirl_min.metrics import format_percent
+from dirl_min.comparison import runner as cmp
+from dirl_min.evaluation.stats import format_percent
 
 OBJECTIVES = ["dipo", "tracerl"]
 
@@ -149,8 +149,8 @@ def test_reserved_and_invalid_settings_are_refused():
 def test_a_step_that_kept_no_group_scored_no_copies():
     """A step whose groups were all filtered out has no update and scores nothing: 0 copies (an older
     log lacks the field there); a trained step without the field makes the copies unknown."""
-    from dirl_min.evaluation.compare import curve
-    from dirl_min.evaluation.compare_report import step_copies
+    from dirl_min.comparison.runner import curve
+    from dirl_min.comparison.summary import step_copies
 
     assert step_copies({"step": 1, "score_copies": 12.0, "loss": 0.1}) == 12.0
     assert step_copies({"step": 2}) == 0.0

@@ -21,9 +21,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimizerWrapper
 
-from dirl_min import settings, train
-from dirl_min.loops import dipo as loops_dipo
-from dirl_min.config import SettingsError, parse_config
+from dirl_min import train
+from dirl_min.settings import checks as settings
+from dirl_min.loops import rl as loops_dipo
+from dirl_min.settings.config import SettingsError, parse_config
 
 _spec = importlib.util.spec_from_file_location("toy_reward_run", Path(__file__).with_name("toy_reward_run.py"))
 toy_reward_run = importlib.util.module_from_spec(_spec)

@@ -14,7 +14,7 @@ import torch
 
 from dirl_min.decoding import generate
 from dirl_min.dipo import rescore
-from dirl_min.forward import backbone_hidden, dense_denoiser
+from dirl_min.model.forward import backbone_hidden, dense_denoiser
 from dirl_min.masking import block_causal_mask, block_diffusion_mask
 from dirl_min.model import build_tiny
 from reference.decoding import decode
@@ -157,7 +157,7 @@ def test_clean_half_of_training_layout_equals_block_causal_forward():
 def test_layout_logits_and_logp_entropy_against_a_plain_forward_of_the_sft_layout():
     """layout_logits runs lm_head only at ``select`` of the ``[x_t ; x_0]`` layout (oracle: the dense
     reference mask and a full lm_head); layout_logp_entropy is their log-softmax at the targets."""
-    from dirl_min.forward import layout_logits, layout_logp_entropy
+    from dirl_min.model.forward import layout_logits, layout_logp_entropy
     from dirl_min.masking import layout_metadata
 
     model, tok = sharp_tiny(4)
@@ -237,7 +237,7 @@ def test_sdar_standin_chats_generates_and_round_trips(tmp_path, sdar_source):
 
 
 def test_chunked_log_probs_equal_the_plain_formula_in_values_and_gradients():
-    from dirl_min.forward import selected_logp
+    from dirl_min.model.forward import selected_logp
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)

@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from dirl_min import eval as E
+from dirl_min.evaluation import benchmarks as EB, run as ER
 from dirl_min import tasks
-from dirl_min.evaluation import decode
-from dirl_min.metrics import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
+from dirl_min.evaluation import responses as decode
+from dirl_min.evaluation.stats import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
 from dirl_min.model import build_tiny, save_model
 from dirl_min.tasks import render_prompt
 
@@ -43,7 +44,7 @@ def _deterministic_results(path: Path) -> dict:
 
 
 def _samples(path: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k not in E.RUNTIME_FIELDS}
+    return [{k: v for k, v in json.loads(line).items() if k not in ER.RUNTIME_FIELDS}
             for line in path.read_text().splitlines()]
 
 
@@ -87,7 +88,7 @@ def _perturbed(gts: list[str], i: int) -> str:
 
 def _score(responses, gts, truncated=False):
     flags = [truncated] * len(responses)
-    return [ok for _, ok in E.score_responses(responses, gts, flags)]
+    return [ok for _, ok in decode.score_responses(responses, gts, flags)]
 
 
 @pytest.mark.parametrize("data", ["fixtures", "full"])
@@ -175,20 +176,20 @@ def test_pass_at_k_equals_the_fraction_of_k_subsets_with_a_correct_sample():
 
 
 def test_sample_seed_is_a_pure_function_of_its_four_inputs():
-    s = E.sample_seed(0, "gsm8k", 3, 1)
-    assert s == E.sample_seed(0, "gsm8k", 3, 1) and 0 <= s < 2**32
-    others = {E.sample_seed(1, "gsm8k", 3, 1), E.sample_seed(0, "math500", 3, 1),
-              E.sample_seed(0, "gsm8k", 4, 1), E.sample_seed(0, "gsm8k", 3, 2)}
+    s = ER.sample_seed(0, "gsm8k", 3, 1)
+    assert s == ER.sample_seed(0, "gsm8k", 3, 1) and 0 <= s < 2**32
+    others = {ER.sample_seed(1, "gsm8k", 3, 1), ER.sample_seed(0, "math500", 3, 1),
+              ER.sample_seed(0, "gsm8k", 4, 1), ER.sample_seed(0, "gsm8k", 3, 2)}
     assert s not in others and len(others) == 4
 
 
 def test_shards_partition_the_problems():
     for n, world in [(0, 1), (5, 1), (5, 2), (7, 3), (2, 4)]:
-        shards = [E.shard_indices(n, r, world) for r in range(world)]
+        shards = [ER.shard_indices(n, r, world) for r in range(world)]
         assert sorted(itertools.chain(*shards)) == list(range(n))
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
     with pytest.raises(ValueError):
-        E.shard_indices(4, 2, 2)
+        ER.shard_indices(4, 2, 2)
 
 
 def test_merge_shards_sorts_dedups_and_rejects_conflicts():
@@ -197,16 +198,16 @@ def test_merge_shards_sorts_dedups_and_rejects_conflicts():
 
     a = [rec("gsm8k", 2, 0), rec("gsm8k", 0, 1)]
     b = [rec("gsm8k", 0, 0), rec("aime2024", 1, 0), rec("gsm8k", 2, 0, secs=5.0)]  # a redone sample
-    merged = E.merge_shards([a, b])
-    assert [E.record_key(r) for r in merged] == [("aime2024", 0.9, 1, 0), ("gsm8k", 0.9, 0, 0),
+    merged = ER.merge_shards([a, b])
+    assert [ER.record_key(r) for r in merged] == [("aime2024", 0.9, 1, 0), ("gsm8k", 0.9, 0, 0),
                                                  ("gsm8k", 0.9, 0, 1), ("gsm8k", 0.9, 2, 0)]
     with pytest.raises(ValueError, match="different"):
-        E.merge_shards([a, [rec("gsm8k", 2, 0, resp="y")]])
+        ER.merge_shards([a, [rec("gsm8k", 2, 0, resp="y")]])
 
 
 def test_render_prompt_replaces_only_the_question():
     q = "What is {x}?"  # braces in the question and in the template stay as written
-    assert render_prompt(E.DIRL_PROMPT, q) == (
+    assert render_prompt(EB.DIRL_PROMPT, q) == (
         "What is {x}?\nPlease reason step by step, and put your final answer within \\boxed{}.")
 
 
@@ -221,18 +222,18 @@ def test_help_states_dirl_defaults():
 
 def test_benchmark_names_resolve_in_the_data_dir_and_missing_ones_say_what_to_do(tmp_path):
     bench_dir = BENCH_DIR
-    got = E.resolve_benchmarks("math500,gsm8k,aime2024,aime2025,olympiadbench", bench_dir)
+    got = EB.resolve_benchmarks("math500,gsm8k,aime2024,aime2025,olympiadbench", bench_dir)
     assert [(n, p.name) for n, p in got] == [(n, f"{n}.jsonl") for n in BENCH_FILES]
     with pytest.raises(E.EvalError, match="--hub .*--data-dir"):
-        E.resolve_benchmarks("math500", None)
+        EB.resolve_benchmarks("math500", None)
     with pytest.raises(E.EvalError, match="holds: aime2024"):
-        E.resolve_benchmarks("math501", bench_dir)
+        EB.resolve_benchmarks("math501", bench_dir)
     (tmp_path / "a.jsonl").write_text('{"question": "q", "ground_truth_answer": "1"}\n')
     (tmp_path / "MATH500.json").write_text('[{"question": "q", "ground_truth_answer": "1"}]')
-    assert [n for n, _ in E.resolve_benchmarks(str(tmp_path), None)] == ["MATH500", "a"]
-    assert E.resolve_benchmarks("math500", tmp_path)[0][1].name == "MATH500.json"  # DiRL's hub file name
+    assert [n for n, _ in EB.resolve_benchmarks(str(tmp_path), None)] == ["MATH500", "a"]
+    assert EB.resolve_benchmarks("math500", tmp_path)[0][1].name == "MATH500.json"  # DiRL's hub file name
     with pytest.raises(E.EvalError, match="same name|benchmark name"):
-        E.resolve_benchmarks(f"{tmp_path / 'a.jsonl'},{tmp_path / 'a.jsonl'}", None)
+        EB.resolve_benchmarks(f"{tmp_path / 'a.jsonl'},{tmp_path / 'a.jsonl'}", None)
 
 
 # --------------------------------------------------------------------------------------
@@ -352,7 +353,7 @@ def test_hub_download_is_converted_cached_and_then_read_offline(tmp_path, monkey
     assert E.main([*args, "--out", str(tmp_path / "b")]) == 0
     assert _samples(tmp_path / "b" / "samples.jsonl") == _samples(tmp_path / "a" / "samples.jsonl")
     # the cache folder is also a --data-dir
-    assert E.resolve_benchmarks("gsm8k", tmp_path / "cache") == [("gsm8k", cached)]
+    assert EB.resolve_benchmarks("gsm8k", tmp_path / "cache") == [("gsm8k", cached)]
 
 
 # --------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def test_single_run_writes_consistent_records_and_results(single_run):
     res = json.loads((single_run / "results.json").read_text())
     assert [(r["benchmark"], r["problems"], r["samples"]) for r in res["runs"]] == [("gsm8k", 5, 3), ("aime2024", 5, 3)]
     for r in recs:
-        assert r["seed"] == E.sample_seed(0, r["benchmark"], r["problem"], r["sample"])
+        assert r["seed"] == ER.sample_seed(0, r["benchmark"], r["problem"], r["sample"])
         assert 1 <= r["tokens_per_step"] <= 4 and r["length"] <= r["num_tokens"] <= 12 + 3
         assert r["num_steps"] == sum(r["steps_by_tokens"]) and r["max_tokens_per_step"] <= 4
         assert r["prompt"].endswith("<|im_start|>assistant\n") and "Please reason step by step" in r["prompt"]
@@ -480,7 +481,7 @@ def test_the_model_path_given_is_the_model_evaluated(tmp_path):
 
     model1.eval()
     for r in a:
-        ids = chat_prompt_ids(tok, render_prompt(E.DIRL_PROMPT, r["question"]))
+        ids = chat_prompt_ids(tok, render_prompt(EB.DIRL_PROMPT, r["question"]))
         roll = generate(model1, [ids], seeds=[r["seed"]], max_new_tokens=8, temperature=1.0, top_k=50,
                         stop_token_ids=stop_token_ids(tok), tokenizer=tok)
         assert roll.text[0] == r["response"]
@@ -494,7 +495,7 @@ def test_threshold_sweep_writes_a_plot_of_accuracy_against_tokens_per_step(tmp_p
     tps = {r["threshold"]: r["tokens_per_step"] for r in runs}
     assert set(tps) == {0.0, 0.9}
     assert tps[0.0] > 2 and tps[0.9] < tps[0.0]  # threshold 0 commits whole blocks
-    png = out / E.PLOT_FILE
+    png = out / ER.PLOT_FILE
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
@@ -519,7 +520,7 @@ def test_a_malformed_data_file_is_reported_with_file_line_and_field(tmp_path):
 def test_a_corrupt_samples_file_is_reported_with_file_and_line(tmp_path):
     (tmp_path / "samples.jsonl").write_text('{"benchmark": "x", "threshold": 0.9, "problem": 0, "sample": 0}\nnot json\n')
     with pytest.raises(E.EvalError, match=re.escape(f"{tmp_path / 'samples.jsonl'}:2:")):
-        E.read_records(tmp_path / "samples.jsonl")
+        ER.read_records(tmp_path / "samples.jsonl")
 
 
 def test_lmdeploy_backend_without_lmdeploy_or_cuda_exits_with_a_clear_message(tmp_path):

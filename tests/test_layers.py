@@ -1,13 +1,12 @@
-"""The layering rules of the package tree, read from the source with ``ast`` (nothing is imported).
+"""The layering rules of the whole package tree, read from the source with ``ast`` (nothing is imported).
 
-Import direction (every import counts, also one inside a function or a string handed to
-``importlib.import_module``): ``dirl_min.core`` imports nothing from ``dirl_min`` outside
-itself; ``dirl_min.data`` only core and model; ``dirl_min.model`` nothing from data / engine /
-loops / evaluation; ``dirl_min.engine``
-nothing from loops / evaluation; ``dirl_min.loops`` nothing from evaluation or the faces
-(train, eval, bench, check, compare). Size: in the layered packages no file is over 400 lines and no
-function over 80. Only the packages that exist are checked, so the rules hold at every step
-of the move into this tree.
+Every file of ``dirl_min/`` belongs to a layer: a package (:data:`MAY_IMPORT` names each and the
+packages it may import, lowest first) or, at the top level, a face (``python -m dirl_min.<face>``)
+or a documented public shim (:data:`SHIMS`, re-exports for users). Every import counts, also one
+inside a function or a string handed to ``importlib.import_module``. Checked here: the import
+direction; no module imports a shim; no circle between modules; no file over 400 lines and no
+function over 80; one file name per concept (no two modules share a name, except ``__init__.py``
+and the shims); the top level holds only the faces, the shims and ``__init__``.
 """
 
 from __future__ import annotations
@@ -19,27 +18,31 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "dirl_min"
 
-_FACES = ("dirl_min.train", "dirl_min.eval", "dirl_min.bench", "dirl_min.check", "dirl_min.compare")
-#: package -> module prefixes it must not import; None means "anything of dirl_min outside it"
-#: except the packages :data:`ALLOWED` names for it.
-FORBIDDEN: dict[str, tuple[str, ...] | None] = {
-    "dirl_min.core": None,
-    "dirl_min.data": None,
-    "dirl_min.model": ("dirl_min.data", "dirl_min.engine", "dirl_min.loops", "dirl_min.evaluation"),
-    "dirl_min.engine": ("dirl_min.loops", "dirl_min.evaluation"),
-    "dirl_min.loops": ("dirl_min.evaluation", *_FACES),
-    "dirl_min.evaluation": ("dirl_min.loops", *_FACES),
-    "dirl_min.benchmarking": _FACES,
+#: the commands (``python -m dirl_min.<face>``): they may import any layer, and each other
+FACES = ("train", "eval", "compare", "bench", "check")
+#: documented public re-exports (README, "Public API"): for users; nothing inside dirl_min imports them
+SHIMS = ("masking", "decoding", "dipo", "rewards", "tasks", "trainer")
+_BELOW_SETTINGS = ("core", "infra", "model", "data", "engine", "loops", "evaluation", "speed")
+#: package -> the other dirl_min packages it may import (lowest layer first); a package not named
+#: here fails :func:`test_every_file_has_a_layer`
+MAY_IMPORT: dict[str, tuple[str, ...]] = {
+    "core": (),
+    "infra": (),
+    "model": ("core", "infra"),
+    "data": ("core", "model"),
+    "engine": ("core", "infra", "model", "data"),
+    "loops": ("core", "infra", "model", "data", "engine"),
+    "evaluation": ("core", "infra", "model", "data", "engine"),
+    "speed": ("core", "infra", "model", "data", "engine", "loops"),
+    "settings": _BELOW_SETTINGS,
+    "comparison": (*_BELOW_SETTINGS, "settings"),
+    "tutorial": ("model",),
 }
-#: package (with a None rule) -> the other dirl_min packages it may import.
-ALLOWED: dict[str, tuple[str, ...]] = {"dirl_min.data": ("dirl_min.core", "dirl_min.model")}
-SIZED = ("core", "engine", "model", "loops", "evaluation", "data", "benchmarking")
+#: what the top-level modules may import: the shims re-export the layers below the settings
+TOP_MAY_IMPORT = {"shim": ("core", "model", "data", "engine", "loops", "evaluation"),
+                  "face": (*MAY_IMPORT, *FACES)}
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
-
-
-def _is_package(name: str) -> bool:
-    return (ROOT.parent / name.replace(".", "/") / "__init__.py").is_file()
 
 
 def _module_name(path: Path) -> str:
@@ -76,17 +79,34 @@ def _inside(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def violations(package: str, source: str, module: str, is_package: bool = False) -> list[str]:
-    """The imports of ``module`` (in ``package``) that break :data:`FORBIDDEN`."""
-    rule = FORBIDDEN[package]
+def layer_of(module: str) -> str:
+    """``"core"`` … for a package's module, ``"face"`` / ``"shim"`` / ``"top"`` for a top-level one."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "top"  # dirl_min/__init__.py
+    if parts[1] in FACES and len(parts) == 2:
+        return "face"
+    if parts[1] in SHIMS and len(parts) == 2:
+        return "shim"
+    return parts[1]
+
+
+def _allowed(layer: str) -> tuple[str, ...]:
+    return MAY_IMPORT.get(layer, TOP_MAY_IMPORT.get(layer, ()))
+
+
+def violations(source: str, module: str, is_package: bool = False) -> list[str]:
+    """The imports of ``module`` that break the layer direction or import a shim."""
+    layer = layer_of(module)
     bad = []
     for line, name in imported_modules(source, module, is_package):
-        if rule is None:
-            wrong = (_inside(name, "dirl_min") and not _inside(name, package)
-                     and not any(_inside(name, p) for p in ALLOWED.get(package, ())))
-        else:
-            wrong = any(_inside(name, p) for p in rule)
-        if wrong:
+        if not _inside(name, "dirl_min") or name == "dirl_min":
+            continue  # outside the package, or the root (its __init__ imports nothing of it)
+        target = name.split(".")[1]
+        if target in SHIMS and layer != "shim":
+            bad.append(f"{module}:{line} imports the public shim {name}")
+        elif target != (module.split(".")[1] if "." in module else "") and target not in SHIMS and \
+                target not in _allowed(layer) and not (layer == "face" and target in FACES):
             bad.append(f"{module}:{line} imports {name}")
     return bad
 
@@ -95,12 +115,80 @@ def _files(package_dir: Path) -> list[Path]:
     return sorted(package_dir.rglob("*.py"))
 
 
-@pytest.mark.parametrize("package", [p for p in FORBIDDEN if _is_package(p)])
-def test_import_direction(package):
+def _modules() -> list[tuple[Path, str]]:
+    return [(path, _module_name(path)) for path in _files(ROOT)]
+
+
+def test_every_file_has_a_layer():
+    top = sorted(p.stem for p in ROOT.glob("*.py"))
+    assert top == sorted(("__init__", *FACES, *SHIMS)), "the top level holds only the faces and the shims"
+    packages = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file())
+    assert packages == sorted(MAY_IMPORT), "each package is a layer that MAY_IMPORT names"
+    assert not [p for p in ROOT.rglob("*.py") if not (p.parent / "__init__.py").is_file()]
+
+
+def test_import_direction():
     bad = []
-    for path in _files(ROOT.parent / package.replace(".", "/")):
-        bad += violations(package, path.read_text(), _module_name(path), path.name == "__init__.py")
+    for path, module in _modules():
+        bad += violations(path.read_text(), module, path.name == "__init__.py")
     assert not bad, "imports against the layer direction:\n" + "\n".join(bad)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> the dirl_min modules it imports (``from a import b`` counts ``a.b`` only where it is
+    a module); a package's ``__init__`` is the package's name."""
+    modules = {module for _, module in _modules()}
+    graph = {}
+    for path, module in _modules():
+        found = {name for _, name in imported_modules(path.read_text(), module, path.name == "__init__.py")}
+        graph[module] = {n for n in found if n in modules and n != module}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected set of more than one module (Tarjan), each sorted."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            part = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                part.append(w)
+                if w == v:
+                    break
+            if len(part) > 1:
+                out.append(sorted(part))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert circles({"a": {"b"}, "b": set()}) == []
+    assert not circles(import_graph()), "modules that import each other (through any path)"
+
+
+def test_one_name_per_concept():
+    seen: dict[str, list[str]] = {}
+    for path, _ in _modules():
+        shim = path.parent == ROOT and path.stem in SHIMS
+        if path.name != "__init__.py" and not shim:
+            seen.setdefault(path.name, []).append(str(path.relative_to(ROOT.parent)))
+    assert not {k: v for k, v in seen.items() if len(v) > 1}
 
 
 def test_the_checker_sees_every_kind_of_import():
@@ -115,25 +203,29 @@ def test_the_checker_sees_every_kind_of_import():
         "    importlib.import_module('dirl_min.tasks')\n"
         "    from dirl_min import rewards\n"
     )
-    bad = violations("dirl_min.core", source, "dirl_min.core.x")
+    bad = violations(source, "dirl_min.core.x")
     assert sorted(b.split(":", 1)[1] for b in bad) == [
         "4 imports dirl_min.engine", "4 imports dirl_min.engine.verifier",
-        "5 imports dirl_min.model", "6 imports dirl_min", "6 imports dirl_min.loops",
-        "7 imports dirl_min.tasks", "8 imports dirl_min", "8 imports dirl_min.rewards",
+        "5 imports dirl_min.model", "6 imports dirl_min.loops",
+        "7 imports the public shim dirl_min.tasks", "8 imports the public shim dirl_min.rewards",
     ]
-    engine_src = "from dirl_min.core.rewards import x\nfrom ..loops.dipo import step\n"
-    bad = violations("dirl_min.engine", engine_src, "dirl_min.engine.decode")
-    assert bad == ["dirl_min.engine.decode:2 imports dirl_min.loops.dipo",
-                   "dirl_min.engine.decode:2 imports dirl_min.loops.dipo.step"]
-    assert violations("dirl_min.loops", "import dirl_min.evaluation.run\n", "dirl_min.loops.sft")
-    assert violations("dirl_min.loops", "from dirl_min import train\n", "dirl_min.loops.sft")
-    assert not violations("dirl_min.loops", "from dirl_min import training\n", "dirl_min.loops.sft")
+    engine_src = "from dirl_min.core.rewards import x\nfrom ..loops.rl import step\n"
+    bad = violations(engine_src, "dirl_min.engine.decode")
+    assert bad == ["dirl_min.engine.decode:2 imports dirl_min.loops.rl",
+                   "dirl_min.engine.decode:2 imports dirl_min.loops.rl.step"]
+    assert violations("import dirl_min.evaluation.run\n", "dirl_min.loops.sft")
+    assert violations("from dirl_min import train\n", "dirl_min.loops.sft")
+    assert not violations("from dirl_min.engine import decode\n", "dirl_min.loops.sft")
     data_src = ("from dirl_min.model import chat_prompt_ids\nfrom dirl_min.core.masks import x\n"
                 "from .tasks import Problem\nfrom dirl_min.engine import decode\nimport dirl_min.tasks\n")
-    bad = violations("dirl_min.data", data_src, "dirl_min.data.records")
+    bad = violations(data_src, "dirl_min.data.records")
     assert [b.split(":", 1)[1] for b in bad] == [
-        "4 imports dirl_min.engine", "4 imports dirl_min.engine.decode", "5 imports dirl_min.tasks"]
-    assert violations("dirl_min.model", "from dirl_min.data import Problem\n", "dirl_min.model.tiny")
+        "4 imports dirl_min.engine", "4 imports dirl_min.engine.decode", "5 imports the public shim dirl_min.tasks"]
+    assert violations("from dirl_min.data import Problem\n", "dirl_min.model.tiny")
+    assert violations("from dirl_min.settings.config import Config\n", "dirl_min.evaluation.run")
+    assert violations("from dirl_min.decoding import generate\n", "dirl_min.train")  # a face, through a shim
+    assert not violations("from dirl_min.engine.decode import generate\n", "dirl_min.decoding")
+    assert not violations("from dirl_min import eval as E\n", "dirl_min.compare")
 
 
 def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int, int]]:
@@ -147,10 +239,9 @@ def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[s
     return out
 
 
-@pytest.mark.parametrize("name", [n for n in SIZED if _is_package(f"dirl_min.{n}")])
-def test_sizes(name):
+def test_sizes():
     bad = []
-    for path in _files(ROOT / name):
+    for path, _ in _modules():
         text = path.read_text()
         rel = path.relative_to(ROOT.parent)
         lines = len(text.splitlines())

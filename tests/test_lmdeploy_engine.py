@@ -19,8 +19,8 @@ import torch
 
 from dirl_min.decoding import generate
 from dirl_min.dipo import rescore
-from dirl_min.forward import dense_denoiser
-from dirl_min.lmdeploy_engine import (
+from dirl_min.model.forward import dense_denoiser
+from dirl_min.engine.lmdeploy_engine import (
     StepRecorder,
     check_version,
     rollout_from_records,
@@ -162,7 +162,7 @@ def test_check_version_names_the_supported_release():
 def test_lmdeploy_missing_names_what_is_missing_on_this_machine(monkeypatch):
     import sys
 
-    from dirl_min.lmdeploy_engine import lmdeploy_missing, require_lmdeploy
+    from dirl_min.engine.lmdeploy_engine import lmdeploy_missing, require_lmdeploy
 
     monkeypatch.setitem(sys.modules, "lmdeploy", None)  # an import of it now raises ImportError
     assert "needs the lmdeploy package: pip install -e '.[lmdeploy]'" in lmdeploy_missing()

@@ -186,11 +186,12 @@ def test_a_train_checkpoint_folder_is_a_model_folder_for_train_eval_and_check(tm
     load_model, dirl_min.train's --model, dirl_min.eval and dirl_min.check alike."""
     from dirl_min import check, train
     from dirl_min import eval as E
-    from dirl_min.config import Config
+    from dirl_min.loops.state import save_checkpoint
+    from dirl_min.settings.config import Config
 
     model, _ = M.build_tiny(seed=3, tokenizer=tiny_tok)
     ckpt = tmp_path / "checkpoints" / "rl-final"
-    train.save_checkpoint(ckpt, model, tiny_tok, {"step": 1})
+    save_checkpoint(ckpt, model, tiny_tok, {"step": 1})
     assert sorted(p.name for p in ckpt.iterdir()) == ["model", "trainer_state.pt"]
     assert M.checkpoint_folder(ckpt) == ckpt / "model" and M.checkpoint_folder(ckpt / "model") == ckpt / "model"
     ids = random_ids(len(tiny_tok))

@@ -16,7 +16,7 @@ from dirl_min.core.objectives import LOSS_MEANS, clipped_loss, loss_weights
 from dirl_min.core.rounds import step_rounds
 from dirl_min.decoding import generate
 from dirl_min.engine.score import rounds_logp
-from dirl_min.forward import SelectedLogits
+from dirl_min.model.forward import SelectedLogits
 from dirl_min.model import build_tiny
 from dirl_min.trainer import policy_step
 from reference import objectives as ref

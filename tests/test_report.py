@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from dirl_min.metrics import bootstrap_ci, format_percent
-from dirl_min.report import print_table, running_mean
+from dirl_min.evaluation.stats import bootstrap_ci, format_percent
+from dirl_min.evaluation.train_report import print_table, running_mean
 
 
 def _exact_bootstrap_quantile(values, q):
@@ -79,7 +79,7 @@ def test_train_table_prints_percent_with_the_interval_and_the_paired_gain():
 def test_eval_cli_shares_the_main_jobs_evaluation_defaults():
     """Where the two can agree they come from one place (max_new_tokens cannot: 8192 for benchmarks)."""
     from dirl_min import eval as E
-    from dirl_min.config import Config
+    from dirl_min.settings.config import Config
 
     args, cfg = E.parse_args([]), Config()
     assert (args.samples, args.temperature, args.top_k, args.top_p) == (

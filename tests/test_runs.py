@@ -9,10 +9,11 @@ import shutil
 import pytest
 import torch
 
-from dirl_min import runs, train
+from dirl_min import train
+from dirl_min.settings import runs
 from dirl_min.loops import state as loops_state
-from dirl_min.config import Config, SettingsError, parse_config
-from dirl_min.progress import progress_line, progress_mode
+from dirl_min.settings.config import Config, SettingsError, parse_config
+from dirl_min.infra.progress import progress_line, progress_mode
 
 TIMINGS = {"seconds", "sft_seconds", "rl_seconds", "wall_seconds"}
 

@@ -9,8 +9,8 @@ import re
 import pytest
 
 from dirl_min import train
-from dirl_min.config import Config
-from dirl_min.settings import CONFIG_RULES, problems, validate
+from dirl_min.settings.config import Config
+from dirl_min.settings.checks import CONFIG_RULES, problems, validate
 
 
 
@@ -86,7 +86,7 @@ def test_every_problem_is_reported_at_once():
 
 
 def test_the_defaults_and_shipped_configs_pass(repo_root):
-    from dirl_min.config import parse_config
+    from dirl_min.settings.config import parse_config
 
     validate(Config())
     gpu = parse_config(["--config", str(repo_root / "configs" / "sdar-8b-dirl.yaml")])
@@ -103,7 +103,7 @@ def test_every_setting_has_a_rule():
 
 
 def test_long_evaluation_prompts_are_skipped_and_counted_like_training_ones(tmp_path, capsys):
-    from dirl_min.config import parse_config
+    from dirl_min.settings.config import parse_config
 
     f = tmp_path / "ev.jsonl"
     f.write_text("".join(json.dumps({"question": q, "ground_truth_answer": "1"}) + "\n"
@@ -148,7 +148,7 @@ def test_check_options_use_the_same_rules(argv, message, tmp_path, capsys):
 def test_usage_lines_name_the_command_and_check_help_describes_every_option(capsys):
     from dirl_min import check
     from dirl_min import eval as E
-    from dirl_min.config import build_parser
+    from dirl_min.settings.config import build_parser
 
     parser = check.build_parser()
     for action in parser._actions:
@@ -161,7 +161,7 @@ def test_usage_lines_name_the_command_and_check_help_describes_every_option(caps
 
 
 def test_lmdeploy_rollouts_the_machine_cannot_run_are_refused_before_the_model_is_built(tmp_path, capsys, monkeypatch):
-    import dirl_min.lmdeploy_engine as L
+    import dirl_min.engine.lmdeploy_engine as L
 
     monkeypatch.setattr(L, "lmdeploy_missing", lambda: "needs a CUDA GPU and none is visible")
     built = []

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dirl_min.config import Config
+from dirl_min.settings.config import Config
 
 
 def _free_port() -> int:
@@ -92,7 +92,7 @@ def _accel(kind: str, **plugin):
     ("FSDP", {"fsdp_version": 2}, {"stages": ["rl"], "beta": 0.01}, "reference model"),
 ])
 def test_untested_or_wrong_backend_combinations_are_refused(kind, plugin, overrides, message):
-    from dirl_min.settings import SettingsError, check_launch, launch_of
+    from dirl_min.settings.checks import SettingsError, check_launch, launch_of
 
     cfg = Config()
     cfg.run.stages = overrides.get("stages", cfg.run.stages)
@@ -106,7 +106,7 @@ def test_untested_or_wrong_backend_combinations_are_refused(kind, plugin, overri
 @pytest.mark.parametrize("kind, plugin", [("DEEPSPEED", {"zero_stage": 2}), ("FSDP", {"fsdp_version": 2}),
                                           ("MULTI_GPU", {}), ("NO", {})])
 def test_supported_backends_pass(kind, plugin):
-    from dirl_min.settings import check_launch, launch_of
+    from dirl_min.settings.checks import check_launch, launch_of
 
     cfg = Config()
     cfg.run.stages = ["rl"] if kind == "FSDP" else cfg.run.stages

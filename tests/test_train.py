@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dirl_min import tasks
-from dirl_min.config import Config, parse_config
+from dirl_min.settings.config import Config, parse_config
 from dirl_min.dipo import group_advantages
-from dirl_min.forward import SelectedLogits
+from dirl_min.model.forward import SelectedLogits
 from dirl_min.model import build_tiny
-from dirl_min.loops import dipo as loops_dipo, sft as loops_sft, state as loops_state
+from dirl_min.loops import rl as loops_dipo, sft as loops_sft, state as loops_state
 from dirl_min.trainer import dipo_step, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
 
 
@@ -97,7 +97,7 @@ def test_a_few_dipo_steps_raise_the_mean_reward_on_a_toy_reward():
     """Toy reward: 1 if the response (text) contains the digit '7'. DiPO should make sevens likelier."""
     torch.manual_seed(0)
     model, tok = build_tiny(seed=3)
-    from dirl_min.config import DecodeConfig
+    from dirl_min.settings.config import DecodeConfig
 
     problems = [tasks.Problem("What is 3 + 4?", "7")] * 8
     w = SelectedLogits(model)
@@ -451,7 +451,7 @@ def test_an_external_rollout_engine_synced_each_step_trains_like_the_native_one(
 def test_rl_learning_rate_is_dirls_warm_up_then_constant():
     """run_rl's schedule, make_scheduler(opt, rl.warmup_steps, rl.steps, 1.0): lr·k/10 for the first 10
     updates, then lr to the end (no decay); SFT's floor < 1 does decay."""
-    from dirl_min.config import Config
+    from dirl_min.settings.config import Config
     from dirl_min.trainer import make_scheduler
 
     cfg = Config()

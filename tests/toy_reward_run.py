@@ -25,7 +25,7 @@ def toy_correct(real):
 
 if __name__ == "__main__":
     from dirl_min import train
-    from dirl_min.loops import dipo
+    from dirl_min.loops import rl as dipo
 
     dipo.rollout_and_reward = toy_correct(dipo.rollout_and_reward)  # where the DiPO loop looks it up
     train.main(sys.argv[1:])

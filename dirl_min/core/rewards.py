@@ -5,7 +5,7 @@
 :func:`overlength_reward` (DAPO) and :func:`cosine_length_reward` are optional shaping
 terms. :data:`REWARD_RULES` maps names to functions of one :class:`RewardInput`;
 :func:`combine_rewards` is their weighted sum. The accuracy itself (math-verify in bounded
-processes) is decided in :mod:`dirl_min.engine.rewards`, which also scores whole batches.
+processes) is decided in :mod:`dirl_min.engine.grading`, which also scores whole batches.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class RewardInput:
 
     ``correct`` is the accuracy when already known (``compute_rewards`` fills it once per
     batch so that "accuracy", "speed" and "cosine" do not re-run math-verify); None means
-    not known yet: the rules here refuse it, :data:`dirl_min.engine.rewards.REWARDS`
+    not known yet: the rules here refuse it, :data:`dirl_min.engine.grading.REWARDS`
     computes it. ``overlength_buffer`` None means ``max_tokens // 5`` (DAPO: 4096 of
     20480).
     """
@@ -204,7 +204,7 @@ def _is_correct(s: RewardInput) -> bool:
     if s.correct is None:  # deciding it takes math-verify, which is the engine's business
         raise ValueError(
             "RewardInput.correct is None; accuracy-based rewards need the verdict "
-            "(dirl_min.engine.rewards.REWARDS and compute_rewards compute it)"
+            "(dirl_min.engine.grading.REWARDS and compute_rewards compute it)"
         )
     return bool(s.correct)
 

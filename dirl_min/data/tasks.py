@@ -84,6 +84,9 @@ def split_problems(problems: list[Problem], held_out: int, seed: int = 0) -> tup
     return [p for i, p in enumerate(problems) if i not in held], [problems[i] for i in sorted(held)]
 
 
+#: the embedded task's user message (``data.prompt_template``'s default): the bare question
+PLAIN_TEMPLATE = "{question}"
+
 RESPONSE_STYLES = ("answer", "worked")
 
 _BINARY = re.compile(r"What is (-?\d+) ([+-]) (-?\d+)\?")

@@ -9,9 +9,9 @@ import torch
 
 from dirl_min.core.rewards import RewardInput
 from dirl_min.engine.decode import generate
-from dirl_min.engine.rewards import compute_rewards
+from dirl_min.engine.grading import compute_rewards
 from dirl_min.model import chat_prompt_ids, stop_token_ids
-from dirl_min.tasks import render_prompt
+from dirl_min.data import render_prompt
 
 __all__ = ["rollout_and_reward"]
 
@@ -23,7 +23,7 @@ def rollout_and_reward(policy, tokenizer, problems, *, group_size, prompt_templa
 
     The per-response sampling seeds are ``seeds`` (``n·G`` ints) or drawn from ``generator``.
     ``engine``: an object with :func:`dirl_min.decoding.generate`'s signature minus the model
-    (e.g. :class:`dirl_min.lmdeploy_engine.LMDeployEngine`); default: decode with ``policy``.
+    (e.g. :class:`dirl_min.engine.lmdeploy_engine.LMDeployEngine`); default: decode with ``policy``.
     ``timings``, if given, receives the seconds spent in ``rollout`` and ``rewards``.
 
     Returns:

@@ -16,7 +16,7 @@ import torch
 from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec, Views, objective_views, view_seed
 from dirl_min.core.rounds import LayoutBatch, build_layout, round_queries, step_rounds
 from dirl_min.model.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logp_entropy
-from dirl_min.sharding import fsdp_states
+from dirl_min.infra.sharding import fsdp_states
 
 __all__ = ["LayoutBatch", "build_layout", "layout_logp", "RoundsLogp", "rounds_logp", "rollout_rounds", "rollout_views",
            "rescore"]

@@ -33,7 +33,7 @@ caches and ~40 ms for new strings, so a warm check costs ~0.55 ms through the ch
 accept every one of the 17.5k ground truths in the benchmark files.
 ``concurrent.futures.ProcessPoolExecutor`` was not used because it cannot cancel a single
 hung task and a crashed child breaks the whole pool.
-:func:`dirl_min.engine.rewards.math_rewards` with ``num_workers > 0`` drives that many
+:func:`dirl_min.engine.grading.math_rewards` with ``num_workers > 0`` drives that many
 verifier children from a thread pool.
 """
 

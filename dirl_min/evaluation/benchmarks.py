@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlparse
 
-from dirl_min.atomic import atomic_write
-from dirl_min.evaluation.errors import EvalError
+from dirl_min.infra.atomic import atomic_write
+from dirl_min.infra.errors import EvalError
 from dirl_min.data import Problem
+from dirl_min.data.tasks import PLAIN_TEMPLATE
 
 __all__ = ["HubSource", "HUB_SOURCES", "BENCHMARKS", "HubError", "cache_dir", "to_records", "hub_unreachable",
            "fetch", "DIRL_PROMPT", "Benchmark", "resolve_benchmarks", "load_benchmarks"]
@@ -325,7 +326,7 @@ def load_benchmarks(args) -> list[Benchmark]:
         levels = tuple(int(x) for x in str(args.task_levels).split(",") if x.strip())
         problems = data.arithmetic_problems(args.task_max_operand, levels)
         _, held = data.split_problems(problems, args.held_out, args.split_seed)
-        template = args.prompt_template if args.prompt_template is not None else _embedded_template()
+        template = args.prompt_template if args.prompt_template is not None else PLAIN_TEMPLATE
         source = (f"embedded arithmetic task, levels {list(levels)}, operands 0..{args.task_max_operand}, "
                   f"held-out {args.held_out} (split seed {args.split_seed})")
         if any(b.name == "embedded" for b in benches):
@@ -335,9 +336,3 @@ def load_benchmarks(args) -> list[Benchmark]:
         for b in benches:
             b.problems = b.problems[: args.limit]
     return benches
-
-
-def _embedded_template() -> str:
-    from dirl_min.config import DataConfig
-
-    return DataConfig().prompt_template

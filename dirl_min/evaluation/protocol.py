@@ -26,7 +26,7 @@ def evaluate(model, tokenizer, problems, *, samples: int, temperature: float, to
     e.g. ``accelerate.utils.gather_object``) collects the per-sample results, so every process
     returns the 1-process numbers whatever ``world`` is.
     """
-    from dirl_min.metrics import bootstrap_ci
+    from dirl_min.evaluation.stats import bootstrap_ci
 
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 table, and the plot of a threshold sweep.
 
 Accuracies are percent with one decimal, in the same table layout as the main job's report
-(:func:`dirl_min.report.format_table`, :func:`dirl_min.metrics.format_percent`).
+(:func:`dirl_min.evaluation.train_report.format_table`, :func:`dirl_min.evaluation.stats.format_percent`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dirl_min.evaluation.benchmarks import Benchmark
-from dirl_min.metrics import avg_at_k, bootstrap_ci, format_percent, mean_pass_at_k, pass_ks
-from dirl_min.report import format_table
+from dirl_min.evaluation.stats import avg_at_k, bootstrap_ci, format_percent, mean_pass_at_k, pass_ks
+from dirl_min.evaluation.train_report import format_table
 
 __all__ = ["run_metrics", "summarize", "plot_sweep"]
 

@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dirl_min.atomic import atomic_write
+from dirl_min.infra.atomic import atomic_write
 from dirl_min.evaluation.benchmarks import Benchmark, load_benchmarks
-from dirl_min.evaluation.decode import decode_batch, decoder
-from dirl_min.evaluation.errors import EvalError
+from dirl_min.evaluation.responses import decode_batch, decoder
+from dirl_min.infra.errors import EvalError
 from dirl_min.evaluation.report import plot_sweep, run_metrics
 from dirl_min.model import stop_token_ids
 from dirl_min.data import render_prompt

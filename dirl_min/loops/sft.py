@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from dirl_min.core.masks import add_noise
-from dirl_min.data_parallel import backward_micro
+from dirl_min.infra.data_parallel import backward_micro
 from dirl_min.engine.score import build_layout, layout_logp, rounds_logp
-from dirl_min.forward import SelectedLogits, _unwrap
+from dirl_min.model.forward import SelectedLogits, unwrap
 from dirl_min.loops.state import EpochSampler, make_scheduler
 from dirl_min.model import diffusion_settings
 
@@ -136,7 +136,7 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
     A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps."""
     from tqdm.auto import tqdm
 
-    B, M = diffusion_settings(_unwrap(policy))
+    B, M = diffusion_settings(unwrap(policy))
     examples, skipped = tokenize_sft(records, tok, B, cfg.sft.max_seq_len)
     if not examples:
         raise ValueError(f"no SFT example fits sft.max_seq_len={cfg.sft.max_seq_len} ({skipped} skipped)")

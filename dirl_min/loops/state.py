@@ -10,16 +10,16 @@ from pathlib import Path
 
 import torch
 
-from dirl_min.atomic import atomic_dir, atomic_write
-from dirl_min.forward import _unwrap
+from dirl_min.infra.atomic import atomic_dir, atomic_write
+from dirl_min.model.forward import unwrap
 from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, TRAINER_STATE_FILE, save_model
-from dirl_min.progress import ProgressLines
-from dirl_min.sharding import full_state_dict
+from dirl_min.infra.progress import ProgressLines
+from dirl_min.infra.sharding import full_state_dict
 
 
 class MetricsLog:
     """metrics.jsonl + TensorBoard (if importable); appends, so a resumed run continues the file.
-    With ``lines``, each written row also prints a progress line (:mod:`dirl_min.progress`)."""
+    With ``lines``, each written row also prints a progress line (:mod:`dirl_min.infra.progress`)."""
 
     def __init__(self, out: Path, enabled: bool, lines: bool = False):
         self.enabled = enabled
@@ -106,7 +106,7 @@ def restore_rng(state: dict) -> None:
 
 def save_checkpoint(path: Path, model, tokenizer, state: dict, state_dict: dict | None = None) -> None:
     """Model (HF format) + optimizer, scheduler, RNG, data cursor, step — written atomically
-    (:func:`dirl_min.atomic.atomic_dir`): a crash mid-save leaves the previous checkpoint intact."""
+    (:func:`dirl_min.infra.atomic.atomic_dir`): a crash mid-save leaves the previous checkpoint intact."""
     with atomic_dir(path) as tmp:
         save_model(model, tokenizer, tmp / TRAIN_CHECKPOINT_MODEL_DIR, state_dict=state_dict)
         torch.save(state, tmp / TRAINER_STATE_FILE)
@@ -126,7 +126,7 @@ class Checkpoints:
         full = full_state_dict(self.model)  # FSDP2: gathered by every process; None otherwise
         if self.accel.is_main_process:
             st.update(rng=rng_state(), summary=self.summary, ckpt_index=self.index, config=self.cfg.to_dict())
-            save_checkpoint(self.out / "checkpoints" / name, _unwrap(self.model), self.tok, st, state_dict=full)
+            save_checkpoint(self.out / "checkpoints" / name, unwrap(self.model), self.tok, st, state_dict=full)
         self.accel.wait_for_everyone()
 
 

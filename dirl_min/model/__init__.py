@@ -16,7 +16,7 @@ Modules: :mod:`~dirl_min.model.tokenizers` (tiny and Qwen tokenizers, a checkpoi
 chat prompts, stop tokens; the chat template is ``qwen3_chat_template.jinja``),
 :mod:`~dirl_min.model.checkpoints` (load, save, checkpoint folders, the block size / mask token
 settings, dtype), :mod:`~dirl_min.model.tiny` (the tiny model); checkpoints are written
-atomically by :mod:`dirl_min.atomic`. This package re-exports their public names.
+atomically by :mod:`dirl_min.infra.atomic`. This package re-exports their public names.
 :mod:`~dirl_min.model.forward` (the backend seam: the backbone driven with dirl_min's masks) is
 imported as its own module.
 """

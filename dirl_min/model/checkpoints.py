@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dirl_min.atomic import atomic_dir
+from dirl_min.infra.atomic import atomic_dir
 from dirl_min.model.tokenizers import load_tokenizer
 
 # SDAR config.json fields that are not Qwen3 configuration: remote-code plumbing and settings of
@@ -298,7 +298,7 @@ def save_model(model, tokenizer, path, state_dict: dict | None = None) -> Path:
         tokenizer: its tokenizer (saved alongside).
         path: destination folder.
         state_dict: the weights to write instead of ``model.state_dict()`` (e.g. the full
-            state dict of a sharded model, :func:`dirl_min.sharding.full_state_dict`).
+            state dict of a sharded model, :func:`dirl_min.infra.sharding.full_state_dict`).
 
     Returns:
         Path: ``path``.

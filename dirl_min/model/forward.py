@@ -19,11 +19,11 @@ import torch
 
 from dirl_min.core.masks import mask_from_metadata, mask_mod
 
-__all__ = ["attention_backend", "backbone_hidden", "dense_denoiser", "SelectedLogits", "selected_hidden", "selected_logp",
+__all__ = ["unwrap", "attention_backend", "backbone_hidden", "dense_denoiser", "SelectedLogits", "selected_hidden", "selected_logp",
            "layout_logits", "layout_logp_entropy", "layout_attention_mask"]
 
 
-def _unwrap(model):
+def unwrap(model):
     """The causal LM inside DDP / SelectedLogits wrappers."""
     while hasattr(model, "module") or isinstance(model, SelectedLogits):
         model = model.module if hasattr(model, "module") else model.lm
@@ -32,7 +32,7 @@ def _unwrap(model):
 
 def attention_backend(model) -> str:
     """The attention implementation transformers will run: 'sdpa', 'eager' or 'flex_attention'."""
-    return getattr(_unwrap(model).config, "_attn_implementation", None) or "sdpa"
+    return getattr(unwrap(model).config, "_attn_implementation", None) or "sdpa"
 
 
 def _prepare_mask(model, mask: torch.Tensor, dtype: torch.dtype):
@@ -262,7 +262,7 @@ def layout_logits(model, input_ids, seg, pos, copy, clean_copy, block_size, sele
     Returns:
         float ``[select.sum(), V]`` in row-major order of ``select``.
     """
-    lm = _unwrap(model)  # analysis and tests only: training reads log-probs through SelectedLogits
+    lm = unwrap(model)  # analysis and tests only: training reads log-probs through SelectedLogits
     mask, positions = _layout_inputs(lm, seg, pos, copy, clean_copy, block_size)
     return lm.get_output_embeddings()(selected_hidden(lm, input_ids, positions, mask, select))
 

@@ -9,7 +9,7 @@ with no collective at all; leaving it frees the gathered copies again.
 
 Backends that cannot run on CPU (DeepSpeed needs CUDA; Accelerate 1.15 turns an FSDP config
 into plain CPU data parallelism) are checked with the other settings
-(:data:`dirl_min.settings.LAUNCH_RULES`): combinations known to be wrong or never exercised
+(:data:`dirl_min.settings.checks.LAUNCH_RULES`): combinations known to be wrong or never exercised
 are refused with a clear message instead of hanging.
 """
 

@@ -1,7 +1,7 @@
 """Every setting of every command checked in one place, before any work.
 
 A rule is a row of a table: the setting, a test of its value, and what is allowed, in
-words (:mod:`dirl_min.rules`). :func:`problems` applies a table to any object (a :class:`~dirl_min.config.Config`,
+words (:mod:`dirl_min.settings.rules`). :func:`problems` applies a table to any object (a :class:`~dirl_min.settings.config.Config`,
 a command's settings) and returns one message per broken rule, naming the setting,
 the value and what is allowed. To check a new setting, add a row.
 
@@ -9,7 +9,7 @@ the value and what is allowed. To check a new setting, add a row.
   (:func:`validate`); :data:`LAUNCH_RULES`: its settings against the launch (processes,
   Accelerate backend) and the machine, once Accelerate has started (:func:`check_launch`).
 * :data:`EVAL_RULES` / :data:`CHECK_RULES` / ... (with their cross rules): the settings of
-  ``python -m dirl_min.eval``, ``check`` and ``bench`` (:mod:`dirl_min.command_config`),
+  ``python -m dirl_min.eval``, ``check`` and ``bench`` (:mod:`dirl_min.settings.commands`),
   checked by :func:`command_problems`.
 """
 
@@ -19,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dirl_min.config import SettingsError
-from dirl_min.rules import Rule, at_least, is_int, is_number, number, one_of, problems
+from dirl_min.settings.config import SettingsError
+from dirl_min.settings.rules import Rule, at_least, is_int, is_number, number, one_of, problems
 from dirl_min.core.objectives import GROUP_FILTERS
 from dirl_min.core.estimates import OBJECTIVES
-from dirl_min.decoding import STRATEGIES
-from dirl_min.tasks import RESPONSE_STYLES
+from dirl_min.core.unmask import STRATEGIES
+from dirl_min.data import RESPONSE_STYLES
 
 __all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CONFIG_CROSS_RULES", "Launch",
            "launch_of", "check_launch", "LAUNCH_RULES", "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES",
@@ -50,13 +50,13 @@ def _levels(name: str) -> Rule:
 
 
 def _rewards(v) -> bool:
-    from dirl_min.rewards import REWARDS
+    from dirl_min.engine.grading import REWARDS
 
     return isinstance(v, dict) and bool(v) and all(k in REWARDS and is_number(w) for k, w in v.items())
 
 
 def _reward_words() -> str:
-    from dirl_min.rewards import REWARDS
+    from dirl_min.engine.grading import REWARDS
 
     return "a mapping of reward names to numeric weights; names: " + ", ".join(sorted(REWARDS))
 
@@ -135,13 +135,13 @@ CONFIG_RULES: list[Rule] = [
 
 def _embedded_split(cfg):
     """Messages for ``data.held_out`` against the embedded task it splits (when that task is used)."""
-    from dirl_min import tasks
+    from dirl_min import data
 
     d = cfg.data
     if d.sft_data and d.rl_data and d.eval_data:
         return []  # the embedded task is not used
-    problems = tasks.arithmetic_problems(d.task_max_operand, tuple(d.task_levels))
-    train, test = tasks.split_problems(problems, d.held_out, d.split_seed)
+    problems = data.arithmetic_problems(d.task_max_operand, tuple(d.task_levels))
+    train, test = data.split_problems(problems, d.held_out, d.split_seed)
     task = f"the embedded task (levels {d.task_levels}, operands 0..{d.task_max_operand}) has {len(problems)} problems"
     if not train:
         return [f"data.held_out = {d.held_out}: must be less than the number of problems; {task}"]
@@ -189,7 +189,7 @@ CONFIG_CROSS_RULES: list[Callable] = [_tiny_heads, _accumulation, _lmdeploy_need
 
 
 def validate(cfg) -> None:
-    """Check every setting of a :class:`~dirl_min.config.Config` (and that the files it names exist).
+    """Check every setting of a :class:`~dirl_min.settings.config.Config` (and that the files it names exist).
 
     Raises:
         SettingsError: listing every invalid setting, its value and what is allowed.
@@ -272,7 +272,7 @@ def _lmdeploy_here(cfg, launch: Launch):
     """LMDeploy rollouts need the package (a version the step hook knows) and a CUDA GPU on this machine."""
     if cfg.rl.rollout_backend != "lmdeploy" or "rl" not in cfg.run.stages or not cfg.rl.steps:
         return []
-    from dirl_min.lmdeploy_engine import lmdeploy_missing
+    from dirl_min.engine.lmdeploy_engine import lmdeploy_missing
 
     why = lmdeploy_missing()
     return [f"rl.rollout_backend = 'lmdeploy': {why}; or use rl.rollout_backend: native"] if why else []
@@ -295,7 +295,7 @@ def check_launch(cfg, launch: Launch) -> None:
         raise SettingsError("invalid settings for this launch:\n  " + "\n  ".join(msgs))
 
 
-# ---- the other commands' settings (dirl_min.command_config; messages name their short flags) ----
+# ---- the other commands' settings (dirl_min.settings.commands; messages name their short flags) ----
 
 EVAL_RULES: list[Rule] = [
     one_of("model.dtype", *_DTYPE), one_of("model.backend", "native", "lmdeploy"),
@@ -356,13 +356,13 @@ def _names_from(name: str, choices: Callable[[], tuple], what: str) -> Rule:
 
 
 def _sizes():
-    from dirl_min.benchmarking.measures import SIZES
+    from dirl_min.speed.measures import SIZES
 
     return tuple(SIZES)
 
 
 def _shapes():
-    from dirl_min.bench_shape import SHAPES
+    from dirl_min.speed.shapes import SHAPES
 
     return tuple(SHAPES)
 
@@ -391,7 +391,7 @@ SHAPE_RULES: list[Rule] = [
 
 def command_problems(cfg, rules: list[Rule], cross_rules=(), aliases: dict | None = None) -> list[str]:
     """Every broken rule of a command's settings ``cfg``, named by the command's short flag where
-    it has one (``aliases``: flag -> setting, as :func:`dirl_min.config.parse_config` takes)."""
+    it has one (``aliases``: flag -> setting, as :func:`dirl_min.settings.config.parse_config` takes)."""
     names = {target: flag for flag, target in (aliases or {}).items() if isinstance(target, str)}
     msgs = problems(cfg, rules, names=names)
     for cross in cross_rules:

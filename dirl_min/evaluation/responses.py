@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from dirl_min.evaluation.benchmarks import Benchmark
-from dirl_min.evaluation.errors import EvalError
+from dirl_min.infra.errors import EvalError
 
 __all__ = ["load_eval_model", "score_responses", "decoder", "decode_batch"]
 
@@ -93,11 +93,11 @@ def decoder(args, model):
     (native), or that of an LMDeploy engine on ``--model`` (one threshold per engine: the
     settings allow one with ``--backend lmdeploy``); both take the same arguments and return a Rollout."""
     if args.backend == "lmdeploy":
-        from dirl_min.lmdeploy_engine import make_engine
+        from dirl_min.engine.lmdeploy_engine import make_engine
 
         return make_engine(args.model, model, strategy=args.strategy, threshold=args.thresholds[0],
                            steps=args.steps).generate
-    from dirl_min.decoding import generate
+    from dirl_min.engine.decode import generate
 
     return partial(generate, model)
 
@@ -115,7 +115,8 @@ def score_responses(responses: list[str], ground_truths: list[str], truncated: l
     truth, math-verify, truncated responses score 0); the extracted answer is the content
     of that box (None when there is none).
     """
-    from dirl_min.rewards import extract_boxed, math_rewards
+    from dirl_min.core.answers import extract_boxed
+    from dirl_min.engine.grading import math_rewards
 
     verdicts = math_rewards(responses, ground_truths, truncated, timeout=timeout, num_workers=num_workers)
     return [(extract_boxed(r), v == 1.0) for r, v in zip(responses, verdicts)]

@@ -1,6 +1,6 @@
 """The main job's report: the before/after table and the curves (``curves.png``).
 
-Accuracies are percent with one decimal (:func:`dirl_min.metrics.format_percent`, shared with
+Accuracies are percent with one decimal (:func:`dirl_min.evaluation.stats.format_percent`, shared with
 ``python -m dirl_min.eval``); avg@k carries its 95% bootstrap interval over problems.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dirl_min.metrics import format_percent
+from dirl_min.evaluation.stats import format_percent
 
 __all__ = ["running_mean", "format_table", "print_table", "plot_curves"]
 

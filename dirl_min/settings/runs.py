@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dirl_min.atomic import atomic_write, is_temporary
-from dirl_min.config import Config, SettingsError
+from dirl_min.infra.atomic import atomic_write, is_temporary
+from dirl_min.settings.config import Config, SettingsError
 from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, TRAINER_STATE_FILE
 
 __all__ = ["OUTPUTS", "MAY_CHANGE_ON_RESUME", "config_differences", "check_out", "start_fresh", "load_latest"]
@@ -127,7 +127,7 @@ def load_latest(out: Path, given: dict, load_weights: Callable[[Path], object]):
     """
     index = {}
     for ck in sorted((out / "checkpoints").glob("*-*")):
-        # a temporary of an interrupted save is never a checkpoint (".tmp": the name before dirl_min.atomic)
+        # a temporary of an interrupted save is never a checkpoint (".tmp": the name before dirl_min.infra.atomic)
         temporary = is_temporary(ck) or ck.name.endswith(".tmp")
         if ck.is_dir() and not temporary and (ck / TRAINER_STATE_FILE).is_file():
             try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dirl_min.decoding import Rollout
+from dirl_min.engine.decode import Rollout
 from dirl_min.model import checkpoint_folder, diffusion_settings
 
 __all__ = ["SUPPORTED_VERSIONS", "check_version", "lmdeploy_missing", "require_lmdeploy", "StepRecorder", "step_hook",
@@ -192,7 +192,7 @@ class LMDeployEngine:
         model_path: the checkpoint folder the engine loads first (SDAR / DiRL / TraDo, or a
             dirl_min.train checkpoint: :func:`dirl_min.model.checkpoint_folder`).
         block_size, mask_token_id: the model's (SPEC §3); the engine's DLLM block length.
-        strategy, threshold, steps: the unmasking rule (as :class:`dirl_min.config.DecodeConfig`).
+        strategy, threshold, steps: the unmasking rule (as :class:`dirl_min.settings.config.DecodeConfig`).
         tp: tensor-parallel GPUs; cache_max_entry_count: fraction of free memory for the KV cache.
     """
 
@@ -291,7 +291,7 @@ def make_engine(path, model, *, strategy: str = "low_confidence_dynamic", thresh
     """The one way dirl_min builds an :class:`LMDeployEngine`: on the checkpoint folder ``path``
     (:func:`dirl_min.model.checkpoint_folder`), with ``model``'s block size and mask token (the
     model's config is their single source, SPEC §3) and the unmasking rule ``strategy`` /
-    ``threshold`` / ``steps`` (as :class:`dirl_min.config.DecodeConfig`; 0 steps = block size).
+    ``threshold`` / ``steps`` (as :class:`dirl_min.settings.config.DecodeConfig`; 0 steps = block size).
     ``engine_kw``: the engine's other options (``tp``, ``cache_max_entry_count``, …)."""
     block, mask_id = diffusion_settings(model)
     return LMDeployEngine(str(path), block_size=block, mask_token_id=mask_id, strategy=strategy, threshold=threshold,

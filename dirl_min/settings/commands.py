@@ -1,18 +1,18 @@
 """The settings of ``python -m dirl_min.eval``, ``check``, ``bench`` and ``bench --shape``.
 
-Each command's settings are a dataclass of sections, parsed by :func:`dirl_min.config.parse_config`
+Each command's settings are a dataclass of sections, parsed by :func:`dirl_min.settings.config.parse_config`
 as the main job's are: ``--help`` from the fields, ``--config FILE.yaml``, ``--section.name VALUE``,
 and each command's established flags (``--top-k``, ``--max-new-tokens``) as aliases of the dotted
-names. Sections shared with the main job (:class:`~dirl_min.config.Sampling`,
-:class:`~dirl_min.config.Unmasking`) keep one meaning and one default; every setting is checked
-by :mod:`dirl_min.settings` (``EVAL_RULES``, ``CHECK_RULES``, ``BENCH_RULES``, ``SHAPE_RULES``).
+names. Sections shared with the main job (:class:`~dirl_min.settings.config.Sampling`,
+:class:`~dirl_min.settings.config.Unmasking`) keep one meaning and one default; every setting is checked
+by :mod:`dirl_min.settings.checks` (``EVAL_RULES``, ``CHECK_RULES``, ``BENCH_RULES``, ``SHAPE_RULES``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dirl_min.config import DataConfig, EvalConfig, Sampling, Unmasking, _f
+from dirl_min.settings.config import DataConfig, EvalConfig, Sampling, Unmasking, _f
 from dirl_min.evaluation.benchmarks import BENCHMARKS, DIRL_PROMPT
 
 _DATA, _EVAL = DataConfig(), EvalConfig()  # the main job's defaults, where dirl_min.eval shares them
@@ -147,7 +147,7 @@ CHECK_ALIASES = {
 
 @dataclass
 class BenchModels:
-    sizes: list = _f(["tiny", "mid"], "model sizes to benchmark, from dirl_min.benchmarking.measures.SIZES (tiny = "
+    sizes: list = _f(["tiny", "mid"], "model sizes to benchmark, from dirl_min.speed.measures.SIZES (tiny = "
                                       "build_tiny defaults; mid = hidden 512, 8 layers, 8/4 heads, MLP 1536)")
     block_size: int = _f(4, "diffusion block size B")
     sharpen: float = _f(25.0, "factor applied to the untied lm_head weights so that the random model is confident")
@@ -219,11 +219,11 @@ BENCH_QUICK = {"decode.new_tokens": 64, "run.repeats": 1, "reference.max_seconds
                "rescore.new_tokens": 32}
 
 
-# ---- python -m dirl_min.bench --shape (dirl_min.bench_shape) ----
+# ---- python -m dirl_min.bench --shape (dirl_min.speed.shapes) ----
 
 @dataclass
 class ShapeModel:
-    shape: str = _f("qwen3-0.6b", "the checkpoint whose shape is used (dirl_min.bench_shape.SHAPES)")
+    shape: str = _f("qwen3-0.6b", "the checkpoint whose shape is used (dirl_min.speed.shapes.SHAPES)")
     layers: int = _f(0, "keep the first N decoder layers (0 = all of the real depth)")
     dtype: str = _f("float32", "float32 or bfloat16")
     attn: str = _f("sdpa", "attention implementation: sdpa or flex_attention")
@@ -265,11 +265,11 @@ SHAPE_ALIASES = {
 }
 
 def parse_command(argv, rules, cross_rules=(), **parser_kw):
-    """A command's settings: :func:`dirl_min.config.parse_config` (``parser_kw``: description, prog,
-    root, aliases, ...), then the command's ``rules`` (:func:`dirl_min.settings.command_problems`).
+    """A command's settings: :func:`dirl_min.settings.config.parse_config` (``parser_kw``: description, prog,
+    root, aliases, ...), then the command's ``rules`` (:func:`dirl_min.settings.checks.command_problems`).
     Every error exits with status 2 and the command's usage line."""
-    from dirl_min.config import SettingsError, build_parser, parse_config
-    from dirl_min.settings import command_problems
+    from dirl_min.settings.config import SettingsError, build_parser, parse_config
+    from dirl_min.settings.checks import command_problems
 
     try:
         cfg = parse_config(argv, **parser_kw)

@@ -2,7 +2,7 @@
 
 ``python -m dirl_min.train --help`` lists every setting below with its meaning and
 default. Precedence: defaults < ``--config FILE.yaml`` < ``--section.name VALUE``.
-The other commands' settings (:mod:`dirl_min.command_config`) are parsed by the same
+The other commands' settings (:mod:`dirl_min.settings.commands`) are parsed by the same
 :func:`parse_config`, each from its own dataclass of sections and table of short flags.
 
 The block size and mask id are *not* settings here: they belong to the model
@@ -20,11 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from dirl_min.rules import get_setting
-
-
-class SettingsError(ValueError):
-    """Invalid settings; the message names each setting, its value and what is allowed."""
+from dirl_min.data.tasks import PLAIN_TEMPLATE
+from dirl_min.infra.errors import SettingsError
+from dirl_min.settings.rules import get_setting
 
 
 def _f(default, help: str, *, hidden: bool = False):
@@ -59,7 +57,7 @@ class DataConfig:
     task_max_operand: int = _f(20, "embedded task: operands run over 0..N")
     held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together)")
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
-    prompt_template: str = _f("{question}", "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
+    prompt_template: str = _f(PLAIN_TEMPLATE, "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
     response_style: str = _f("answer", "embedded task SFT responses: answer = '\\boxed{7}'; worked = '3 + 4 = 7. \\boxed{7}' (longer, mostly predictable: room for faster decoding)")
     max_prompt_tokens: int = _f(1024, "prompts longer than this are skipped and counted")
 
@@ -304,7 +302,7 @@ def build_parser(description: str, prog: str | None = None, *, root=Config, alia
 def parse_config(argv=None, description: str = "dirl_min", prog: str | None = None, *, root=Config,
                  aliases: dict | None = None, base=None, **parser_kw):
     """Defaults (of ``root``, or a copy of ``base``), then ``--config`` YAML, then the options
-    (each value's type is checked here; ranges and combinations by :mod:`dirl_min.settings`).
+    (each value's type is checked here; ranges and combinations by :mod:`dirl_min.settings.checks`).
 
     Every command parses with this: ``root`` is its dataclass of sections, ``aliases`` its
     short flags (:func:`build_parser`); ``parser_kw`` goes to ``argparse.ArgumentParser``."""

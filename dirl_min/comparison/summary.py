@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from dirl_min.metrics import bootstrap_ci, format_percent
-from dirl_min.report import format_table
+from dirl_min.evaluation.stats import bootstrap_ci, format_percent
+from dirl_min.evaluation.train_report import format_table
 
 __all__ = ["step_copies", "point", "run_summary", "aggregate", "table_rows", "text_table", "markdown", "plot"]
 
@@ -21,7 +21,7 @@ CI_NOTE = ("95% CI: percentile bootstrap over the held-out problems of each prob
 
 
 def point(evaluation: dict, at: dict) -> dict:
-    """A point from :func:`dirl_min.evaluation.compare.evaluate_checkpoint`'s answer and the
+    """A point from :func:`dirl_min.comparison.runner.evaluate_checkpoint`'s answer and the
     cost ``at`` (``{"step", "seconds", "copies"}``)."""
     s, g = evaluation["sampled"], evaluation["greedy"]
     return {**at, "accuracy": s["accuracy"], "accuracy_ci": s["accuracy_ci"],

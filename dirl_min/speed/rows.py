@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from dirl_min.benchmarking.context import Bench, _fmt_rate, _fmt_s, _verdict
-from dirl_min.benchmarking.measures import (
+from dirl_min.speed.context import Bench, _fmt_rate, _fmt_s, _verdict
+from dirl_min.speed.measures import (
     _agreement,
     _layout_tokens,
     _n_tokens,
@@ -17,10 +17,10 @@ from dirl_min.benchmarking.measures import (
     decoded_blocks,
     mean_tokens_per_step,
 )
-from dirl_min.benchmarking.reference_row import row_reference
-from dirl_min.benchmarking.timing import Case, time_cases
-from dirl_min.decoding import generate
-from dirl_min.dipo import rescore
+from dirl_min.speed.reference_row import row_reference
+from dirl_min.speed.timing import Case, time_cases
+from dirl_min.engine.decode import generate
+from dirl_min.engine.score import rescore
 
 
 def time_decoding(bench: Bench) -> tuple[dict[str, Case], dict[str, float], int]:

@@ -16,12 +16,8 @@ DiPO's step maps are synthetic: every 4-token block is committed in two steps of
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import torch
@@ -68,9 +64,9 @@ def synthetic_batch(tok, n: int, response_tokens: int, seed: int = 0):
         ``(sft_examples, rollout)``: :class:`~dirl_min.trainer.SFTExample` list and a
         :class:`~dirl_min.decoding.Rollout` whose step map commits each block in two steps.
     """
-    from dirl_min.decoding import Rollout
+    from dirl_min.engine.decode import Rollout
     from dirl_min.model import chat_prompt_ids
-    from dirl_min.trainer import SFTExample
+    from dirl_min.loops.sft import SFTExample
 
     g = torch.Generator().manual_seed(seed)
     prompts, responses, steps = [], [], []
@@ -98,9 +94,10 @@ def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: boo
              engine_path: str = "") -> dict:
     """One optimizer step of ``stage`` ("sft" or "dipo"), or one batch of rollouts ("rollout");
     seconds, memory and model FLOPs of this process."""
-    from dirl_min.forward import SelectedLogits
+    from dirl_min.model.forward import SelectedLogits
     from dirl_min.model import resolve_dtype
-    from dirl_min.trainer import dipo_step, sft_loss
+    from dirl_min.loops.policy import dipo_step
+    from dirl_min.loops.sft import sft_loss
 
     model, tok = build_shaped(shape, layers, resolve_dtype(dtype))
     model.to(device).train()
@@ -156,11 +153,11 @@ def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: boo
 def _rollout(model, tok, roll, max_new_tokens: int, engine_path: str = "") -> int:
     """Decode the batch's prompts (native engine, or LMDeploy from ``engine_path``); tokens generated.
     A random model is never confident: dynamic decoding commits about one token per step."""
-    from dirl_min.decoding import generate
+    from dirl_min.engine.decode import generate
 
     kw = dict(max_new_tokens=max_new_tokens, temperature=1.0, seeds=list(range(len(roll))))
     if engine_path:
-        from dirl_min.lmdeploy_engine import make_engine
+        from dirl_min.engine.lmdeploy_engine import make_engine
 
         engine = make_engine(engine_path, model)
         out = engine.generate(roll.prompt_ids, **kw)
@@ -169,84 +166,3 @@ def _rollout(model, tok, roll, max_new_tokens: int, engine_path: str = "") -> in
         with torch.no_grad():
             out = generate(model, roll.prompt_ids, **kw)
     return sum(len(r) for r in out.response_ids)
-
-
-def _parser_kw() -> dict:
-    from dirl_min.command_config import SHAPE_ALIASES, ShapeCommand
-
-    return dict(prog="python -m dirl_min.bench --shape", description=__doc__.split("\n\n")[0], root=ShapeCommand,
-                aliases=SHAPE_ALIASES)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: :class:`dirl_min.command_config.ShapeCommand`'s settings and their flags."""
-    from dirl_min.config import build_parser as config_parser
-
-    return config_parser(**_parser_kw())
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    """The checked settings (:data:`dirl_min.settings.SHAPE_RULES`) under the flags' names."""
-    from dirl_min.command_config import SHAPE_ALIASES, parse_command
-    from dirl_min.config import flat
-    from dirl_min.settings import SHAPE_RULES
-
-    return flat(parse_command(argv, SHAPE_RULES, **_parser_kw()), SHAPE_ALIASES)
-
-
-def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.worker:  # a child: one configuration, one JSON line
-        stage, ckpt = args.worker.split(":")
-        res = run_step(args.shape, args.layers, args.dtype, stage, ckpt == "on", args.responses,
-                       args.response_tokens, args.device, args.attn, args.peak_tflops, args.lmdeploy)
-        print("RESULT " + json.dumps(res))
-        return [res]
-    if args.save:
-        from dirl_min.model import resolve_dtype, save_model
-
-        model, tok = build_shaped(args.shape, args.layers, resolve_dtype(args.dtype))
-        save_model(model, tok, args.save)
-        print(f"saved a random {args.shape}-shaped model to {args.save}")
-        return []
-    if args.lmdeploy:
-        from dirl_min.lmdeploy_engine import require_lmdeploy
-
-        require_lmdeploy("dirl_min.bench --shape --lmdeploy")  # here, not in each child process
-    depth = SHAPES[args.shape]["num_hidden_layers"]
-    layers = min(args.layers or depth, depth)
-    print(f"{args.shape} shape (hidden {SHAPES[args.shape]['hidden_size']}, vocab {VOCAB}, Qwen tokenizer), "
-          f"{layers} of its {depth} layers{' (REDUCED DEPTH)' if layers < depth else ''}, {args.dtype}, "
-          f"{args.device}, {args.attn}; {args.responses} responses × {args.response_tokens} tokens; "
-          f"torch threads {args.threads or torch.get_num_threads()}; one optimizer step per child process", flush=True)
-    rows = []
-    for stage in args.stages:
-        cks = args.checkpointing
-        for ckpt in cks[:1] if stage == "rollout" else cks:  # decoding never checkpoints (no gradient)
-            cmd = [sys.executable, "-m", "dirl_min.bench_shape", "--worker", f"{stage}:{ckpt}",
-                   *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn",
-                               "peak_tflops", "lmdeploy")
-                     for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
-            if done.returncode or not lines:
-                print(f"{stage} checkpointing {ckpt}: FAILED (exit {done.returncode})\n{done.stderr[-2000:]}")
-                rows.append({"stage": stage, "checkpointing": ckpt == "on", "failed": done.returncode})
-                continue
-            r = json.loads(lines[-1][7:])
-            rows.append(r)
-            cuda = (f", peak CUDA {r['peak_cuda_gib']:.2f} GiB, MFU {r['mfu']:.1%} (attention FLOPs not counted)"
-                    if "peak_cuda_gib" in r else "")
-            print(f"{stage:>4}  checkpointing {ckpt:>3}: {r['seconds']:8.1f} s/step ({r['cpu_seconds']:.0f} s CPU), "
-                  f"{r['trained_tokens'] / r['seconds']:8.1f} {'generated' if stage == 'rollout' else 'trained'} tokens/s, peak RSS {r['peak_rss_gib']:6.2f} GiB "
-                  f"(model alone {r['rss_after_build_gib']:.2f} GiB){cuda}; {r['params'] / 1e6:.0f} M params", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    return rows
-
-
-if __name__ == "__main__":
-    main()

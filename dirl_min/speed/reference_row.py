@@ -14,9 +14,9 @@ from typing import Any, Callable
 
 import torch
 
-from dirl_min.benchmarking.context import Bench, _fmt_rate, _verdict
-from dirl_min.benchmarking.measures import choose_reference_tokens, steps_per_block
-from dirl_min.benchmarking.timing import Case, time_cases
+from dirl_min.speed.context import Bench, _fmt_rate, _verdict
+from dirl_min.speed.measures import choose_reference_tokens, steps_per_block
+from dirl_min.speed.timing import Case, time_cases
 from dirl_min.model.forward import dense_denoiser
 
 

@@ -1,5 +1,5 @@
-"""DiPO (SPEC §4): roll out groups, reward them, score the kept responses, update — on any
-number of processes, with the rollouts decoded natively or by an external engine."""
+"""RL with any objective (SPEC §4; DiPO by default): roll out groups, reward them, score the kept
+responses, update — on any number of processes, with the rollouts decoded natively or by an external engine."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 
 from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec
 from dirl_min.core.objectives import filter_groups, group_advantages
-from dirl_min.data_parallel import all_ranks, backward_micro, equal_micro_batches
+from dirl_min.infra.data_parallel import all_ranks, backward_micro, equal_micro_batches
 from dirl_min.engine.rollouts import rollout_and_reward
-from dirl_min.forward import SelectedLogits, _unwrap
+from dirl_min.model.forward import SelectedLogits, unwrap
 from dirl_min.loops.policy import policy_step
 from dirl_min.loops.state import EpochSampler, make_scheduler
-from dirl_min.sharding import full_parameters
+from dirl_min.infra.sharding import full_parameters
 
 
 def make_rollout_engine(cfg, policy):
@@ -24,9 +24,9 @@ def make_rollout_engine(cfg, policy):
     if cfg.rl.rollout_backend == "native":
         return None
     # the backend's name, its need for model.path and for lmdeploy + CUDA are settings (settings.py)
-    from dirl_min.lmdeploy_engine import make_engine
+    from dirl_min.engine.lmdeploy_engine import make_engine
 
-    return make_engine(cfg.model.path, _unwrap(policy), strategy=cfg.decode.strategy, threshold=cfg.decode.threshold,
+    return make_engine(cfg.model.path, unwrap(policy), strategy=cfg.decode.strategy, threshold=cfg.decode.threshold,
                        steps=cfg.decode.steps)
 
 
@@ -41,7 +41,7 @@ def _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times):
     # native: the engine decodes with the module being trained, so the weight sync is free
     with full_parameters(wrapped):  # FSDP2: one gather, then decoding free of collectives
         roll, rewards, correct, _ = rollout_and_reward(
-            _unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
+            unwrap(wrapped), tok, mine, group_size=G, prompt_template=cfg.data.prompt_template,
             decode_cfg=cfg.decode, temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p,
             max_new_tokens=cfg.rl.max_new_tokens, rewards=cfg.rl.rewards, seeds=seeds,
             reward_workers=cfg.rl.reward_workers, timings=times, engine=engine)
@@ -189,7 +189,7 @@ def _setup(cfg, accel, policy, problems, state):
     wrapped, opt = accel.prepare(SelectedLogits(policy), opt)
     ref_model = None
     if cfg.rl.beta > 0:
-        ref_model = copy.deepcopy(_unwrap(policy)).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(unwrap(policy)).eval().requires_grad_(False)
     start = 0
     gen = torch.Generator().manual_seed(cfg.run.seed + 3)
     sampler = EpochSampler(problems, cfg.run.seed + 4)
@@ -203,19 +203,19 @@ def _setup(cfg, accel, policy, problems, state):
 
 
 def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
-    """DiPO (SPEC §4) for ``cfg.rl.steps`` steps.
+    """RL (``cfg.rl.objective``, SPEC §4) for ``cfg.rl.steps`` steps.
 
     A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps."""
     from tqdm.auto import tqdm
 
     params, opt, sched, wrapped, ref_model, gen, sampler, start = _setup(cfg, accel, policy, problems, state)
     engine = make_rollout_engine(cfg, policy)
-    bar = tqdm(range(start, cfg.rl.steps), desc="DiPO", disable=not progress or not accel.is_main_process,
+    bar = tqdm(range(start, cfg.rl.steps), desc="RL", disable=not progress or not accel.is_main_process,
                initial=start, total=cfg.rl.steps)
     for step in bar:
         times = {"rollout": 0.0, "rewards": 0.0, "scoring": 0.0}  # seconds of this step
         if engine is not None:
-            engine.load_weights(_unwrap(wrapped))  # this step's policy, sent through memory
+            engine.load_weights(unwrap(wrapped))  # this step's policy, sent through memory
         # 1. roll out, 2. rewards and advantages: rounds of groups until P groups are kept
         kept, rolls, n_kept = _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times)
         if engine is not None:

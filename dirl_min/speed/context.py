@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from dirl_min.decoding import generate
+from dirl_min.engine.decode import generate
 
 
 def _fmt_rate(x: float) -> str:

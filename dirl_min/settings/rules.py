@@ -1,4 +1,4 @@
-"""The rule machinery of :mod:`dirl_min.settings`: a rule is a row of a table — a setting, a test
+"""The rule machinery of :mod:`dirl_min.settings.checks`: a rule is a row of a table — a setting, a test
 of its value, and what is allowed, in words — and :func:`problems` applies a table to any object."""
 
 from __future__ import annotations

@@ -23,15 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dirl_min.config import Config, EvalConfig, SettingsError, parse_config
+from dirl_min.settings.config import Config, EvalConfig, SettingsError, parse_config
 from dirl_min.core.estimates import OBJECTIVES  # the rl.objective values, in the order the table lists them
 from dirl_min.evaluation.benchmarks import load_benchmarks
-from dirl_min.evaluation.decode import load_eval_model
-from dirl_min.evaluation.errors import EvalError
-from dirl_min.evaluation.compare_report import step_copies
+from dirl_min.evaluation.responses import load_eval_model
+from dirl_min.infra.errors import EvalError
+from dirl_min.comparison.summary import step_copies
 from dirl_min.evaluation.run import SAMPLES_FILE, finalize, prepare, read_records, remove_outputs, run_shard
-from dirl_min.runs import OUTPUTS, config_differences
-from dirl_min.settings import validate
+from dirl_min.settings.runs import OUTPUTS, config_differences
+from dirl_min.settings.checks import validate
 
 __all__ = ["OBJECTIVES", "TIME_FIELDS", "RUN_EVAL", "CompareError", "Tools", "Run", "plan_runs", "plan_actions",
            "execute", "checkpoints_of", "eval_argv", "evaluate_checkpoint", "rl_rows", "curve"]

@@ -15,7 +15,7 @@ import math
 import sys
 import time
 
-from dirl_min.config import SettingsError
+from dirl_min.infra.errors import SettingsError
 
 __all__ = ["SHOWN", "progress_mode", "clock_text", "progress_line", "ProgressLines"]
 

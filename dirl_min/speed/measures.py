@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from dirl_min.decoding import Rollout, generate
-from dirl_min.dipo import rescore
+from dirl_min.engine.decode import Rollout, generate
+from dirl_min.engine.score import rescore
 from dirl_min.model import build_tiny, chat_prompt_ids
 
 # Model sizes (keyword arguments of build_tiny).
@@ -166,7 +166,7 @@ def _layout_tokens(rollout: Rollout, batch_size: int = 8) -> dict[str, int]:
     """Sizes of the rescoring layouts: max rounds R, and per variant the tokens of the layouts
     (``sum (R_i+1)·L_i`` packed, ``sum R_i·2·L_i`` per round) and the tokens actually computed
     (rows × padded width, per forward of ``batch_size`` responses, as :func:`rescore` batches them)."""
-    from dirl_min.dipo import step_rounds
+    from dirl_min.core.rounds import step_rounds
 
     out = {"max_rounds": 0, "packed": 0, "per_round": 0, "packed_padded": 0, "per_round_padded": 0}
     for start in range(0, len(rollout), batch_size):
