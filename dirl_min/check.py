@@ -124,11 +124,13 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv=None) -> dict:
     args, prompts = parse_args(argv)
+    from dirl_min.infra.errors import about, one_line_errors
     from dirl_min.model import build_tiny, load_model, resolve_dtype
 
     dtype = resolve_dtype(args.dtype)
     if args.model:
-        model, tok = load_model(args.model, dtype=dtype)
+        with one_line_errors("check"), about("--model"):
+            model, tok = load_model(args.model, dtype=dtype)
     else:
         model, tok = build_tiny(dtype=dtype)
     if torch.cuda.is_available():

@@ -21,7 +21,7 @@ from pathlib import Path
 from dirl_min.infra.atomic import atomic_write
 from dirl_min.comparison import runner as cmp
 from dirl_min.comparison import summary as rep
-from dirl_min.data import DataError
+from dirl_min.infra.errors import DirlError
 
 #: --quick: tiny budgets, prepended to the given settings (which override them)
 QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps", "100", "--sft.batch_size", "8",
@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     tools = cmp.Tools(train=lambda a: train.main(a), eval_args=eval_face.parse_args)
     try:
         result = compare(args, settings, tools)
-    except (cmp.CompareError, cmp.EvalError, DataError) as e:
+    except DirlError as e:
         raise SystemExit(f"dirl_min.compare: error: {e}") from None
     out, k = Path(args.out), args.cfg.eval.samples
     head, rows = rep.table_rows(result["start"], result["table"], k)

@@ -32,10 +32,9 @@ from pathlib import Path
 
 from dirl_min.evaluation.benchmarks import load_benchmarks
 from dirl_min.evaluation.responses import load_eval_model
-from dirl_min.infra.errors import EvalError
+from dirl_min.infra.errors import one_line_errors
 from dirl_min.evaluation.report import summarize
 from dirl_min.evaluation.run import RESULTS_FILE, finalize, prepare, remove_outputs, run_shard
-from dirl_min.data import DataError
 
 __all__ = ["build_parser", "parse_config", "parse_args", "evaluate_main", "main"]
 
@@ -135,10 +134,8 @@ def evaluate_main(args) -> dict | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+    with one_line_errors("eval"):
         evaluate_main(args)
-    except (DataError, EvalError) as e:
-        raise SystemExit(f"dirl_min.eval: error: {e}") from None
     return 0
 
 

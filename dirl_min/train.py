@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from dirl_min.infra.atomic import atomic_write
-from dirl_min.settings.config import Config, SettingsError, parse_config
+from dirl_min.infra.errors import SettingsError, about, one_line_errors
+from dirl_min.settings.config import Config, parse_config
 from dirl_min.model.forward import unwrap
 from dirl_min.model import build_tiny, load_model, resolve_dtype
 from dirl_min import data
@@ -48,12 +49,13 @@ def build(cfg: Config):
     rl = data.load_problems(cfg.data.rl_data) if cfg.data.rl_data else train_p
     ev = data.load_problems(cfg.data.eval_data) if cfg.data.eval_data else test_p
     if cfg.model.path:
-        model, tok = load_model(
-            cfg.model.path,
-            block_size=cfg.model.block_size or None,
-            mask_token_id=cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else None,
-            dtype=resolve_dtype(cfg.model.dtype),
-        )
+        with about("--model"):
+            model, tok = load_model(
+                cfg.model.path,
+                block_size=cfg.model.block_size or None,
+                mask_token_id=cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else None,
+                dtype=resolve_dtype(cfg.model.dtype),
+            )
     else:
         model, tok = build_tiny(
             hidden_size=cfg.model.hidden_size, num_layers=cfg.model.num_layers, num_heads=cfg.model.num_heads,
@@ -105,13 +107,11 @@ def run_eval(cfg, accel, model, tok, problems, name, seed_offset):
 def _start(argv):
     """Settings, output folder, model and data — every check before any work; nothing is written
     to ``run.out`` until all of them pass. Returns ``(cfg, accel, out, built, state)``."""
-    try:
+    with one_line_errors("train"):
         cfg = parse_config(argv, description=__doc__.split("\n\n")[0], prog="python -m dirl_min.train")
         validate(cfg)
         progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))  # a bad value fails here, not later
         runs.check_out(cfg)
-    except SettingsError as e:
-        raise SystemExit(f"dirl_min.train: error: {e}") from None
     from accelerate import Accelerator
 
     if cfg.run.threads:
@@ -119,12 +119,10 @@ def _start(argv):
     _seed_everything(cfg.run.seed)
     accel = Accelerator(cpu=not torch.cuda.is_available())
     out = Path(cfg.run.out)
-    try:
+    with one_line_errors("train"):
         check_launch(cfg, launch_of(accel))  # processes, Accelerate backend, LMDeploy on this machine
         built = build(cfg)
         found = runs.load_latest(out, cfg.to_dict(), lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
-    except (data.DataError, SettingsError) as e:
-        raise SystemExit(f"dirl_min.train: error: {e}") from None
     state = resume(out, built[0], found, cfg, accel.is_main_process)
     if accel.is_main_process and found is None:
         runs.start_fresh(out, cfg)  # a fresh run starts a fresh log (an earlier run's files: run.overwrite)

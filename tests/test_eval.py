@@ -19,6 +19,7 @@ import torch
 
 from dirl_min import eval as E
 from dirl_min.evaluation import benchmarks as EB, run as ER
+from dirl_min.infra.errors import EvalError
 from dirl_min import tasks
 from dirl_min.evaluation import responses as decode
 from dirl_min.evaluation.stats import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
@@ -224,15 +225,15 @@ def test_benchmark_names_resolve_in_the_data_dir_and_missing_ones_say_what_to_do
     bench_dir = BENCH_DIR
     got = EB.resolve_benchmarks("math500,gsm8k,aime2024,aime2025,olympiadbench", bench_dir)
     assert [(n, p.name) for n, p in got] == [(n, f"{n}.jsonl") for n in BENCH_FILES]
-    with pytest.raises(E.EvalError, match="--hub .*--data-dir"):
+    with pytest.raises(EvalError, match="--hub .*--data-dir"):
         EB.resolve_benchmarks("math500", None)
-    with pytest.raises(E.EvalError, match="holds: aime2024"):
+    with pytest.raises(EvalError, match="holds: aime2024"):
         EB.resolve_benchmarks("math501", bench_dir)
     (tmp_path / "a.jsonl").write_text('{"question": "q", "ground_truth_answer": "1"}\n')
     (tmp_path / "MATH500.json").write_text('[{"question": "q", "ground_truth_answer": "1"}]')
     assert [n for n, _ in EB.resolve_benchmarks(str(tmp_path), None)] == ["MATH500", "a"]
     assert EB.resolve_benchmarks("math500", tmp_path)[0][1].name == "MATH500.json"  # DiRL's hub file name
-    with pytest.raises(E.EvalError, match="same name|benchmark name"):
+    with pytest.raises(EvalError, match="same name|benchmark name"):
         EB.resolve_benchmarks(f"{tmp_path / 'a.jsonl'},{tmp_path / 'a.jsonl'}", None)
 
 
@@ -519,7 +520,7 @@ def test_a_malformed_data_file_is_reported_with_file_line_and_field(tmp_path):
 
 def test_a_corrupt_samples_file_is_reported_with_file_and_line(tmp_path):
     (tmp_path / "samples.jsonl").write_text('{"benchmark": "x", "threshold": 0.9, "problem": 0, "sample": 0}\nnot json\n')
-    with pytest.raises(E.EvalError, match=re.escape(f"{tmp_path / 'samples.jsonl'}:2:")):
+    with pytest.raises(EvalError, match=re.escape(f"{tmp_path / 'samples.jsonl'}:2:")):
         ER.read_records(tmp_path / "samples.jsonl")
 
 

@@ -29,7 +29,7 @@ MAY_IMPORT: dict[str, tuple[str, ...]] = {
     "core": (),
     "infra": (),
     "model": ("core", "infra"),
-    "data": ("core", "model"),
+    "data": ("core", "infra", "model"),
     "engine": ("core", "infra", "model", "data"),
     "loops": ("core", "infra", "model", "data", "engine"),
     "evaluation": ("core", "infra", "model", "data", "engine"),

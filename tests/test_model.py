@@ -186,6 +186,7 @@ def test_a_train_checkpoint_folder_is_a_model_folder_for_train_eval_and_check(tm
     load_model, dirl_min.train's --model, dirl_min.eval and dirl_min.check alike."""
     from dirl_min import check, train
     from dirl_min import eval as E
+    from dirl_min.infra.errors import EvalError
     from dirl_min.loops.state import save_checkpoint
     from dirl_min.settings.config import Config
 
@@ -208,7 +209,7 @@ def test_a_train_checkpoint_folder_is_a_model_folder_for_train_eval_and_check(tm
     for bad in (tmp_path / "missing", tmp_path / "checkpoints"):
         with pytest.raises(ValueError, match=r"not a checkpoint folder: .*model/config\.json"):
             M.load_model(bad)
-        with pytest.raises(E.EvalError, match="--model: .*not a checkpoint folder"):
+        with pytest.raises(EvalError, match="--model: .*not a checkpoint folder"):
             E.load_eval_model(str(bad))
 
 

@@ -27,7 +27,7 @@ from dirl_min.settings.config import Config, EvalConfig, SettingsError, parse_co
 from dirl_min.core.estimates import OBJECTIVES  # the rl.objective values, in the order the table lists them
 from dirl_min.evaluation.benchmarks import load_benchmarks
 from dirl_min.evaluation.responses import load_eval_model
-from dirl_min.infra.errors import EvalError
+from dirl_min.infra.errors import DirlError, EvalError
 from dirl_min.comparison.summary import step_copies
 from dirl_min.evaluation.run import SAMPLES_FILE, finalize, prepare, read_records, remove_outputs, run_shard
 from dirl_min.settings.runs import OUTPUTS, config_differences
@@ -48,7 +48,7 @@ RESERVED = ("run.out", "run.seed", "run.stages", "run.resume", "run.overwrite", 
             "rl.objective")
 
 
-class CompareError(ValueError):
+class CompareError(DirlError, ValueError):
     """Settings or an output folder the comparison cannot use; the message says which and why."""
 
 

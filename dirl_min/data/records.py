@@ -16,11 +16,12 @@ import json
 from pathlib import Path
 
 from dirl_min.data.tasks import Problem
+from dirl_min.infra.errors import DirlError
 
 __all__ = ["DataError", "read_text", "load_records", "load_problems", "load_sft"]
 
 
-class DataError(ValueError):
+class DataError(DirlError, ValueError):
     """A data file is malformed; the message names the file, the record and the field."""
 
 

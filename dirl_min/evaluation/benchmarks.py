@@ -27,7 +27,7 @@ from typing import Iterable
 from urllib.parse import urlparse
 
 from dirl_min.infra.atomic import atomic_write
-from dirl_min.infra.errors import EvalError
+from dirl_min.infra.errors import DirlError, EvalError
 from dirl_min.data import Problem
 from dirl_min.data.tasks import PLAIN_TEMPLATE
 
@@ -35,7 +35,7 @@ __all__ = ["HubSource", "HUB_SOURCES", "BENCHMARKS", "HubError", "cache_dir", "t
            "fetch", "DIRL_PROMPT", "Benchmark", "resolve_benchmarks", "load_benchmarks"]
 
 
-class HubError(RuntimeError):
+class HubError(DirlError, RuntimeError):
     """A benchmark could not be had from the Hub (offline, unreachable, unknown); the message says what to do."""
 
 

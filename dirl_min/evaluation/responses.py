@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from dirl_min.evaluation.benchmarks import Benchmark
-from dirl_min.infra.errors import EvalError
+from dirl_min.infra.errors import EvalError, ModelError, about
 
 __all__ = ["load_eval_model", "score_responses", "decoder", "decode_batch"]
 
@@ -70,11 +70,12 @@ def load_eval_model(spec: str, *, dtype: str = "auto", device=None):
         model, tok = build_tiny(seed=0, dtype=want)
         identity = {"model": "tiny", "path": None, "digest": "build_tiny(seed=0)"}
     else:
-        try:
-            path = checkpoint_folder(spec)
-        except ValueError as e:
-            raise EvalError(f"--model: {e}") from None
-        model, tok = load_model(path, dtype=want)
+        with about("--model"):
+            try:
+                path = checkpoint_folder(spec)
+            except ModelError as e:
+                raise EvalError(str(e)) from None
+            model, tok = load_model(path, dtype=want)
         identity = {"model": str(spec), "path": str(path.resolve()), "digest": _weights_digest(path)}
     if device is not None:
         model.to(device)

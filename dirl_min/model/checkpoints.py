@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dirl_min.infra.atomic import atomic_dir
+from dirl_min.infra.errors import ModelError
 from dirl_min.model.tokenizers import load_tokenizer
 
 # SDAR config.json fields that are not Qwen3 configuration: remote-code plumbing and settings of
@@ -129,18 +130,43 @@ def _resolve_diffusion_fields(cfg_dict: dict, block_size, mask_token_id) -> tupl
     return resolved["block_size"], resolved["mask_token_id"]
 
 
+def _read_config(file: Path) -> dict:
+    """A checkpoint's config.json as a dict; :class:`ModelError` naming the file if it is not one."""
+    try:
+        cfg_dict = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file}: not a readable JSON file ({e})") from None
+    if not isinstance(cfg_dict, dict):
+        raise ModelError(f"{file}: expected a JSON object, got {type(cfg_dict).__name__}")
+    return cfg_dict
+
+
+def _check_headers(files: list[Path]) -> None:
+    """Read each safetensors file's header (not its tensors): a truncated or corrupt file is named here,
+    not deep inside transformers."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # SafetensorError, OSError: the message says which
+            raise ModelError(f"{f}: not a readable safetensors file ({e})") from None
+
+
 def _check_weights(path: Path) -> None:
     files = [p.name for p in path.iterdir() if p.is_file()]
     if any(f.endswith(".safetensors") for f in files) or "model.safetensors.index.json" in files:
+        _check_headers(sorted(path / f for f in files if f.endswith(".safetensors")))
         return
     pickles = sorted(f for f in files if f.endswith(_PICKLE_SUFFIXES))
     if pickles:
-        raise ValueError(
+        raise ModelError(
             f"{path} holds only pickled weights ({', '.join(pickles)}); dirl_min loads only *.safetensors "
             "because loading pickles can run arbitrary code. Convert them to safetensors in a trusted "
             "environment (e.g. load there and save with safetensors.torch.save_file / save_pretrained)."
         )
-    raise ValueError(f"{path} has no weights (*.safetensors or model.safetensors.index.json)")
+    raise ModelError(f"{path} has no weights (*.safetensors or model.safetensors.index.json)")
 
 
 #: the subfolder of a ``dirl_min.train`` checkpoint (``<ckpt>/model`` + ``<ckpt>/trainer_state.pt``)
@@ -167,7 +193,7 @@ def checkpoint_folder(path) -> Path:
     if (inner / "config.json").is_file():
         return inner
     what = "does not exist" if not path.exists() else ("is not a folder" if not path.is_dir() else "has no config.json")
-    raise ValueError(f"{path} is not a checkpoint folder: it {what}, and there is no {inner}/config.json "
+    raise ModelError(f"{path} is not a checkpoint folder: it {what}, and there is no {inner}/config.json "
                      "(a dirl_min.train checkpoint)")
 
 
@@ -209,7 +235,7 @@ def load_model(
         :func:`save_model` writes SDAR's format back.
     """
     path = checkpoint_folder(path)
-    cfg_dict = json.loads((path / "config.json").read_text())
+    cfg_dict = _read_config(path / "config.json")
     model_type = cfg_dict.get("model_type")
     config, model_cls = _config_and_class(path, cfg_dict)
     bs, mask_id = _resolve_diffusion_fields(cfg_dict, block_size, mask_token_id)
@@ -227,7 +253,7 @@ def load_model(
     )
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if problems:
-        raise ValueError(f"weights in {path} do not match the {type(model).__name__} architecture: {problems}")
+        raise ModelError(f"weights in {path} do not match the {type(model).__name__} architecture: {problems}")
     # Restore after from_pretrained (which may rebuild the config object).
     model.config.block_size, model.config.mask_token_id = bs, mask_id
     if device is not None:
