@@ -61,10 +61,20 @@ def _print_table(result: dict[str, Any]) -> None:
         print(" | ".join(x.ljust(w) for x, w in zip(line[:5], widths)) + " | " + line[5])
 
 
+def _shape_option() -> argparse.ArgumentParser:
+    """``--shape NAME`` in ``bench --help``: ``main`` hands such a command line to :func:`shape_main`
+    before these options are parsed."""
+    shape = argparse.ArgumentParser(add_help=False)
+    shape.add_argument("--shape", metavar="NAME", default=argparse.SUPPRESS,
+                       help="run the real-shape training-step benchmark instead (" + ", ".join(shapes.SHAPES)
+                            + "); python -m dirl_min.bench --shape NAME --help lists its options")
+    return shape
+
+
 def _parser_kw() -> dict:
     from dirl_min.settings.commands import BENCH_ALIASES, BenchCommand
 
-    return dict(prog="python -m dirl_min.bench", root=BenchCommand, aliases=BENCH_ALIASES,
+    return dict(prog="python -m dirl_min.bench", root=BenchCommand, aliases=BENCH_ALIASES, parents=[_shape_option()],
                 description="Benchmark block-diffusion decoding and DiPO rescoring on CPU (float32), figures measured "
                             "side by side in one run on random models with a sharpened output head. --shape NAME runs "
                             "the real-shape training-step benchmark instead (python -m dirl_min.bench --shape qwen3-0.6b --help).")

@@ -61,6 +61,7 @@ def build(cfg: Config):
             hidden_size=cfg.model.hidden_size, num_layers=cfg.model.num_layers, num_heads=cfg.model.num_heads,
             num_kv_heads=cfg.model.num_kv_heads, head_dim=max(1, cfg.model.hidden_size // cfg.model.num_heads),
             intermediate_size=cfg.model.intermediate_size, block_size=cfg.model.block_size or 4, seed=cfg.run.seed,
+            dtype=resolve_dtype(cfg.model.dtype),  # auto: float32 on CPU, as the weights are built
         )
     attn = cfg.model.attn_implementation
     if attn == "auto":

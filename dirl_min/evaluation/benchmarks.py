@@ -271,6 +271,9 @@ def resolve_benchmarks(spec: str, data_dir: Path | None) -> list[tuple[str, Path
             continue
         if "/" in item or os.sep in item or item.endswith(DATA_SUFFIXES):
             raise EvalError(f"--benchmarks: no such file or folder: {item}")
+        if data_dir is None and item.lower() not in BENCHMARKS:
+            raise EvalError(f"--benchmarks: {item!r} is not a file, a folder or a benchmark name "
+                            f"({', '.join(BENCHMARKS)})")
         if data_dir is None:
             raise EvalError(
                 f"--benchmarks: {item!r} is a benchmark name but no --data-dir was given; pass --hub (downloads "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class ModelConfig:
     num_heads: int = _f(4, "tiny model: attention heads")
     num_kv_heads: int = _f(2, "tiny model: key/value heads")
     intermediate_size: int = _f(256, "tiny model: MLP width")
-    dtype: str = _f("auto", "float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    dtype: str = _f("auto", "float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU); the tiny model too")
     attn_implementation: str = _f("auto", "sdpa, flex_attention, eager or auto (flex on GPU, sdpa on CPU)")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
 
@@ -98,7 +99,7 @@ class RLConfig:
     micro_batch: int = _f(0, "responses per training forward (0 = all kept responses of a rollout at once)")
     sampling_rounds: int = _f(1, "dynamic sampling: at most this many rounds of prompts to fill the batch with mixed groups")
     group_filter: str = _f("reward_std", "dynamic sampling keeps groups whose rewards differ (reward_std, DiRL) or whose accuracy is neither all 0 nor all 1 (accuracy, DAPO); the same with accuracy-only rewards")
-    rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength")
+    rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength, cosine")
     temperature: float = _f(1.0, "rollout temperature")
     top_k: int = _f(0, "rollout top-k (0 = off; DiRL: 50)")
     top_p: float = _f(1.0, "rollout top-p")
@@ -169,26 +170,27 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _parse_value(text: str, current, name: str):
-    """Parse a command-line value to the type of the setting's default."""
+def _parse_value(text: str, current, where: str):
+    """Parse a text value to the type of the setting's default; ``where`` names it in a message
+    (``--sft.steps`` on the command line, ``FILE: sft.steps`` in a YAML file)."""
     if isinstance(current, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise SettingsError(f"--{name}: expected true/false, got {text!r}")
+        raise SettingsError(f"{where}: expected true/false, got {text!r}")
     if isinstance(current, (list, dict)):
         if isinstance(current, list) and not text.lstrip().startswith("["):  # a comma list: 1,2 or sft,rl or off
             value = [_scalar(v.strip()) for v in text.split(",") if v.strip()]
         else:
             value = yaml.safe_load(text)
         if not isinstance(value, type(current)):
-            raise SettingsError(f"--{name}: expected a {type(current).__name__} (YAML), got {text!r}")
+            raise SettingsError(f"{where}: expected a {type(current).__name__} (YAML), got {text!r}")
         return value
     try:
         return type(current)(text)
     except ValueError:
-        raise SettingsError(f"--{name}: expected {type(current).__name__}, got {text!r}") from None
+        raise SettingsError(f"{where}: expected {type(current).__name__}, got {text!r}") from None
 
 
 def _scalar(text: str):
@@ -205,17 +207,25 @@ def _apply(cfg, dotted: str, value, source: str) -> None:
     section, _, name = dotted.partition(".")
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub) or not name or not hasattr(sub, name):
-        known = ", ".join(f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name)))
-        raise SettingsError(f"{source}: unknown setting {dotted!r}; known settings: {known}")
+        raise SettingsError(f"{source}: unknown setting {dotted!r}; {_suggestion(cfg, dotted)}")
     current = getattr(sub, name)
     if isinstance(value, str) and not isinstance(current, str):
-        value = _parse_value(value, current, dotted)
+        value = _parse_value(value, current, f"--{dotted}" if source == "command line" else f"{source}: {dotted}")
     elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     elif not isinstance(value, type(current)) or isinstance(value, bool) != isinstance(current, bool):
         # bool is a subclass of int: without the second test YAML's `steps: true` would mean 1 step
         raise SettingsError(f"{source}: {dotted} must be {type(current).__name__}, got {value!r}")
     setattr(sub, name, value)
+
+
+def _suggestion(cfg, dotted: str) -> str:
+    """``did you mean …?`` for a misspelt setting, else where the settings are listed."""
+    known = [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+    close = difflib.get_close_matches(dotted, known, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]}?"
+    return f"the sections are {', '.join(s.name for s in dataclasses.fields(cfg))}; --help lists every setting"
 
 
 def load_yaml(cfg, path: str | Path) -> None:
@@ -329,5 +339,5 @@ def flat(cfg, aliases: dict) -> argparse.Namespace:
         out.update({f.lstrip("-").replace("-", "_"): get_setting(cfg, dotted) for f in flags})
     for flag, (dotted, value) in const.items():
         current = get_setting(cfg, dotted)
-        out[flag.lstrip("-").replace("-", "_")] = current == _parse_value(value, current, dotted)
+        out[flag.lstrip("-").replace("-", "_")] = current == _parse_value(value, current, f"--{dotted}")
     return argparse.Namespace(**out)
