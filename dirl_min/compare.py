@@ -33,7 +33,7 @@ QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps",
 EPILOG = (
     "Every other option is a setting of python -m dirl_min.train (--section.name VALUE, or --config FILE), "
     "given to every run, e.g. --rl.steps 300 --eval.samples 8. The comparison sets run.out, run.seed, "
-    "run.stages, run.save_every, run.log_every and rl.objective itself. The runs' own evaluations are cut to one "
+    "run.stages, run.save_every, run.log_every, run.keep_checkpoints (0: every checkpoint is evaluated) and rl.objective itself. The runs' own evaluations are cut to one "
     "sample of one problem (whatever eval.* says); each checkpoint is evaluated here with the eval.* and decode.* "
     "settings, so other eval.* settings redo evaluations, not runs.\n\n"
     "Rerunning into the same --out reuses finished runs and evaluations with equal settings and continues "

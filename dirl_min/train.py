@@ -137,15 +137,17 @@ def _start(argv):
 
 
 @contextmanager
-def _locked(out: Path, accel, what: str):
+def _locked(out: Path, accel, what: str, check):
     """The output folder's lock (:func:`dirl_min.atomic.folder_lock`), held by the main process for the
-    block; refused on every process when another job holds it (one decision for all processes)."""
+    block, which then runs ``check()`` again (another job may have written the folder since the first
+    check). Refused on every process when another job holds the lock or the check fails (one decision)."""
     with ExitStack() as stack:
         busy = None
         if accel.is_main_process:
             try:
                 stack.enter_context(folder_lock(out, f"{what}, {accel.num_processes} process(es)"))
-            except FolderBusy as e:
+                check()
+            except (FolderBusy, SettingsError) as e:
                 busy = str(e)
         busy = all_ranks(accel, busy)[0]
         if busy:
@@ -154,10 +156,9 @@ def _locked(out: Path, accel, what: str):
 
 
 def _resume(cfg, record, accel, out, model) -> dict:
-    """Under the lock: the folder checked again (another job may have written it since), the stale
-    temporaries of killed writes removed, the latest checkpoint loaded or a fresh run begun."""
+    """Under the lock: the stale temporaries of killed writes removed, the latest checkpoint loaded or
+    a fresh run begun."""
     try:
-        runs.check_out(cfg, record)
         found = runs.load_latest(out, record, lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
     except SettingsError as e:
         raise SystemExit(f"dirl_min.train: error: {e}") from None
@@ -198,9 +199,12 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     cfg, record, accel, out, built = _start(argv)
     try:
-        with _locked(out, accel, "dirl_min.train"), Interrupts(accel) as stop:
+        with _locked(out, accel, "dirl_min.train", lambda: runs.check_out(cfg, record)), Interrupts(accel) as stop:
             state = _resume(cfg, record, accel, out, built[0])
             summary = _train(cfg, record, accel, out, built, state, stop, t_start)
+            _finish(cfg, summary)
+            if accel.is_main_process:
+                _write_outputs(out, summary)
     except _Stopped as e:
         signum, ck = e.args
         if accel.is_main_process:
@@ -208,9 +212,6 @@ def main(argv=None) -> dict:
             print(f"{signal.Signals(signum).name}: stopped; saved {ck}. Continue with the same settings and "
                   f"--resume:\n  python -m dirl_min.train {shlex.join(map(str, args))} --resume", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
-    _finish(cfg, summary)
-    if accel.is_main_process:
-        _write_outputs(out, summary)
     return summary
 
 

@@ -8,7 +8,6 @@ import json
 import pytest
 
 from dirl_min.data.records import load_problems, load_records
-from dirl_min.evaluation.benchmarks import jsonl_text
 
 # characters str.splitlines breaks at that JSON allows raw inside a string (GSM8K's train file has U+2028)
 LINE_BREAKS_INSIDE_STRINGS = "\u2028\u2029\x85\x1c\x1d\x1e\x0b\x0c"
@@ -24,6 +23,8 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
 
 
 def test_the_hub_cache_reads_back_what_it_writes(tmp_path):
+    from dirl_min.evaluation.benchmarks import jsonl_text
+
     path = tmp_path / "gsm8k.jsonl"
     records = [{"question": "Janet\u2028sells eggs.\u2029How many?", "ground_truth_answer": "18"},
                {"question": "Ünïcode ✓", "ground_truth_answer": "1"}]

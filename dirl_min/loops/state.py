@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -147,8 +148,9 @@ class Interrupts:
         self.signum = signum
         for s in self.SIGNALS:
             signal.signal(s, self._again)
-        print(f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
-              "(send it again to stop at once, without one)", file=sys.stderr, flush=True)
+        # os.write, not print: a handler that prints while the interrupted code prints raises "reentrant call"
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
+                    "(send it again to stop at once, without one)\n".encode())
 
     def _again(self, signum, frame) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
