@@ -128,32 +128,57 @@ def _holder(out):
     return proc
 
 
-def test_a_second_job_on_a_folder_in_use_is_refused_naming_the_holder(tmp_path):
-    """Two real processes: a live holder refuses train and eval (pid and host named, nothing written);
-    once it is killed (-9: no clean-up), its lock file is left behind and blocks nothing."""
+def test_a_resubmitted_training_job_is_refused_while_the_first_runs(tmp_path):
+    """The reported fault: a second --resume while the first run was going was accepted, and both wrote
+    metrics.jsonl. Two real jobs: the second is refused naming the first's pid and host, and writes
+    nothing; the first, killed with -9 (no clean-up), leaves its lock file, which blocks nobody."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from dirl_min import train
+    from dirl_min.atomic import LOCK_FILE, folder_lock
+
+    out = tmp_path / "run"
+    args = _small(out, "--sft.steps", "300", "--run.log_every", "1")
+    first = subprocess.Popen([sys.executable, "-m", "dirl_min.train", *args], stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "DIRL_PROGRESS": "lines"})
+    try:
+        for line in first.stderr:
+            if line.startswith("sft step 1/"):
+                break
+        with pytest.raises(SystemExit, match=f"dirl_min.train: error: {out} is in use by another job: "
+                                             f"pid {first.pid} on host {socket.gethostname()}"):
+            train.main([*args, "--resume"])
+        assert first.poll() is None  # still training, alone
+    finally:
+        first.kill()
+        first.wait()
+    assert (out / LOCK_FILE).read_text().startswith(f"pid {first.pid} ")  # left behind by the dead job
+    with folder_lock(out, "after"):
+        assert (out / LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_eval_refuses_a_folder_in_use(tmp_path):
     import signal
     import socket
 
-    from dirl_min import eval as eval_face, train
-    from dirl_min.atomic import LOCK_FILE, folder_lock
-
+    from dirl_min import eval as eval_face
+    from dirl_min.atomic import LOCK_FILE
     from dirl_min.model import build_tiny, save_model
 
     save_model(*build_tiny(seed=0), tmp_path / "tiny")
-    out = tmp_path / "run"
+    out = tmp_path / "eval"
     holder = _holder(out)
     try:
-        who = f"pid {holder.pid} on host {socket.gethostname()}"
-        with pytest.raises(SystemExit, match=f"dirl_min.train: error: {out} is in use by another job: {who}"):
-            train.main(["--out", str(out), "--resume", "--sft.steps", "1", "--rl.steps", "1"])
-        with pytest.raises(SystemExit, match=f"dirl_min.eval: error: {out} is in use by another job: {who}"):
+        with pytest.raises(SystemExit, match=f"dirl_min.eval: error: {out} is in use by another job: "
+                                             f"pid {holder.pid} on host {socket.gethostname()}"):
             eval_face.main(["--model", str(tmp_path / "tiny"), "--task", "embedded", "--out", str(out)])
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing written
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    with folder_lock(out, "after"):
-        assert (out / LOCK_FILE).read_text().startswith(f"pid {__import__('os').getpid()} ")
 
 
 # ---- 4: interrupts ----
