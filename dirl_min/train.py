@@ -6,7 +6,8 @@
     accelerate launch --num_processes 8 -m dirl_min.train --config ...
 
 Outputs under ``--run.out``: ``summary.json``, ``metrics.jsonl``, TensorBoard events,
-``curves.png``, and ``checkpoints/`` (resumable with ``--run.resume true``).
+``curves.png``, and ``checkpoints/`` (resumable with ``--run.resume true``). The job holds the folder's
+lock (one job per folder); SIGINT / SIGTERM end it after the current step with a checkpoint.
 """
 
 from __future__ import annotations
