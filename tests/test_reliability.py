@@ -223,6 +223,49 @@ def test_an_interrupt_finishes_the_step_saves_a_checkpoint_and_says_how_to_resum
     assert "Traceback" not in err
 
 
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_two_processes_stop_after_the_same_step_when_only_one_is_signalled(tmp_path, repo_root):
+    """`accelerate launch`, 2 CPU processes; SIGTERM reaches process 1 only. Process 0 learns of it through
+    the per-step all-reduce: both stop after the same step (no hang: their collectives stayed matched),
+    process 0 writes the checkpoint and the log ends at its step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    out = tmp_path / "run"
+    args = _small(out, "--sft.steps", "300", "--run.log_every", "1", "--run.stages", "[sft]")
+    config = repo_root / "configs" / "accelerate" / "cpu-2proc.yaml"
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                                 "-m", "dirl_min.train", *args], stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "DIRL_PROGRESS": "lines"})
+    seen = []
+    for line in launcher.stderr:
+        seen.append(line)
+        if line.startswith("sft step 2/"):
+            break
+    workers = _children(launcher.pid)
+    env = {w: dict(e.split("=", 1) for e in open(f"/proc/{w}/environ").read().split("\0") if "=" in e) for w in workers}
+    rank1 = [w for w in workers if env[w].get("RANK") == "1"]
+    assert len(workers) == 2 and len(rank1) == 1, workers
+    os.kill(rank1[0], signal.SIGTERM)
+    err = "".join(seen) + launcher.communicate(timeout=300)[1]
+    assert launcher.returncode != 0
+    (ck,) = (out / "checkpoints").iterdir()
+    state = torch.load(ck / "trainer_state.pt", weights_only=True)
+    assert state["stage"] == "sft" and 2 <= state["step"] < 300 and ck.name == f"sft-{state['step']:06d}", err[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == state["step"]
+    assert f"SIGTERM: stopped; saved {ck}. Continue with the same settings and --resume:" in err
+
+
 class _Accel:
     def __init__(self, world, others=0.0):
         self.num_processes, self.device, self.others = world, "cpu", others
