@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
-from dirl_min.infra.atomic import atomic_write
 from dirl_min.comparison import runner as cmp
 from dirl_min.comparison import summary as rep
+from dirl_min.infra.atomic import atomic_write, folder_lock
 from dirl_min.infra.errors import DirlError
 
 #: --quick: tiny budgets, prepended to the given settings (which override them)
@@ -32,7 +33,7 @@ QUICK = ["--data.task_max_operand", "9", "--data.held_out", "40", "--sft.steps",
 EPILOG = (
     "Every other option is a setting of python -m dirl_min.train (--section.name VALUE, or --config FILE), "
     "given to every run, e.g. --rl.steps 300 --eval.samples 8. The comparison sets run.out, run.seed, "
-    "run.stages, run.save_every, run.log_every and rl.objective itself. The runs' own evaluations are cut to one "
+    "run.stages, run.save_every, run.log_every, run.keep_checkpoints (0: every checkpoint is evaluated) and rl.objective itself. The runs' own evaluations are cut to one "
     "sample of one problem (whatever eval.* says); each checkpoint is evaluated here with the eval.* and decode.* "
     "settings, so other eval.* settings redo evaluations, not runs.\n\n"
     "Rerunning into the same --out reuses finished runs and evaluations with equal settings and continues "
@@ -96,11 +97,14 @@ def _evaluate(run, args, tools) -> list[tuple[dict, list[float]]]:
     return out
 
 
-def compare(args, settings: list[str], tools: cmp.Tools) -> dict:
-    """Plan (every refusal before any work), train, evaluate; returns compare.json's content."""
+def compare(args, settings: list[str], tools: cmp.Tools, stack: ExitStack | None = None) -> dict:
+    """Plan (every refusal before any work), train, evaluate; returns compare.json's content.
+    ``stack``: holds ``--out``'s lock from the end of the planning until it closes."""
     out = Path(args.out)
     plan = cmp.plan_runs(out, settings, args.objectives, args.seeds, args.cfg)
     actions = cmp.plan_actions(plan, args.overwrite)
+    if stack is not None:
+        stack.enter_context(folder_lock(out, "dirl_min.compare"))
     for run in plan:
         cmp.execute(run, actions[run.name], tools.train)
     (start, _), = _evaluate(plan[0], args, tools)
@@ -120,10 +124,17 @@ def main(argv=None) -> dict:
     from dirl_min import eval as eval_face, train
 
     tools = cmp.Tools(train=lambda a: train.main(a), eval_args=eval_face.parse_args)
-    try:
-        result = compare(args, settings, tools)
-    except DirlError as e:
-        raise SystemExit(f"dirl_min.compare: error: {e}") from None
+    with ExitStack() as stack:  # one comparison per --out: its lock is held until the outputs are written
+        try:
+            result = compare(args, settings, tools, stack)
+        except DirlError as e:
+            raise SystemExit(f"dirl_min.compare: error: {e}") from None
+        _write(args, argv, result)
+    return result
+
+
+def _write(args, argv, result: dict) -> None:
+    """compare.json, compare.md, compare.png and the table."""
     out, k = Path(args.out), args.cfg.eval.samples
     head, rows = rep.table_rows(result["start"], result["table"], k)
     note = f"python -m dirl_min.compare {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
@@ -133,7 +144,6 @@ def main(argv=None) -> dict:
     print(rep.text_table(head, rows))
     print(rep.CI_NOTE)
     print(f"outputs in {out}/ (compare.md, compare.json, compare.png)", file=sys.stderr)
-    return result
 
 
 if __name__ == "__main__":

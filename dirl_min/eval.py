@@ -28,11 +28,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from dirl_min.evaluation.benchmarks import load_benchmarks
+from dirl_min.infra.atomic import FolderBusy, folder_lock, remove_temporaries
 from dirl_min.evaluation.responses import load_eval_model
-from dirl_min.infra.errors import one_line_errors
+from dirl_min.infra.errors import EvalError, one_line_errors
 from dirl_min.evaluation.report import summarize
 from dirl_min.evaluation.run import RESULTS_FILE, finalize, prepare, remove_outputs, run_shard
 
@@ -110,16 +112,41 @@ def evaluate_main(args) -> dict | None:
 
     # cpu=True lets a CPU-only machine run several processes (gloo) under accelerate launch / torchrun.
     state = PartialState(cpu=not torch.cuda.is_available())
-    rank, world = state.process_index, state.num_processes
-    if args.overwrite and state.is_main_process:
-        remove_outputs(Path(args.out))
-    state.wait_for_everyone()
     model, tok, identity = load_eval_model(args.model, dtype=args.dtype, device=state.device)
-    run = prepare(args, model, tok, identity, benches, is_main=state.is_main_process)
-    state.wait_for_everyone()
+    with ExitStack() as stack:
+        _lock(Path(args.out), state, stack)
+        if args.overwrite and state.is_main_process:
+            remove_outputs(Path(args.out))
+        state.wait_for_everyone()
+        run = prepare(args, model, tok, identity, benches, is_main=state.is_main_process)
+        state.wait_for_everyone()
+        return _run(args, run, model, tok, state, t0)
+
+
+def _lock(out: Path, state, stack: ExitStack) -> None:
+    """The output folder's lock, held by the main process until ``stack`` closes; the stale temporaries
+    of killed writes removed. Another job's lock refuses on every process (one decision for all)."""
+    busy = None
+    if state.is_main_process:
+        try:
+            stack.enter_context(folder_lock(out, f"dirl_min.eval, {state.num_processes} process(es)"))
+            remove_temporaries(out)
+        except FolderBusy as e:
+            busy = str(e)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        busy = broadcast_object_list([busy])[0]
+    if busy:
+        raise EvalError(busy)
+
+
+def _run(args, run, model, tok, state, t0) -> dict | None:
+    """Decode this process's shard; the main process merges and reports."""
+    rank, world = state.process_index, state.num_processes
     if state.is_main_process:
         total = sum(len(b.problems) for b in run.benchmarks) * args.samples * len(args.thresholds)
-        print(f"dirl_min.eval: model {identity['path'] or identity['model']} ({identity['dtype']}), "
+        print(f"dirl_min.eval: model {run.identity['path'] or run.identity['model']} ({run.identity['dtype']}), "
               f"{len(run.benchmarks)} benchmark(s), {total} samples, {world} process(es) -> {run.out}",
               file=sys.stderr)
     run_shard(run, model, tok, rank, world, progress=not args.no_progress)

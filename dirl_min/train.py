@@ -6,20 +6,25 @@
     accelerate launch --num_processes 8 -m dirl_min.train --config ...
 
 Outputs under ``--run.out``: ``summary.json``, ``metrics.jsonl``, TensorBoard events,
-``curves.png``, and ``checkpoints/`` (resumable with ``--run.resume true``).
+``curves.png``, and ``checkpoints/`` (resumable with ``--run.resume true``). The job holds the folder's
+lock (one job per folder); SIGINT / SIGTERM end it after the current step with a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
-from dirl_min.infra.atomic import atomic_write
+from dirl_min.infra.atomic import FolderBusy, atomic_write, folder_lock, remove_temporaries
+from dirl_min.infra.data_parallel import all_ranks
 from dirl_min.infra.errors import SettingsError, about, one_line_errors
 from dirl_min.settings.config import Config, parse_config
 from dirl_min.model.forward import unwrap
@@ -28,7 +33,7 @@ from dirl_min import data
 from dirl_min.settings import runs
 from dirl_min.loops.rl import run_rl
 from dirl_min.loops.sft import run_sft
-from dirl_min.loops.state import Checkpoints, MetricsLog, resume, seed_everything as _seed_everything
+from dirl_min.loops.state import Checkpoints, Interrupts, MetricsLog, resume, seed_everything as _seed_everything
 from dirl_min.infra.progress import progress_mode
 from dirl_min.settings.checks import check_launch, launch_of, validate
 from dirl_min.infra.sharding import full_parameters
@@ -106,72 +111,158 @@ def run_eval(cfg, accel, model, tok, problems, name, seed_offset):
 
 
 def _start(argv):
-    """Settings, output folder, model and data — every check before any work; nothing is written
-    to ``run.out`` until all of them pass. Returns ``(cfg, accel, out, built, state)``."""
+    """Settings, launch, model and data — every check before any work; nothing is written to
+    ``run.out`` until all of them pass. Returns ``(cfg, record, accel, out, built)``."""
     with one_line_errors("train"):
         cfg = parse_config(argv, description=__doc__.split("\n\n")[0], prog="python -m dirl_min.train")
         validate(cfg)
         progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))  # a bad value fails here, not later
-        runs.check_out(cfg)
+        record = runs.run_record(cfg)  # the settings and the data files' hashes
+        runs.check_out(cfg, record)
     from accelerate import Accelerator
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     _seed_everything(cfg.run.seed)
     accel = Accelerator(cpu=not torch.cuda.is_available())
-    out = Path(cfg.run.out)
     with one_line_errors("train"):
         check_launch(cfg, launch_of(accel))  # processes, Accelerate backend, LMDeploy on this machine
         built = build(cfg)
-        found = runs.load_latest(out, cfg.to_dict(), lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
-    state = resume(out, built[0], found, cfg, accel.is_main_process)
+    return cfg, record, accel, Path(cfg.run.out), built
+
+
+@contextmanager
+def _locked(out: Path, accel, what: str, check):
+    """The output folder's lock (:func:`dirl_min.infra.atomic.folder_lock`), held by the main process for the
+    block, which then runs ``check()`` again (another job may have written the folder since the first
+    check). Refused on every process when another job holds the lock or the check fails (one decision)."""
+    with ExitStack() as stack:
+        busy = None
+        if accel.is_main_process:
+            try:
+                stack.enter_context(folder_lock(out, f"{what}, {accel.num_processes} process(es)"))
+                check()
+            except (FolderBusy, SettingsError) as e:  # both DirlError
+                busy = str(e)
+        busy = all_ranks(accel, busy)[0]
+        if busy:
+            raise SystemExit(f"{what}: error: {busy}")
+        yield
+
+
+def _resume(cfg, record, accel, out, model) -> dict:
+    """Under the lock: the stale temporaries of killed writes removed, the latest checkpoint loaded or
+    a fresh run begun."""
+    with one_line_errors("train"):
+        found = runs.load_latest(out, record, lambda p: load_model(p)[0].state_dict()) if cfg.run.resume else None
+    if accel.is_main_process:
+        for p in remove_temporaries(out, recursive_into=("checkpoints",)):
+            print(f"removed {p}, left by an interrupted write", file=sys.stderr)
+    state = resume(out, model, found, cfg, accel.is_main_process)
     if accel.is_main_process and found is None:
-        runs.start_fresh(out, cfg)  # a fresh run starts a fresh log (an earlier run's files: run.overwrite)
+        runs.start_fresh(out, cfg, record)  # a fresh run starts a fresh log (an earlier run's files: run.overwrite)
     accel.wait_for_everyone()
-    return cfg, accel, out, built, state
+    return state
+
+
+class _Seconds:
+    """Timings in the summary (``wall_seconds``, ``<stage>_seconds``) summed over the processes of a
+    resumed run: each checkpoint saves them as they are, and a resumed run continues from there."""
+
+    def __init__(self, summary: dict):
+        self.summary, self.base, self.t0 = summary, {}, {}
+
+    def start(self, key: str, t0: float | None = None) -> None:
+        self.base[key], self.t0[key] = self.summary.get(key, 0.0), time.perf_counter() if t0 is None else t0
+
+    def update(self) -> None:
+        for key, t0 in self.t0.items():
+            self.summary[key] = self.base[key] + time.perf_counter() - t0
+
+    def stop(self, key: str) -> None:
+        self.update()
+        del self.t0[key]
+
+
+class _Stopped(Exception):
+    """A stop asked by a signal: its checkpoint is saved (``args``: the signal number, the checkpoint)."""
 
 
 def main(argv=None) -> dict:
     t_start = time.perf_counter()
-    cfg, accel, out, built, state = _start(argv)
+    cfg, record, accel, out, built = _start(argv)
+    try:
+        with _locked(out, accel, "dirl_min.train", lambda: runs.check_out(cfg, record)), Interrupts(accel) as stop:
+            state = _resume(cfg, record, accel, out, built[0])
+            summary = _train(cfg, record, accel, out, built, state, stop, t_start)
+            _finish(cfg, summary)
+            if accel.is_main_process:
+                _write_outputs(out, summary)
+    except _Stopped as e:
+        signum, ck = e.args
+        if accel.is_main_process:
+            args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--overwrite")]
+            print(f"{signal.Signals(signum).name}: stopped; saved {ck}. Continue with the same settings and "
+                  f"--resume:\n  python -m dirl_min.train {shlex.join(map(str, args))} --resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    return summary
+
+
+def _train(cfg, record, accel, out, built, state, stop, t_start) -> dict:
+    """The evaluations and stages; returns the summary. A stop (:class:`Interrupts`) ends the job
+    after a checkpoint, with the command that continues it."""
     model, tok, sft_data, rl_problems, eval_problems = built
     model.to(accel.device)
     # Train mode for the updates (transformers checkpoints layers only in train mode; load_model
     # returns eval mode); rollouts and evaluation switch to eval mode themselves.
     model.train()
     summary = state.get("summary", {})
+    seconds = _Seconds(summary)
+    seconds.start("wall_seconds", t_start)
     mode = progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))
     progress = mode == "bar"
-    log = MetricsLog(out, accel.is_main_process, lines=mode == "lines")
-    checkpoints = Checkpoints(out, cfg, accel, model, tok, summary, state.get("ckpt_index", 0))
+    log = MetricsLog(out, accel.is_main_process, lines=mode == "lines", summary=summary if state else None)
+    checkpoints = Checkpoints(out, cfg, accel, model, tok, summary, state.get("ckpt_index", 0), record=record)
 
     done = set(state.get("done", []))
     if "base" not in summary:
-        summary["base"] = run_eval(cfg, accel, model, tok, eval_problems, "base", 0)
-        if accel.is_main_process:
-            print(f"base: {json.dumps({k: v for k, v in summary['base'].items() if k != 'per_problem'})}", file=sys.stderr)
-    stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress),
-              "rl": lambda st: run_rl(cfg, accel, model, tok, rl_problems, log, st, progress)}
+        _evaluated(cfg, accel, log, summary, "base", run_eval(cfg, accel, model, tok, eval_problems, "base", 0))
+    stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress, stop),
+              "rl": lambda st: run_rl(cfg, accel, model, tok, rl_problems, log, st, progress, stop)}
     for stage in cfg.run.stages:
         steps = getattr(cfg, stage).steps
         if stage in done or steps <= 0:
             continue
-        t0 = time.perf_counter()
+        seconds.start(f"{stage}_seconds")
         st = state if state.get("stage") == stage else {}
         log.begin(stage, st.get("step", 0), steps)
         for _, ck_state in stages[stage](st):
+            seconds.update()
             checkpoints.save(f"{stage}-{ck_state['step']:06d}", {**ck_state, "done": sorted(done)})
+        if stop.stopping:
+            _stop(stop, checkpoints, log)
         done.add(stage)
-        summary[f"{stage}_seconds"] = summary.get(f"{stage}_seconds", 0.0) + time.perf_counter() - t0
-        summary[stage] = run_eval(cfg, accel, model, tok, eval_problems, stage, len(done))
-        if accel.is_main_process:
-            print(f"{stage}: {json.dumps({k: v for k, v in summary[stage].items() if k != 'per_problem'})}", file=sys.stderr)
+        seconds.stop(f"{stage}_seconds")
+        _evaluated(cfg, accel, log, summary, stage, run_eval(cfg, accel, model, tok, eval_problems, stage, len(done)))
+        seconds.update()
         checkpoints.save(f"{stage}-final", {"stage": f"{stage}-done", "step": steps, "done": sorted(done)})
-    summary["wall_seconds"] = summary.get("wall_seconds", 0.0) + time.perf_counter() - t_start
-    _finish(cfg, summary)
-    if accel.is_main_process:
-        _write_outputs(out, summary, log)
+        if stage != cfg.run.stages[-1] and stop():  # after the last stage only the outputs remain: finish
+            _stop(stop, checkpoints, log)
+    seconds.update()
+    log.close()
     return summary
+
+
+def _evaluated(cfg, accel, log, summary: dict, stage: str, result: dict) -> None:
+    summary[stage] = result
+    log.evaluation(stage, result)
+    if accel.is_main_process:
+        print(f"{stage}: {json.dumps({k: v for k, v in result.items() if k != 'per_problem'})}", file=sys.stderr)
+
+
+def _stop(stop, checkpoints, log) -> None:
+    log.close()
+    raise _Stopped(stop.signum or signal.SIGTERM, checkpoints.last)  # no signum: another process got it
 
 
 def _finish(cfg, summary: dict) -> None:
@@ -183,14 +274,23 @@ def _finish(cfg, summary: dict) -> None:
     summary["seed"] = cfg.run.seed
 
 
-def _write_outputs(out: Path, summary: dict, log: MetricsLog) -> None:
+def _write_outputs(out: Path, summary: dict) -> None:
     """summary.json, curves.png, and the table on stdout (main process only)."""
     atomic_write(out / "summary.json", json.dumps(summary, indent=2))
-    log.close()
     plot_curves(out)
     print(print_table(summary))
     print(f"wall time {summary['wall_seconds']:.0f} s; outputs in {out}/ (summary.json, metrics.jsonl, curves.png)")
 
 
+def cli(argv=None) -> None:
+    """``python -m dirl_min.train``: a second interrupt stops at once, with one line instead of a traceback."""
+    try:
+        main(argv)
+    except KeyboardInterrupt as e:
+        print(f"\n{e or 'SIGINT'}: stopped at once, without a checkpoint; --resume continues from the last one",
+              file=sys.stderr)
+        raise SystemExit(130) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

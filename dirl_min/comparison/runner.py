@@ -43,9 +43,10 @@ TIME_FIELDS = ("time_rollout", "time_rewards", "time_scoring", "time_update")
 #: settings on one seed, and a change of them must not make a finished run differ
 RUN_EVAL = [x for k, v in {**dataclasses.asdict(EvalConfig()), "samples": 1, "max_problems": 1, "greedy": False}.items()
             for x in (f"--eval.{k}", str(v).lower() if isinstance(v, bool) else str(v))]
-#: settings the comparison sets per run (given ones would be silently replaced)
+#: settings the comparison sets per run (given ones would be silently replaced); run.keep_checkpoints stays 0:
+#: every checkpoint is evaluated
 RESERVED = ("run.out", "run.seed", "run.stages", "run.resume", "run.overwrite", "run.save_every", "run.log_every",
-            "rl.objective")
+            "run.keep_checkpoints", "rl.objective")
 
 
 class CompareError(DirlError, ValueError):

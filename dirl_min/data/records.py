@@ -70,7 +70,9 @@ def load_records(path: str | Path) -> list[dict]:
         where = [f"{path}: record {i}" for i in range(len(records))]
     else:
         where = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # JSON Lines ends a record at "\n" only (a "\r" before it is JSON whitespace); str.splitlines would
+        # also break inside a string at U+2028 / U+2029 or "\x1c".."\x1e", which JSON allows there raw
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

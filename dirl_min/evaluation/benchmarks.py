@@ -159,6 +159,12 @@ def _cached(name: str, src: HubSource, folder: Path) -> tuple[Path, dict] | None
     return path, meta
 
 
+def jsonl_text(records: Iterable[dict]) -> str:
+    """The cache's JSON Lines text: one record per line, non-ASCII kept as UTF-8 (U+2028 and U+2029
+    too, raw inside strings: :func:`dirl_min.data.load_records` splits lines at "\\n" only)."""
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def _download(name: str, src: HubSource, folder: Path) -> tuple[Path, dict]:
     import datasets
     from huggingface_hub import HfApi
@@ -169,7 +175,7 @@ def _download(name: str, src: HubSource, folder: Path) -> tuple[Path, dict]:
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"repo": src.repo, "revision": src.revision, "file": src.file, "commit": commit, "records": len(records)}
     path = folder / f"{name}.jsonl"
-    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(path, jsonl_text(records))
     atomic_write(folder / f"{name}.source.json", json.dumps(meta, indent=2) + "\n")
     return path, meta
 

@@ -93,25 +93,25 @@ def _panel_stages(ax, summary):
 
 
 def plot_curves(out: Path) -> None:
-    """curves.png from ``metrics.jsonl`` and ``summary.json`` in ``out``: SFT loss, DiPO
-    reward/accuracy, rollout tokens per step, kept-group fraction (raw faint, running mean
-    solid: single steps are too noisy to read), and accuracy vs tokens per step per stage."""
+    """curves.png from ``metrics.jsonl`` and ``summary.json`` in ``out``, a 2 × 3 grid: SFT loss, DiPO
+    reward/accuracy, DiPO loss; rollout tokens per step, kept-group fraction (logged interval means
+    faint, their running mean solid: still noisy to read), and accuracy vs tokens per step per stage."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend (e.g. a notebook's) alone
 
     path = out / "metrics.jsonl"
-    rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    rows = [json.loads(l) for l in path.read_text().split("\n") if l.strip()] if path.exists() else []
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     sft = [r for r in rows if r["stage"] == "sft"]
     rl = [r for r in rows if r["stage"] == "rl"]
-    fig = Figure(figsize=(22, 3.8))
+    fig = Figure(figsize=(15, 8.5), layout="constrained")  # readable at a glance: ~1650 × 935 pixels
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 5)
+    axes = fig.subplots(2, 3).ravel()
     for ax, data, keys, title in [(axes[0], sft, ["loss"], "SFT loss"),
                                   (axes[1], rl, ["reward", "accuracy"], "DiPO rollouts: reward / accuracy"),
-                                  (axes[2], rl, ["tokens_per_step"], "tokens per step (rollouts)"),
-                                  (axes[3], rl, ["kept_fraction"], "kept-group fraction")]:
+                                  (axes[2], rl, ["loss"], "DiPO loss"),
+                                  (axes[3], rl, ["tokens_per_step"], "tokens per step (rollouts)"),
+                                  (axes[4], rl, ["kept_fraction"], "kept-group fraction")]:
         _panel_curves(ax, data, keys, title, window=max(1, len(data) // 8))
-    _panel_stages(axes[4], summary)
-    fig.tight_layout()
+    _panel_stages(axes[5], summary)
     fig.savefig(out / "curves.png", dpi=110)

@@ -3,21 +3,35 @@
 A reader (or a resumed run) sees the old version or the new one, never a half-written one:
 a failure before the final rename leaves the destination untouched and removes the temporary;
 a crash (power loss, SIGKILL) can leave a hidden ``.NAME.tmp-*`` sibling, which
-:func:`is_temporary` recognises so that scans of a folder skip it. Standard library only,
-so every layer (model, loops, evaluation) can use it without importing torch.
+:func:`is_temporary` recognises so that scans of a folder skip it, and :func:`remove_temporaries`
+removes once the folder's lock (:func:`folder_lock`, one job per output folder) is held.
+Standard library only, so every layer (model, loops, evaluation) can use it without importing torch.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_dir", "atomic_write", "is_temporary"]
+from dirl_min.infra.errors import DirlError
+
+__all__ = ["atomic_dir", "atomic_write", "is_temporary", "remove_temporaries", "folder_lock", "FolderBusy", "LOCK_FILE"]
+
+#: the lock file of an output folder (:func:`folder_lock`); it stays, only its lock comes and goes
+LOCK_FILE = ".dirl_min.lock"
+
+
+class FolderBusy(DirlError, RuntimeError):
+    """Another job holds the output folder's lock; the message names its pid and host."""
 
 
 def _temp_prefix(path: Path) -> str:
@@ -87,3 +101,51 @@ def atomic_write(path, data: str | bytes, *, encoding: str = "utf-8") -> None:
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(folder, *, recursive_into: tuple[str, ...] = ()) -> list[Path]:
+    """Delete the temporaries (:func:`is_temporary`) that killed writes left in ``folder`` and in its
+    subfolders named in ``recursive_into`` (e.g. ``checkpoints``); returns what was removed. Call it only
+    while holding :func:`folder_lock`: then no live writer owns them."""
+    folder = Path(folder)
+    removed = []
+    for where in [folder, *(folder / name for name in recursive_into)]:
+        for p in sorted(where.iterdir()) if where.is_dir() else []:
+            if is_temporary(p) or (where != folder and p.name.endswith(".tmp")):  # "x.tmp": before this module
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+@contextmanager
+def folder_lock(folder, what: str) -> Iterator[None]:
+    """Hold ``folder``'s lock (``flock`` on :data:`LOCK_FILE`, created with the folder) for the block.
+
+    One job per output folder: the kernel releases the lock when its holder exits in any way
+    (``kill -9`` included), so a lock left by a dead job never blocks. The holder's pid, host and
+    ``what`` are written in the file for the refusal's message. On a file system without ``flock``
+    a warning says so and the block runs unlocked.
+
+    Raises:
+        FolderBusy: another live process holds the lock.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+            raise FolderBusy(f"{folder} is in use by another job: {holder}. Wait for it to end or stop it; "
+                             f"two jobs writing one folder would mix their outputs") from None
+        except OSError as e:
+            print(f"warning: cannot lock {folder / LOCK_FILE} ({e.strerror}); nothing stops a second job "
+                  "from writing this folder", file=sys.stderr)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()} ({what}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -15,7 +15,7 @@ from dirl_min.infra.data_parallel import all_ranks, backward_micro, equal_micro_
 from dirl_min.engine.rollouts import rollout_and_reward
 from dirl_min.model.forward import SelectedLogits, unwrap
 from dirl_min.loops.policy import policy_step
-from dirl_min.loops.state import EpochSampler, make_scheduler
+from dirl_min.loops.state import EpochSampler, IntervalMean, make_scheduler
 from dirl_min.infra.sharding import full_parameters
 
 
@@ -202,16 +202,18 @@ def _setup(cfg, accel, policy, problems, state):
     return params, opt, sched, wrapped, ref_model, gen, sampler, start
 
 
-def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
+def run_rl(cfg, accel, policy, tok, problems, log, state, progress, stop=None):
     """RL (``cfg.rl.objective``, SPEC §4) for ``cfg.rl.steps`` steps.
 
-    A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps."""
+    A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps, and after the
+    step at which ``stop()`` (:class:`~dirl_min.loops.state.Interrupts`) first says to stop; then it ends."""
     from tqdm.auto import tqdm
 
     params, opt, sched, wrapped, ref_model, gen, sampler, start = _setup(cfg, accel, policy, problems, state)
     engine = make_rollout_engine(cfg, policy)
     bar = tqdm(range(start, cfg.rl.steps), desc="RL", disable=not progress or not accel.is_main_process,
                initial=start, total=cfg.rl.steps)
+    interval = IntervalMean(state.get("log_interval") if state.get("stage") == "rl" else None)
     for step in bar:
         times = {"rollout": 0.0, "rewards": 0.0, "scoring": 0.0}  # seconds of this step
         if engine is not None:
@@ -230,8 +232,13 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         times["update"] = time.perf_counter() - t - times["scoring"]  # backward + optimizer
         row.update({f"time_{k}": v for k, v in times.items()})
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kept=f"{row['kept_fraction']:.2f}")
+        interval.add(row)
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.rl.steps:
-            log.write("rl", step + 1, row)
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.steps:
+            log.write("rl", step + 1, interval.take())  # the mean over the steps since the last row
+        stop_now = stop is not None and stop()
+        if stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.steps):
             yield "checkpoint", {"stage": "rl", "step": step + 1, "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict(), "sample_rng": gen.get_state(), "sampler": sampler.state_dict()}
+                                 "scheduler": sched.state_dict(), "sample_rng": gen.get_state(),
+                                 "sampler": sampler.state_dict(), "log_interval": interval.state_dict()}
+        if stop_now:
+            return

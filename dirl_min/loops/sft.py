@@ -19,7 +19,7 @@ from dirl_min.core.masks import add_noise
 from dirl_min.infra.data_parallel import backward_micro
 from dirl_min.engine.score import build_layout, layout_logp, rounds_logp
 from dirl_min.model.forward import SelectedLogits, unwrap
-from dirl_min.loops.state import EpochSampler, make_scheduler
+from dirl_min.loops.state import EpochSampler, IntervalMean, make_scheduler
 from dirl_min.model import diffusion_settings
 
 
@@ -130,10 +130,11 @@ def _accumulate(cfg, accel, wrapped, batch, masks, p, n_resp, M, B) -> float:
     return float(accel.reduce(total_loss, "sum")) if world > 1 else float(total_loss)
 
 
-def run_sft(cfg, accel, policy, tok, records, log, state, progress):
+def run_sft(cfg, accel, policy, tok, records, log, state, progress, stop=None):
     """Random-masking SFT (SPEC §2) for ``cfg.sft.steps`` optimizer steps.
 
-    A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps."""
+    A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps, and after the
+    step at which ``stop()`` (:class:`~dirl_min.loops.state.Interrupts`) first says to stop; then it ends."""
     from tqdm.auto import tqdm
 
     B, M = diffusion_settings(unwrap(policy))
@@ -145,6 +146,7 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
     bar = tqdm(range(start, cfg.sft.steps), desc="SFT", disable=not progress or not accel.is_main_process,
                initial=start, total=cfg.sft.steps)
     t0, tokens = time.perf_counter(), 0
+    interval = IntervalMean(state.get("log_interval") if state.get("stage") == "sft" else None)
     for step in bar:
         # 1. batch: N examples, ids [L_i] each; n_resp, the whole step's response tokens
         batch = sampler.take(cfg.sft.batch_size)
@@ -164,12 +166,15 @@ def run_sft(cfg, accel, policy, tok, records, log, state, progress):
         tokens += sum(len(batch[i].ids) * 2 for i in range(rank, len(batch), world))
         tps = tokens / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:.0f}")
+        interval.add({"loss": total_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm), "tokens_per_s": tps})
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.sft.steps:
-            log.write("sft", step + 1, {"loss": total_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
-                                        "tokens_per_s": tps})
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.steps:
+            log.write("sft", step + 1, interval.take())  # the mean over the steps since the last row
+        stop_now = stop is not None and stop()
+        if stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.steps):
             yield "checkpoint", {"stage": "sft", "step": step + 1, "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "noise_rng": gen.get_state(),
-                                 "sampler": sampler.state_dict()}
+                                 "sampler": sampler.state_dict(), "log_interval": interval.state_dict()}
+        if stop_now:
+            return
     if skipped:
         print(f"SFT: skipped {skipped} examples longer than sft.max_seq_len={cfg.sft.max_seq_len}", file=sys.stderr)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
 
-from dirl_min.infra.atomic import atomic_dir, atomic_write
+from dirl_min.infra.atomic import atomic_dir, atomic_write, is_temporary
 from dirl_min.model.forward import unwrap
 from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, TRAINER_STATE_FILE, save_model
 from dirl_min.infra.progress import ProgressLines
@@ -19,20 +23,37 @@ from dirl_min.infra.sharding import full_state_dict
 
 class MetricsLog:
     """metrics.jsonl + TensorBoard (if importable); appends, so a resumed run continues the file.
-    With ``lines``, each written row also prints a progress line (:mod:`dirl_min.infra.progress`)."""
+    With ``lines``, each written row also prints a progress line (:mod:`dirl_min.infra.progress`).
 
-    def __init__(self, out: Path, enabled: bool, lines: bool = False):
+    On resume (``summary`` given, the log already cut back to the checkpoint: :func:`resume`) the
+    TensorBoard events are written again from ``metrics.jsonl`` and the summary's evaluations, so a
+    resumed run has each point once (appending would repeat the steps after the checkpoint)."""
+
+    def __init__(self, out: Path, enabled: bool, lines: bool = False, summary: dict | None = None):
         self.enabled = enabled
         self.path = out / "metrics.jsonl"
         self.progress = ProgressLines() if enabled and lines else None
         self.tb = None
         if enabled:
+            if summary is not None:
+                shutil.rmtree(out / "tensorboard", ignore_errors=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(out / "tensorboard"))
             except Exception:  # tensorboard missing: JSONL still has everything
                 self.tb = None
+        if self.tb is not None and summary is not None:
+            for row in read_jsonl(self.path):
+                self._scalars(row["stage"], row["step"], row)
+            for stage, result in summary.items():
+                if stage in EVALUATED:
+                    self.evaluation(stage, result)
+
+    def _scalars(self, stage: str, step: int, values: dict) -> None:
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("stage", "step"):
+                self.tb.add_scalar(f"{stage}/{k}", v, step)
 
     def write(self, stage: str, step: int, values: dict) -> None:
         if not self.enabled:
@@ -42,9 +63,14 @@ class MetricsLog:
         if self.progress is not None:
             self.progress.show(stage, step, values)
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{stage}/{k}", v, step)
+            self._scalars(stage, step, values)
+
+    def evaluation(self, stage: str, result: dict) -> None:
+        """A stage's held-out evaluation in TensorBoard: ``eval/<metric>`` at x = the stage's
+        position (0 base, 1 sft, 2 rl), so the points form the before/after curve."""
+        if self.tb is not None:
+            self._scalars("eval", EVALUATED.index(stage), result)
+            self.tb.flush()
 
     def begin(self, stage: str, start: int, total: int) -> None:
         """A stage runs from step ``start`` to ``total`` (for the progress lines' remaining time)."""
@@ -54,6 +80,88 @@ class MetricsLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+#: the evaluated stages, in order (their x position in TensorBoard's ``eval/*``)
+EVALUATED = ("base", "sft", "rl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON Lines file written here (none when it is missing)."""
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()] if path.exists() else []
+
+
+class IntervalMean:
+    """The rows of the steps since the last logged one, averaged into the logged row (as TRL and verl
+    log): every step counts, not only each ``run.log_every``-th. A value is averaged over the steps
+    that have it (an RL step with no group kept has no loss); ``LAST`` keys (a schedule's value, a
+    running rate) and non-numbers take the last value. Its state is saved with a checkpoint, so a
+    resumed run logs the same rows as an uninterrupted one."""
+
+    LAST = frozenset({"lr", "tokens_per_s"})
+
+    def __init__(self, state: dict | None = None):
+        state = state or {"sums": {}, "counts": {}, "last": {}}
+        self.sums, self.counts, self.last = dict(state["sums"]), dict(state["counts"]), dict(state["last"])
+
+    def add(self, row: dict) -> None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in self.LAST:
+                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                self.counts[k] = self.counts.get(k, 0) + 1
+            else:
+                self.last[k] = v
+
+    def take(self) -> dict:
+        """The interval's row (means and last values), and a fresh interval."""
+        row = {**{k: v / self.counts[k] for k, v in self.sums.items()}, **self.last}
+        self.sums, self.counts, self.last = {}, {}, {}
+        return row
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "last": dict(self.last)}
+
+
+class Interrupts:
+    """SIGINT / SIGTERM while a run trains (a context manager).
+
+    The first signal asks the loops to stop after the current step: they save a checkpoint there and
+    the job exits saying how to continue. A second one stops at once (``KeyboardInterrupt``). Whether
+    to stop is decided on all processes together (:meth:`__call__`), so every process stops after
+    the same step and their collectives stay matched. Outside the main thread no handler is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, accel):
+        self.accel, self.signum, self.stopping, self.saved = accel, None, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {s: signal.signal(s, self._first) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.saved.items():
+            signal.signal(s, handler)
+
+    def _first(self, signum, frame) -> None:
+        self.signum = signum
+        for s in self.SIGNALS:
+            signal.signal(s, self._again)
+        # os.write, not print: a handler that prints while the interrupted code prints raises "reentrant call"
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current step and saving a checkpoint "
+                    "(send it again to stop at once, without one)\n".encode())
+
+    def _again(self, signum, frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def __call__(self) -> bool:
+        """Whether to stop now: a signal reached any process (one all-reduce when there are several)."""
+        mine = self.signum is not None
+        if self.accel.num_processes > 1:
+            mine = bool(self.accel.reduce(torch.tensor(float(mine), device=self.accel.device), "sum") > 0)
+        self.stopping = self.stopping or mine
+        return self.stopping
 
 
 class EpochSampler:
@@ -84,9 +192,8 @@ def truncate_log(path: Path, state: dict) -> None:
     if not path.exists():
         return
     done, stage, step = set(state.get("done", [])), state["stage"], state["step"]
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and ((row := json.loads(line))["stage"] in done or (row["stage"] == stage and row["step"] <= step))]
-    atomic_write(path, "".join(line + "\n" for line in keep))  # a crash here must not lose the log
+    keep = [row for row in read_jsonl(path) if row["stage"] in done or (row["stage"] == stage and row["step"] <= step)]
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in keep))  # a crash here must not lose the log
 
 
 def seed_everything(seed: int) -> None:
@@ -115,19 +222,39 @@ def save_checkpoint(path: Path, model, tokenizer, state: dict, state_dict: dict 
 class Checkpoints:
     """Writes ``<out>/checkpoints/<name>``, numbered so that "latest" is the highest index.
 
-    ``summary`` is the run's summary dict, saved (as it is at each save) with every checkpoint."""
+    ``summary`` is the run's summary dict, saved (as it is at each save) with every checkpoint;
+    ``record``, what each checkpoint records as the run's settings (``runs.run_record``: with the
+    data files' hashes; default ``cfg.to_dict()``)."""
 
-    def __init__(self, out: Path, cfg, accel, model, tok, summary: dict, index: int = 0):
+    def __init__(self, out: Path, cfg, accel, model, tok, summary: dict, index: int = 0, record: dict | None = None):
         self.out, self.cfg, self.accel, self.model, self.tok = out, cfg, accel, model, tok
-        self.summary, self.index = summary, index
+        self.summary, self.index, self.record = summary, index, record if record is not None else cfg.to_dict()
+        self.last: Path | None = None
 
     def save(self, name: str, st: dict) -> None:
         self.index += 1
         full = full_state_dict(self.model)  # FSDP2: gathered by every process; None otherwise
+        self.last = self.out / "checkpoints" / name
         if self.accel.is_main_process:
-            st.update(rng=rng_state(), summary=self.summary, ckpt_index=self.index, config=self.cfg.to_dict())
-            save_checkpoint(self.out / "checkpoints" / name, unwrap(self.model), self.tok, st, state_dict=full)
+            st.update(rng=rng_state(), summary=self.summary, ckpt_index=self.index, config=self.record)
+            save_checkpoint(self.last, unwrap(self.model), self.tok, st, state_dict=full)
+            self._prune()
         self.accel.wait_for_everyone()
+
+    def _prune(self) -> None:
+        """``run.keep_checkpoints`` > 0: delete the step checkpoints (``<stage>-<step>``) older than the
+        newest N, in run order (stage in ``run.stages``, then step); ``<stage>-final`` ones stay."""
+        keep = self.cfg.run.keep_checkpoints
+        if keep <= 0:
+            return
+        order = {stage: i for i, stage in enumerate(self.cfg.run.stages)}
+        steps = []
+        for ck in (self.out / "checkpoints").iterdir():
+            stage, _, step = ck.name.rpartition("-")
+            if ck.is_dir() and not is_temporary(ck) and stage in order and step.isdigit():
+                steps.append(((order[stage], int(step)), ck))
+        for _, ck in sorted(steps)[:-keep]:
+            shutil.rmtree(ck)
 
 
 def resume(out: Path, model, found, cfg, is_main: bool) -> dict:

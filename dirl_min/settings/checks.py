@@ -127,6 +127,7 @@ CONFIG_RULES: list[Rule] = [
     at_least("run.seed", 0),
     at_least("run.threads", 0, "0 = torch's default"),
     at_least("run.save_every", 0, "0 = only at stage ends"),
+    at_least("run.keep_checkpoints", 0, "0 = keep all"),
     at_least("run.log_every", 1),
     Rule("run.stages", lambda v: isinstance(v, list) and all(s in ("sft", "rl") for s in v) and len(set(v)) == len(v)
          and v == sorted(v, key=("sft", "rl").index),

@@ -150,6 +150,7 @@ class RunConfig:
     seed: int = _f(0, "global seed (model init, data order, noise, sampling)")
     threads: int = _f(0, "torch CPU threads (0 = torch's default)")
     save_every: int = _f(0, "checkpoint every N steps of each phase (0 = only at phase ends)")
+    keep_checkpoints: int = _f(0, "keep only the newest N step checkpoints (run.save_every, interrupts); the stage-final ones always stay (0 = keep all)")
     resume: bool = _f(False, "resume from the latest checkpoint in --run.out (the settings must match the saved run's)")
     overwrite: bool = _f(False, "replace an earlier run in --run.out (otherwise a fresh run there is refused)")
     log_every: int = _f(10, "write metrics every N steps")

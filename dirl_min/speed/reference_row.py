@@ -126,6 +126,6 @@ def row_reference(bench: Bench, c: dict[str, Case]) -> dict[str, Any]:
         "target_met": ratio >= 10, "new_tokens": n_ref,
         "reference_seconds": t_ref_wall, "reference_cpu_seconds": t_ref_cpu,
         "reference_estimated_seconds": estimate(n_ref), "reference_forwards": ref["num_forwards"],
-        "cached_forwards": cached_ro.num_forwards, "same_tokens": same,
+        "cached_forwards": cached_ro.num_forwards, "same_tokens": same, "correct": same,
         "cached_seconds": cached_case.times, "cached_cpu_seconds": cached_case.cpu_times,
     }

@@ -23,6 +23,11 @@ from dirl_min.engine.decode import generate
 from dirl_min.engine.score import rescore
 
 
+#: packed vs per-round rescoring (row 6): the same log-probs computed through kernels of other shapes, whose
+#: float32 sums run in other orders; 1e-4 is the tolerance the tests hold the decoder's recorded log-probs to
+RESCORE_TOLERANCE = 1e-4
+
+
 def time_decoding(bench: Bench) -> tuple[dict[str, Case], dict[str, float], int]:
     """Rows 1 (cached side), 2, 3, 4, 5: one interleaved set of cases.
 
@@ -79,6 +84,7 @@ def row_fused(c: dict[str, Case], rate: dict[str, float]) -> dict[str, Any]:
                  f"same tokens: {'yes' if same2 else 'NO'}",
         "forwards_fused": base.num_forwards, "forwards_unfused": unfused.num_forwards, "blocks": blocks,
         "tokens_per_s_fused": rate["cached"], "tokens_per_s_unfused": rate["unfused"], "target_met": ok2,
+        "correct": ok2,
     }
 
 
@@ -142,16 +148,17 @@ def row_rescore(bench: Bench) -> dict[str, Any]:
                     args.repeats)
     agree = _agreement(rc[0].result, rc[1].result, ro)
     ratio6 = rc[1].median / rc[0].median
-    ok_diff = agree["max_abs_diff"] <= 1e-5
+    ok_diff = agree["max_abs_diff"] <= RESCORE_TOLERANCE
     return {
         "row": 6, "name": f"packed vs per-round rescore ({len(ro)}×{args.rescore_new_tokens} tok)",
         "a": _fmt_s(rc[0].median), "b": _fmt_s(rc[1].median), "ratio": f"{ratio6:.2f}×",
-        "check": f"≥1.5×: {_verdict(ratio6 >= 1.5)}; max|Δ| {agree['max_abs_diff']:.1e} ≤ 1e-5: "
+        "check": f"≥1.5×: {_verdict(ratio6 >= 1.5)}; max|Δ| {agree['max_abs_diff']:.1e} ≤ {RESCORE_TOLERANCE:g} (float32): "
                  f"{_verdict(ok_diff)} (vs decoder logp {agree['max_abs_diff_recorded']:.1e}); "
                  f"R≤{lay['max_rounds']}, layout tok {lay['packed']} vs {lay['per_round']} "
                  f"({lay['packed_padded']} vs {lay['per_round_padded']} padded)",
         "seconds_packed": rc[0].median, "seconds_per_round": rc[1].median, "speedup": ratio6,
-        "target_met": ratio6 >= 1.5, "max_abs_diff": agree["max_abs_diff"], "diff_met": ok_diff,
+        "target_met": ratio6 >= 1.5, "max_abs_diff": agree["max_abs_diff"], "diff_met": ok_diff, "correct": ok_diff,
+        "tolerance": RESCORE_TOLERANCE,
         "max_abs_diff_vs_recorded_logp": agree["max_abs_diff_recorded"], "tokens": agree["tokens"],
         "layout": lay,
     }
