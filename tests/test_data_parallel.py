@@ -24,6 +24,7 @@ from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimize
 from dirl_min import settings, train
 from dirl_min.loops import dipo as loops_dipo
 from dirl_min.config import SettingsError, parse_config
+from tests.fixtures.tree import assert_env_imports_tree, tree_env
 
 _spec = importlib.util.spec_from_file_location("toy_reward_run", Path(__file__).with_name("toy_reward_run.py"))
 toy_reward_run = importlib.util.module_from_spec(_spec)
@@ -151,7 +152,8 @@ def _launch_two_processes(args, timeout):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(root / "configs" / "accelerate" / "cpu-2proc.yaml"), str(Path(__file__).with_name("toy_reward_run.py")),
            *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = tree_env()
+    assert_env_imports_tree(env, Path(args[args.index("--out") + 1]).parent)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:

@@ -18,6 +18,7 @@ from dirl_min.forward import SelectedLogits
 from dirl_min.model import build_tiny
 from dirl_min.loops import dipo as loops_dipo, sft as loops_sft, state as loops_state
 from dirl_min.trainer import dipo_step, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
+from tests.fixtures.tree import assert_env_imports_tree, tree_env
 
 
 
@@ -353,7 +354,9 @@ def test_two_process_accelerate_run_matches_one_process(tmp_path):
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu-2proc.yaml"  # the shipped one
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
            "-m", "dirl_min.train", *args, "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = tree_env()
+    assert_env_imports_tree(env, tmp_path)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     train.main([*args, "--out", str(tmp_path / "one")])
     init = build_tiny(seed=0)[0].state_dict()
