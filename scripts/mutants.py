@@ -23,6 +23,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,10 @@ class Mutant(NamedTuple):
 
 
 #: the decoder's tests without the flex_attention one (45 s of compiling on CPU, and it tests the attention)
+#: (in this order: pytest runs them as given, and -x stops at the first failure)
 ENGINE = tuple(f"tests/test_engine.py::test_{t}" for t in (
-    "cached_batched_decoding_equals_uncached_reference", "stops_and_retired_rows_equal_the_reference",
-    "stop_keeps_the_block_whole_and_text_is_cut", "a_sequence_decodes_the_same_alone_or_in_a_batch",
+    "stops_and_retired_rows_equal_the_reference", "stop_keeps_the_block_whole_and_text_is_cut",
+    "cached_batched_decoding_equals_uncached_reference", "a_sequence_decodes_the_same_alone_or_in_a_batch",
     "fused_commit_saves_exactly_one_forward_per_block", "consistency_invariant_rescore_equals_recorded_logp"))
 OBJ = "tests/test_objectives.py"
 CORE = "tests/test_dipo_core.py"
@@ -192,6 +194,7 @@ def main(argv=None) -> int:
     if problems:
         print("stale mutants (re-point them):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed check still removes its copy
     rows = []
     with tempfile.TemporaryDirectory(prefix="dirl_min-mutants-") as tmp:
         tree = Path(tmp)

@@ -312,9 +312,10 @@ def test_filter_groups_matches_reference_on_speed_rewards(case):
     for rule in ("reward_std", "accuracy"):
         keep = filter_groups(torch.tensor(rewards), G, correct=torch.tensor(correct), rule=rule)
         assert keep.tolist() == ref.filter_groups(rewards, G, correct, rule)
-    # DiRL's rule keeps exactly the groups with a nonzero advantage
+    # DiRL's rule keeps exactly the groups with a nonzero advantage, i.e. two distinct rewards
     keep = filter_groups(torch.tensor(rewards), G, correct=torch.tensor(correct))
     assert keep.tolist() == (adv != 0).any(dim=1).tolist()
+    assert keep.tolist() == [len(set(rewards[g:g + G])) > 1 for g in range(0, len(rewards), G)]
 
 
 def test_reward_std_keeps_all_correct_groups_that_differ_only_in_speed():
