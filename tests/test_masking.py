@@ -236,14 +236,13 @@ M = 999
 def noise_inputs(draw):
     n = draw(st.integers(1, 6))
     length = draw(st.integers(1, 24))
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 50, (n, length), generator=g)
-    density = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
-    loss_mask = torch.rand(n, length, generator=g) < density
+    seed = draw(st.integers(0, 2**31 - 1))  # of add_noise's own generator
+    ids = torch.tensor(draw(st.lists(st.integers(0, 49), min_size=n * length, max_size=n * length))).view(n, length)
     if draw(st.booleans()):  # realistic: a prompt prefix then the response side
-        prompt = torch.randint(0, length + 1, (n, 1), generator=g)
+        prompt = torch.tensor(draw(st.lists(st.integers(0, length), min_size=n, max_size=n)))[:, None]
         loss_mask = torch.arange(length)[None] >= prompt
+    else:
+        loss_mask = torch.tensor(draw(st.lists(st.booleans(), min_size=n * length, max_size=n * length))).view(n, length)
     return ids, loss_mask, seed
 
 

@@ -179,10 +179,13 @@ def test_each_loss_matches_the_token_by_token_reference_and_its_gradient_at_rati
     n_resp = data.draw(st.integers(1, 5))
     lengths = [data.draw(st.integers(1, 6)) for _ in range(n_resp)]
     resp = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    logp = -torch.rand(len(resp), generator=gen, dtype=torch.float64) * 3
-    old = logp + torch.randn(len(resp), generator=gen, dtype=torch.float64) * 0.3
-    adv = torch.randn(n_resp, generator=gen, dtype=torch.float64)[resp]
+    def floats(count, lo, hi):
+        return torch.tensor(data.draw(st.lists(st.floats(lo, hi, allow_nan=False), min_size=count, max_size=count)),
+                            dtype=torch.float64)
+
+    logp = floats(len(resp), -3, 0)
+    old = logp + floats(len(resp), -0.6, 0.6)
+    adv = floats(n_resp, -2, 2)[resp]
     n_tok, n_seq = float(sum(lengths) + 3), float(n_resp + 2)  # other micro-batches' share of the step
     weight, denom = loss_weights(resp, lengths, mean, num_tokens=n_tok, num_sequences=n_seq)
     x = logp.clone().requires_grad_(True)
