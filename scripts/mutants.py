@@ -181,11 +181,13 @@ def verdict(rc: int) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-k", default="", help="only mutants whose name contains this (case-insensitive)")
+    ap.add_argument("--slice", default=":", help="START:END, the mutants by position in the list (to split a run)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--baseline", action="store_true", help="first run the selected tests on the unmutated copy")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per mutant (default 900)")
     args = ap.parse_args(argv)
-    chosen = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
+    lo, hi = (int(x) if x else None for x in args.slice.split(":"))
+    chosen = [m for m in MUTANTS[lo:hi] if args.k.lower() in m.name.lower()]
     if args.list:
         for m in chosen:
             print(f"{m.name}\n    {m.path}: {m.old!r} -> {m.new!r}\n    tests: {' '.join(m.tests)}")
