@@ -49,6 +49,9 @@ ENGINE = tuple(f"tests/test_engine.py::test_{t}" for t in (
     "cached_batched_decoding_equals_uncached_reference", "a_sequence_decodes_the_same_alone_or_in_a_batch",
     "fused_commit_saves_exactly_one_forward_per_block", "consistency_invariant_rescore_equals_recorded_logp"))
 OBJ = "tests/test_objectives.py"
+#: the RL step's normalisers and means first, then the rest of the file
+NORM = (f"{OBJ}::test_the_rl_step_normalises_by_the_kept_responses_tokens_and_count",
+        f"{OBJ}::test_each_objective_takes_its_documented_mean_in_the_rl_step", OBJ)
 CORE = "tests/test_dipo_core.py"
 
 MUTANTS = [
@@ -100,14 +103,14 @@ MUTANTS = [
            "rank = ((s[:, None, :] > 0) & (s[:, None, :] < s[:, :, None])).sum(dim=2)", (CORE,)),
     # ------------------------------------------------------------ RL loss, normaliser, filters
     Mutant("token mean over the kept responses' count", "dirl_min/loops/dipo.py",
-           "n_tok = float(sum(c[0] for c in counts))", "n_tok = float(sum(c[2] for c in counts))", (OBJ,)),
+           "n_tok = float(sum(c[0] for c in counts))", "n_tok = float(sum(c[2] for c in counts))", NORM),
     Mutant("token mean over every sampled response", "dirl_min/loops/dipo.py",
            "counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx)",
-           "counts = all_ranks(accel, (sum(len(r) for roll, _, _ in rolls for r in roll.response_ids)", (OBJ,)),
+           "counts = all_ranks(accel, (sum(len(r) for roll, _, _ in rolls for r in roll.response_ids)", NORM),
     Mutant("dipo takes the sequence mean", "dirl_min/core/objectives.py", 'LOSS_MEANS = {"dipo": "token"',
-           'LOSS_MEANS = {"dipo": "sequence"', (OBJ,)),
+           'LOSS_MEANS = {"dipo": "sequence"', NORM),
     Mutant("coupled takes the token mean", "dirl_min/core/objectives.py", '"coupled_grpo": "sequence"}',
-           '"coupled_grpo": "token"}', (OBJ,)),
+           '"coupled_grpo": "token"}', NORM),
     Mutant("clip range uses eps_low twice", "dirl_min/core/objectives.py",
            "ratio.clamp(1.0 - eps_low, 1.0 + eps_high)", "ratio.clamp(1.0 - eps_low, 1.0 + eps_low)", (CORE,)),
     Mutant("advantages: sample std", "dirl_min/core/objectives.py", "std = r.std(dim=1, keepdim=True, unbiased=False)",
