@@ -51,7 +51,7 @@ def test_flex_attention_rescoring_equals_sdpa_on_cuda():
     finally:
         model.set_attn_implementation("sdpa")
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    assert len({len(set(m)) for m in out.step_map}) >= 1 and max(out.num_steps(i) for i in range(len(out))) > 1
+    assert max(out.tokens_per_step(i) for i in range(len(out))) > 1.0  # multi-token steps: rounds with several targets
     for a, b in zip(sdpa, flex):
         assert (a.float() - b.float()).abs().max() <= 1e-4
 
