@@ -50,6 +50,22 @@ def select_unmask(confidence, is_masked, strategy, threshold=0.9, steps=None):
     return [j in chosen for j in range(b)]
 
 
+def commit_margin(confidence, is_masked, strategy, threshold=0.9, steps=None):
+    """How far :func:`select_unmask`'s choice is from a tie: the smallest change of one
+    confidence that could change which positions are committed (``inf``: none could)."""
+    b = len(is_masked)
+    k = max(1, b // (steps or b))
+    mc = sorted((confidence[j] for j in range(b) if is_masked[j]), reverse=True)
+    if strategy == "low_confidence_static" and len(mc) > k:
+        return mc[k - 1] - mc[k]  # the k-th and the (k+1)-th confidence
+    if strategy == "low_confidence_dynamic" and mc:
+        margin = min(abs(c - threshold) for c in mc)
+        if mc[0] < threshold and len(mc) > 1:  # the forced commit of the most confident
+            margin = min(margin, mc[0] - mc[1])
+        return margin
+    return math.inf
+
+
 def block_causal(length: int, block_size: int) -> torch.Tensor:
     mask = torch.zeros(length, length, dtype=torch.bool)
     for q in range(length):
@@ -65,8 +81,11 @@ def _softmax(xs):
     return [v / s for v in e]
 
 
-def _sample(logits, temperature, top_k, top_p, noise):
-    """Candidate token index by Gumbel-max over the truncated, tempered logits."""
+def _sample(logits, temperature, top_k, top_p, noise, gaps=None):
+    """Candidate token index by Gumbel-max over the truncated, tempered logits.
+
+    ``gaps``: a list to which the gap between the best and the second-best perturbed score
+    is appended (how far the draw is from a tie)."""
     scaled = [x / temperature for x in logits]
     order = sorted(range(len(scaled)), key=lambda v: -scaled[v])
     top_k = top_k if top_k and top_k < len(scaled) else 0
@@ -88,6 +107,9 @@ def _sample(logits, temperature, top_k, top_p, noise):
         g = scaled[v] - math.log(-math.log(noise[v]))
         if g > best:
             best, best_v = g, v
+    if gaps is not None:
+        rest = [scaled[v] - math.log(-math.log(noise[v])) for v in allowed if v != best_v]
+        gaps.append(best - max(rest) if rest else math.inf)
     return best_v
 
 
@@ -107,7 +129,12 @@ def decode(
     stop_token_ids=(),
     seed=0,
 ):
-    """Decode one prompt. Returns dict(response_ids, step_map, logp, truncated, num_forwards)."""
+    """Decode one prompt. Returns dict(response_ids, step_map, logp, truncated, num_forwards, margins).
+
+    ``margins[s - 1]``: how far step ``s`` was from a tie — the smallest gap between the best and
+    the second-best candidate token (logit, or perturbed score when sampling) at a masked
+    position, or :func:`commit_margin`. Another implementation may decide a step within
+    float rounding of a tie differently."""
     B = block_size
     seq = list(prompt_ids)
     given = len(seq)
@@ -117,6 +144,7 @@ def decode(
     step = 0
     truncated = True
     forwards = 0
+    margins = []
     for blk in range(first_block, first_block + max_blocks):
         start, end = blk * B, (blk + 1) * B
         seq = seq + [mask_token_id] * (end - len(seq))
@@ -124,7 +152,7 @@ def decode(
             logits = denoiser(torch.tensor(seq), block_causal(len(seq), B)).double()
             forwards += 1
             step += 1
-            conf, cand, lp = [], [], []
+            conf, cand, lp, gaps = [], [], [], []
             for j in range(start, end):
                 row = logits[j].tolist()
                 logp_all = torch.log_softmax(logits[j], dim=-1).tolist()
@@ -132,15 +160,18 @@ def decode(
                 if temperature <= 0:
                     c = max(proposable, key=lambda v: (row[v], -v))
                     conf.append(math.exp(logp_all[c]))
+                    gaps.append(row[c] - max((row[v] for v in proposable if v != c), default=-math.inf))
                 else:
                     noise = [uniform(seed, j, step, v) for v in range(len(row))]
                     c = _sample([x if v != mask_token_id else -math.inf for v, x in enumerate(row)],
-                                temperature, top_k, top_p, noise)
+                                temperature, top_k, top_p, noise, gaps)
                     conf.append(_softmax([x / temperature for x in row])[c])
                 cand.append(c)
                 lp.append(logp_all[c])
             masked = [j >= given and j not in step_of for j in range(start, end)]
             commit = select_unmask(conf, masked, strategy, threshold, steps)
+            margins.append(min([g for g, m in zip(gaps, masked) if m]
+                               + [commit_margin(conf, masked, strategy, threshold, steps)]))
             for o, j in enumerate(range(start, end)):
                 if commit[o]:
                     seq[j] = cand[o]
@@ -155,4 +186,5 @@ def decode(
         "logp": [logp_of[j] for j in resp],
         "truncated": truncated,
         "num_forwards": forwards,
+        "margins": margins,
     }

@@ -113,6 +113,9 @@ def main(out: Path):
     res["eval_sharded"] = {k: v for k, v in sharded.items() if k != "seconds"}
     res["eval_one"] = {k: v for k, v in one.items() if k != "seconds"}
     if rank == 0:
+        import dirl_min
+
+        res["dirl_min"] = dirl_min.__file__  # the test checks that the workers ran the tree under test
         (out / "results.json").write_text(json.dumps(res, indent=2))
     state.wait_for_everyone()
 

@@ -2,8 +2,11 @@
 
 DeepSpeed is not installed here (and needs CUDA): Accelerate's own DeepSpeed code paths
 (``Accelerator.backward`` → the real ``DeepSpeedEngineWrapper``, the no-op optimizer wrapper,
-the engine's gradient norm) run with a stand-in engine that follows DeepSpeed's
-accumulation rules and records every update it makes.
+the engine's gradient norm) run with :class:`StandInDeepSpeedEngine`, a stand-in written
+from our reading of DeepSpeed's accumulation rules that records every update it makes. It
+is NOT DeepSpeed and has not been checked against DeepSpeed itself: these tests show that
+dirl_min drives Accelerate's DeepSpeed path correctly *if* DeepSpeed behaves as the
+stand-in does.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ from dirl_min import train
 from dirl_min.settings import checks as settings
 from dirl_min.loops import rl as loops_dipo
 from dirl_min.settings.config import SettingsError, parse_config
+from tests.fixtures.tree import assert_env_imports_tree, tree_env
 
 _spec = importlib.util.spec_from_file_location("toy_reward_run", Path(__file__).with_name("toy_reward_run.py"))
 toy_reward_run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(toy_reward_run)
 
 
-class CountingEngine(torch.nn.Module):
-    """DeepSpeedEngine's accumulation rules: ``backward`` divides the loss by the configured
+class StandInDeepSpeedEngine(torch.nn.Module):
+    """A stand-in for DeepSpeedEngine (not DeepSpeed; unverified against it), after its accumulation rules: ``backward`` divides the loss by the configured
     accumulation count; ``step`` updates only at an accumulation boundary (the one set
     explicitly, else every ``gas``-th micro step), then zeroes the gradients. Each update's
     gradient is recorded."""
@@ -76,7 +80,7 @@ class DeepSpeedPath(Accelerator):
         return DistributedType.DEEPSPEED if getattr(self, "engine", None) is not None else super().distributed_type
 
     def prepare(self, model, optimizer):
-        self.engine = CountingEngine(model, optimizer, self.gas)
+        self.engine = StandInDeepSpeedEngine(model, optimizer, self.gas)
         self.deepspeed_engine_wrapped = DeepSpeedEngineWrapper(self.engine)
         self.gradient_accumulation_steps = self.gas  # Accelerate adopts the DeepSpeed config's count
         return self.engine, DeepSpeedOptimizerWrapper(optimizer)
@@ -88,7 +92,7 @@ _SMALL = ["--sft.steps", "2", "--sft.batch_size", "8", "--sft.warmup_steps", "1"
 
 
 def _deepspeed_updates(tmp_path, stage, gas, *args):
-    """The updates a DeepSpeed engine makes while dirl_min runs ``stage`` (sft or rl)."""
+    """The updates the DeepSpeed stand-in engine makes while dirl_min runs ``stage`` (sft or rl)."""
     cfg = parse_config([*_SMALL, "--out", str(tmp_path), *args])
     train._seed_everything(cfg.run.seed)
     model, tok, sft, rl, _ = train.build(cfg)
@@ -109,8 +113,8 @@ def _assert_same_updates(a, b):
 
 
 @pytest.mark.parametrize("gas", [1, 3])
-def test_deepspeed_makes_one_update_per_sft_step_from_all_micro_batches(tmp_path, gas):
-    """sft.grad_accum 4 under DeepSpeed (whatever its own accumulation count): one update per
+def test_deepspeed_standin_makes_one_update_per_sft_step_from_all_micro_batches(tmp_path, gas):
+    """sft.grad_accum 4 on Accelerate's DeepSpeed path with the stand-in engine (whatever its own accumulation count): one update per
     step, with the gradient of the whole batch taken as one micro-batch."""
     whole = _deepspeed_updates(tmp_path / "whole", "sft", 1, "--sft.grad_accum", "1")
     accumulated = _deepspeed_updates(tmp_path / "acc", "sft", gas, "--sft.grad_accum", "4")
@@ -118,8 +122,8 @@ def test_deepspeed_makes_one_update_per_sft_step_from_all_micro_batches(tmp_path
     _assert_same_updates(whole, accumulated)
 
 
-def test_deepspeed_makes_one_update_per_dipo_step_from_all_micro_batches(tmp_path, monkeypatch):
-    """DiPO micro-batches of 2 responses under DeepSpeed: one update per step, and the same
+def test_deepspeed_standin_makes_one_update_per_dipo_step_from_all_micro_batches(tmp_path, monkeypatch):
+    """DiPO micro-batches of 2 responses on Accelerate's DeepSpeed path (stand-in engine): one update per step, and the same
     gradient as all kept responses of a rollout in one micro-batch (later micro-batches must
     not be scored on weights that already moved)."""
     monkeypatch.setattr(loops_dipo, "rollout_and_reward", toy_reward_run.toy_correct(loops_dipo.rollout_and_reward))
@@ -152,7 +156,8 @@ def _launch_two_processes(args, timeout):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(root / "configs" / "accelerate" / "cpu-2proc.yaml"), str(Path(__file__).with_name("toy_reward_run.py")),
            *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = tree_env()
+    assert_env_imports_tree(env, Path(args[args.index("--out") + 1]).parent)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:

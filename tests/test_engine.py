@@ -7,6 +7,7 @@ tokens per step and the tests cover multi-token steps too.
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import pytest
@@ -31,6 +32,28 @@ def sharp_tiny(block_size: int, seed: int = 0):
 
 
 GRID = list(itertools.product([1, 2, 4, 8], ["low_confidence_static", "low_confidence_dynamic", "sequential"]))
+#: a decision closer than this to a tie (see reference.decoding.decode's margins) may go either way:
+#: the cached float32 path and the dense float64 reference round differently
+TIE = 1e-5
+
+
+def assert_matches_reference(out, i: int, ref: dict, what=()) -> bool:
+    """Row ``i`` of a Rollout equals the reference decoder's output, up to its first near-tie step.
+
+    Before the first step whose margin is under :data:`TIE` both must commit the same tokens at the
+    same steps (with the same log-probs); from that step on they may diverge. Returns whether the
+    whole row was compared (no near-tie)."""
+    tie = next((s for s, m in enumerate(ref["margins"], 1) if m < TIE), None)
+    if tie is None:
+        assert out.response_ids[i] == ref["response_ids"], what
+        assert out.step_map[i] == ref["step_map"], what
+        assert out.truncated[i] == ref["truncated"], what
+        assert torch.allclose(torch.tensor(out.logp[i]), torch.tensor(ref["logp"], dtype=torch.float32), atol=1e-4)
+        return True
+    before = [j for j, s in enumerate(ref["step_map"]) if s < tie]
+    assert [j for j, s in enumerate(out.step_map[i]) if s < tie] == before, what
+    assert [out.response_ids[i][j] for j in before] == [ref["response_ids"][j] for j in before], what
+    return False
 
 
 @pytest.mark.parametrize("block_size,strategy", GRID)
@@ -45,10 +68,50 @@ def test_cached_batched_decoding_equals_uncached_reference(block_size, strategy)
         for i, p in enumerate(prompts):
             ref = decode(dense_denoiser(model), p, block_size=block_size, mask_token_id=model.config.mask_token_id,
                          seed=[11, 12, 13][i], **kw)
-            assert out.response_ids[i] == ref["response_ids"], (temperature, fused, i)
-            assert out.step_map[i] == ref["step_map"], (temperature, fused, i)
-            assert out.truncated[i] == ref["truncated"]
-            assert torch.allclose(torch.tensor(out.logp[i]), torch.tensor(ref["logp"], dtype=torch.float32), atol=1e-4)
+            assert_matches_reference(out, i, ref, (temperature, fused, i))
+
+
+def _stop_prompts(tok, stop: int, B: int) -> list[list[int]]:
+    """Prompts whose last, partial block holds ``stop`` (as a chat template's ``<|im_end|>`` does:
+    ``…<|im_end|>\n<|im_start|>assistant\n``): a stop there is not generated and must not stop."""
+    out = []
+    for p in [tok.encode(q) for q in PROMPTS] * 2:
+        p = p + [p[-1]] * ((-len(p)) % B)
+        out.append(p + [stop, p[0]])
+    return out
+
+
+STOP_KW = dict(max_new_tokens=48, temperature=1.0, top_k=8, threshold=0.6)
+STOP_SEEDS = list(range(6))
+
+
+def stopping_batch(model, tok, block_size: int, **kw):
+    """``(prompts, stop, rollout)``: a batch where rows stop at two different blocks or more (the
+    decoder retires them and drops their cache rows while the others go on), some row never stops,
+    and every prompt holds the stop token in its last partial block. The stop token is the first
+    of the tokens this model generates most that makes such a batch."""
+    plain = generate(model, [tok.encode(q) for q in PROMPTS] * 2, seeds=STOP_SEEDS, **STOP_KW)
+    common = collections.Counter(t for r in plain.response_ids for t in r).most_common(8)
+    for stop, _ in common:
+        prompts = _stop_prompts(tok, stop, block_size)
+        out = generate(model, prompts, seeds=STOP_SEEDS, stop_token_ids=[stop], **STOP_KW, **kw)
+        ends = {len(p) + len(r) for p, r, t in zip(prompts, out.response_ids, out.truncated) if not t}
+        if len(ends) >= 2 and any(out.truncated):
+            return prompts, stop, out
+    pytest.fail(f"no stop token among {common} gives rows stopping at two blocks and a truncated row")
+
+
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_stops_and_retired_rows_equal_the_reference(block_size):
+    """Each row of a :func:`stopping_batch` equals the reference decoder's, which checks for the stop
+    token only among generated tokens (a chat prompt's ``<|im_end|>`` must not stop a response)."""
+    model, tok = sharp_tiny(block_size)
+    prompts, stop, out = stopping_batch(model, tok, block_size)
+    for i, p in enumerate(prompts):
+        ref = decode(dense_denoiser(model), p, block_size=block_size, mask_token_id=model.config.mask_token_id,
+                     seed=STOP_SEEDS[i], stop_token_ids=[stop], **STOP_KW)
+        assert_matches_reference(out, i, ref, (stop, i))
+        assert out.stopped_at[i] == len(p) + len(out.response_ids[i])
 
 
 def test_some_steps_commit_several_tokens():
@@ -92,23 +155,22 @@ def test_seeded_generator_reproduces_a_run():
 
 def test_stop_keeps_the_block_whole_and_text_is_cut():
     model, tok = sharp_tiny(4)
-    prompts = [tok.encode(p) for p in PROMPTS]
-    eos = tok.eos_token_id
-    out = generate(model, prompts, max_new_tokens=64, temperature=1.0, stop_token_ids=[eos],
-                   seeds=[1, 2, 3], tokenizer=tok)
+    prompts, eos, out = stopping_batch(model, tok, 4, tokenizer=tok)
     for i, p in enumerate(prompts):
         total = len(p) + len(out.response_ids[i])
         assert total % 4 == 0  # whole blocks on the absolute grid
         full = p + out.response_ids[i]
         generated_eos = [j for j in range(len(p), total) if full[j] == eos]
         if not out.truncated[i]:
-            # the first generated eos lies in the last block, and the block is kept whole after it
+            # the first generated stop lies in the last block, and the block is kept whole after it
             assert generated_eos and generated_eos[0] >= total - 4
             cut = out.response_ids[i].index(eos)
             assert out.text[i] == tok.decode(out.response_ids[i][:cut])
+            assert out.length_to_stop(i) == cut
         else:
             assert not generated_eos
-            assert total == (len(p) // 4 + 16) * 4  # max_new_tokens=64 is 16 whole blocks
+            assert total == (len(p) // 4 + 12) * 4  # max_new_tokens=48 is 12 whole blocks
+            assert out.text[i] == tok.decode(out.response_ids[i])
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 4, 8])
@@ -217,7 +279,7 @@ def test_flex_attention_training_layout_equals_sdpa_and_keeps_the_invariant():
 def test_sdar_standin_chats_generates_and_round_trips(tmp_path, sdar_source):
     """A faithful SDAR stand-in (full Qwen vocabulary, real tokenizer files) runs the whole engine."""
     from dirl_min.decoding import generate_text
-    from dirl_min.model import load_model, save_model
+    from dirl_min.model import load_model, save_model, stop_token_ids
     from tests.fixtures.checkpoints import make_standin_checkpoint
 
     path = make_standin_checkpoint(tmp_path / "sdar", source=sdar_source)
@@ -227,7 +289,9 @@ def test_sdar_standin_chats_generates_and_round_trips(tmp_path, sdar_source):
     assert tok.decode(prompt).startswith("<|im_start|>user\nSolve: If x + 5 = 12")
     assert (len(prompt) + len(out.response_ids[0])) % 4 == 0
     assert 151669 not in out.response_ids[0]  # the mask token is never committed
-    assert isinstance(out.text[0], str)
+    stops = stop_token_ids(tok)
+    cut = next((j for j, t in enumerate(out.response_ids[0]) if t in stops), len(out.response_ids[0]))
+    assert out.text[0] == tok.decode(out.response_ids[0][:cut])
     with torch.no_grad():
         assert (rescore(model, out)[0] - torch.tensor(out.logp[0])).abs().max() <= 1e-4
     saved = save_model(model, tok, tmp_path / "saved")

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from dirl_min.evaluation import responses as decode
 from dirl_min.evaluation.stats import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
 from dirl_min.model import build_tiny, save_model
 from dirl_min.tasks import render_prompt
+from tests.fixtures.tree import assert_env_imports_tree, tree_env
 
 BENCH_FILES = ["math500", "gsm8k", "aime2024", "aime2025", "olympiadbench"]
 #: a few records of each benchmark, kept in the repository (the full files are not needed)
@@ -369,8 +371,13 @@ TINY = ["--model", "tiny", "--data-dir", str(BENCH_DIR), "--benchmarks", "gsm8k,
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
+    t = time.perf_counter()
     assert E.main([*TINY, "--out", str(out)]) == 0
+    _WALL_SECONDS[out] = time.perf_counter() - t
     return out
+
+
+_WALL_SECONDS: dict[Path, float] = {}  # of each single_run
 
 
 def test_single_run_writes_consistent_records_and_results(single_run):
@@ -388,13 +395,29 @@ def test_single_run_writes_consistent_records_and_results(single_run):
     assert gsm["truncation_rate"] == pytest.approx(sum(r["truncated"] for r in g) / len(g))
     assert gsm["mean_length"] == pytest.approx(sum(r["length"] for r in g) / len(g))
     assert gsm["tokens_per_step"] == pytest.approx(sum(r["tokens_per_step"] for r in g) / len(g))
-    assert gsm["runtime"]["tokens_per_second"] > 0
+    # the records are what the decoder gives each (prompt, seed): decoded again here, one at a time
+    from dirl_min.decoding import generate
+    from dirl_min.model import chat_prompt_ids, stop_token_ids
+
+    model, tok, _ = decode.load_eval_model("tiny")
+    for r in g:
+        ids = chat_prompt_ids(tok, render_prompt(EB.DIRL_PROMPT, r["question"]))
+        roll = generate(model, [ids], seeds=[r["seed"]], max_new_tokens=12, temperature=1.0, top_k=50,
+                        stop_token_ids=stop_token_ids(tok))
+        assert (r["truncated"], r["num_tokens"], r["length"], r["num_steps"]) == (
+            roll.truncated[0], len(roll.response_ids[0]), roll.length_to_stop(0), roll.num_steps(0))
+    # the decode time is part of the run's wall time, and the rate is the records' tokens over it
+    raw = [json.loads(line) for line in (single_run / "samples.jsonl").read_text().splitlines()]
+    secs = sum(r["decode_seconds"] for r in raw if r["benchmark"] == "gsm8k")
+    assert gsm["runtime"]["decode_seconds"] == pytest.approx(secs)
+    assert 0 < secs < _WALL_SECONDS[single_run]
+    assert gsm["runtime"]["tokens_per_second"] * secs == pytest.approx(sum(r["num_tokens"] for r in g))
 
 
 def test_two_shards_give_the_same_results_as_one_process(single_run, tmp_path):
     out = tmp_path / "sharded"
     args = E.parse_args([*TINY[:-3], "--batch-size", "2", "--no-progress", "--out", str(out)])  # other batching too
-    model, tok, ident = E.load_eval_model("tiny")
+    model, tok, ident = decode.load_eval_model("tiny")
     run = E.prepare(args, model, tok, ident)
     assert E.run_shard(run, model, tok, rank=1, world=2, progress=False) == 2 * 2 * 3  # problems 1, 3
     assert E.run_shard(run, model, tok, rank=0, world=2, progress=False) == 2 * 3 * 3  # problems 0, 2, 4
@@ -414,7 +437,7 @@ def test_resume_after_an_interruption_gives_identical_results(single_run, tmp_pa
     # half the records, then a write cut short in the middle of a line
     (out / "samples.jsonl").write_text("".join(lines[:keep]) + lines[keep][: len(lines[keep]) // 2])
     args = E.parse_args([*TINY, "--out", str(out)])
-    model, tok, ident = E.load_eval_model("tiny")
+    model, tok, ident = decode.load_eval_model("tiny")
     run = E.prepare(args, model, tok, ident)
     assert E.run_shard(run, model, tok, progress=False) == len(lines) - keep  # only the missing samples
     E.finalize(run)
@@ -496,8 +519,13 @@ def test_threshold_sweep_writes_a_plot_of_accuracy_against_tokens_per_step(tmp_p
     tps = {r["threshold"]: r["tokens_per_step"] for r in runs}
     assert set(tps) == {0.0, 0.9}
     assert tps[0.0] > 2 and tps[0.9] < tps[0.0]  # threshold 0 commits whole blocks
-    png = out / ER.PLOT_FILE
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    # one line (matplotlib's first colour, C0) with its two markers; no second benchmark's line (C1)
+    from PIL import Image
+
+    img = Image.open(out / ER.PLOT_FILE).convert("RGB")
+    assert img.size == (768, 576)  # 6.4 x 4.8 inches at 120 dpi
+    colours = dict((c, n) for n, c in img.getcolors(maxcolors=1 << 20))
+    assert colours.get((0x1F, 0x77, 0xB4), 0) > 50 and colours.get((0xFF, 0x7F, 0x0E), 0) == 0
 
 
 # --------------------------------------------------------------------------------------
@@ -544,7 +572,8 @@ def test_accelerate_launch_with_two_processes_matches_one_process(single_run, tm
     if launcher is None:
         pytest.skip("accelerate CLI not found")
     out = tmp_path / "launched"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
+    env = tree_env(OMP_NUM_THREADS="1")
+    assert_env_imports_tree(env, tmp_path)
     cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 1000),
            "-m", "dirl_min.eval", *TINY, "--out", str(out)]

@@ -33,6 +33,8 @@ from nbclient import NotebookClient  # noqa: E402
 from nbclient.exceptions import CellExecutionError  # noqa: E402
 from traitlets import default  # noqa: E402  (a dependency of jupyter_client)
 
+from tests.fixtures.tree import assert_in_tree, tree_env  # noqa: E402
+
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "dirl-min-notebook-test"
 CELL_TIMEOUT = 240  # seconds per cell; notebook 04's training cell is the longest (~30 s on 2 busy cores)
@@ -40,7 +42,7 @@ PROBE_MARK = "@@NOTEBOOK_PROBE@@"
 PROBE = (
     "import json as _json, sys as _sys, torch as _torch\n"
     f"print({PROBE_MARK!r} + _json.dumps({{'executable': _sys.executable, 'prefix': _sys.prefix, 'checks': CHECKS,"
-    " 'threads': _torch.get_num_threads()}, default=str))"
+    " 'threads': _torch.get_num_threads(), 'dirl_min': __import__('dirl_min').__file__}, default=str))"
 )
 
 
@@ -110,6 +112,7 @@ def kernel_manager_class(tmp_path_factory):
         "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
         "display_name": "dirl_min notebook test",
         "language": "python",
+        "env": {"PYTHONPATH": tree_env()["PYTHONPATH"]},  # the kernel runs in tmp_path: import this tree
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
 
@@ -205,6 +208,7 @@ CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "0
 def test_notebook_executes_and_its_claims_hold(name, kernel_manager_class, tmp_path):
     nb, probe, seconds = execute(name, kernel_manager_class, tmp_path)
     assert (probe["executable"], probe["prefix"]) == (sys.executable, sys.prefix), "kernel ran another interpreter"
+    assert_in_tree(probe["dirl_min"])
     assert probe["threads"] == 1, "the first cell's setup() leaves torch on one thread"
     check, min_figures = CHECKERS[name[:2]]
     check(probe["checks"])

@@ -179,10 +179,13 @@ def test_each_loss_matches_the_token_by_token_reference_and_its_gradient_at_rati
     n_resp = data.draw(st.integers(1, 5))
     lengths = [data.draw(st.integers(1, 6)) for _ in range(n_resp)]
     resp = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
-    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
-    logp = -torch.rand(len(resp), generator=gen, dtype=torch.float64) * 3
-    old = logp + torch.randn(len(resp), generator=gen, dtype=torch.float64) * 0.3
-    adv = torch.randn(n_resp, generator=gen, dtype=torch.float64)[resp]
+    def floats(count, lo, hi):
+        return torch.tensor(data.draw(st.lists(st.floats(lo, hi, allow_nan=False), min_size=count, max_size=count)),
+                            dtype=torch.float64)
+
+    logp = floats(len(resp), -3, 0)
+    old = logp + floats(len(resp), -0.6, 0.6)
+    adv = floats(n_resp, -2, 2)[resp]
     n_tok, n_seq = float(sum(lengths) + 3), float(n_resp + 2)  # other micro-batches' share of the step
     weight, denom = loss_weights(resp, lengths, mean, num_tokens=n_tok, num_sequences=n_seq)
     x = logp.clone().requires_grad_(True)
@@ -242,3 +245,45 @@ def test_the_packed_path_reads_every_objectives_views_as_the_two_pass_path(monke
             got[backend] = r.logp[torch.argsort(key)], key.sort().values
         assert torch.equal(got["sdpa"][1], got["flex_attention"][1])
         assert torch.allclose(got["sdpa"][0], got["flex_attention"][0], atol=1e-5), name
+
+
+def test_the_rl_step_normalises_by_the_kept_responses_tokens_and_count():
+    """The token mean divides by the tokens of the responses kept for the update (not of every sampled
+    response, not their number); the sequence mean by the kept responses' number. Two rounds: the
+    first keeps group 1 of a 2-group rollout, the second both groups of another."""
+    from types import SimpleNamespace
+
+    from dirl_min.loops import dipo as loops_dipo
+
+    _, a = _rollout(n=4)
+    _, b = _rollout(n=4, seed=1)
+    assert len({len(r) for r in a.response_ids + b.response_ids}) > 1  # counts differ from tokens
+    adv = torch.arange(4.0)
+    kept = [(a, [2, 3], adv[2:]), (b, [0, 1], adv[:2]), (b, [2, 3], adv[2:])]
+    rolls = [(a, None, None), (b, None, None)]
+    cfg = SimpleNamespace(rl=SimpleNamespace(micro_batch=3))
+    accel = SimpleNamespace(num_processes=1, process_index=0)
+    micro, (n_tok, n_seq), n_real = loops_dipo._micro_batches(cfg, accel, kept, rolls)
+    assert n_tok == sum(len(a.response_ids[i]) for i in (2, 3)) + sum(len(r) for r in b.response_ids)
+    assert n_seq == 6
+    assert sorted((id(m[0]), i) for m in micro for i in m[1]) == sorted(
+        [(id(a), 2), (id(a), 3)] + [(id(b), i) for i in range(4)])
+    assert n_real == len(micro) == 3  # a: [2, 3]; b: [0, 1, 2], [3]
+
+
+@pytest.mark.parametrize("name", ["dipo", "tracerl", "diffu_grpo", "coupled_grpo"])
+def test_each_objective_takes_its_documented_mean_in_the_rl_step(name):
+    """At ratio 1 the loss is ``-Σ_j A_j w_j / D``: the token mean (dipo, tracerl: w = 1, D = the step's
+    tokens) or the sequence mean (d1, coupled: w = 1/|o_i|, D = the step's responses). The step's
+    totals here are not this micro-batch's, so a swapped normaliser or mean changes the value."""
+    model, roll = _rollout(n=4)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    n_tok, n_seq = 77.0, 9.0
+    loss, _, _ = policy_step(SelectedLogits(model), roll, list(range(4)), adv, num_tokens=n_tok, num_sequences=n_seq,
+                             eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name))
+    lengths = [len(r) for r in roll.response_ids]
+    if name in ("dipo", "tracerl"):
+        want = -sum(a * n for a, n in zip(adv.tolist(), lengths)) / n_tok
+    else:
+        want = -sum(adv.tolist()) / n_seq
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)

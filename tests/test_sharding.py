@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dirl_min.settings.config import Config
+from tests.fixtures.tree import assert_in_tree, tree_env
 
 
 def _free_port() -> int:
@@ -34,7 +35,8 @@ def fsdp2_run(tmp_path_factory):
     worker = Path(__file__).with_name("_fsdp2_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(worker), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=tree_env(), cwd=out)
     try:
         log, _ = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -42,7 +44,9 @@ def fsdp2_run(tmp_path_factory):
         log, _ = proc.communicate()
         pytest.fail("the 2-process FSDP2 run hung (killed after 240 s)\n" + log[-3000:])
     assert proc.returncode == 0, log[-3000:]
-    return out, json.loads((out / "results.json").read_text())
+    res = json.loads((out / "results.json").read_text())
+    assert_in_tree(res["dirl_min"])
+    return out, res
 
 
 def test_rollouts_with_a_different_number_of_forwards_per_rank_match_the_unsharded_model(fsdp2_run):
@@ -106,8 +110,12 @@ def test_untested_or_wrong_backend_combinations_are_refused(kind, plugin, overri
 @pytest.mark.parametrize("kind, plugin", [("DEEPSPEED", {"zero_stage": 2}), ("FSDP", {"fsdp_version": 2}),
                                           ("MULTI_GPU", {}), ("NO", {})])
 def test_supported_backends_pass(kind, plugin):
-    from dirl_min.settings.checks import check_launch, launch_of
+    from dirl_min.settings.checks import LAUNCH_RULES, check_launch, launch_of
 
     cfg = Config()
     cfg.run.stages = ["rl"] if kind == "FSDP" else cfg.run.stages
-    check_launch(cfg, launch_of(_accel(kind, **plugin)))
+    launch = launch_of(_accel(kind, **plugin))
+    assert (launch.backend, launch.zero_stage, launch.fsdp_version) == (
+        kind, plugin.get("zero_stage", 0), plugin.get("fsdp_version", 0))
+    assert [m for rule in LAUNCH_RULES for m in rule(cfg, launch)] == []
+    check_launch(cfg, launch)  # raises on any message
