@@ -86,7 +86,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from dirl_min.masking import block_causal_mask, block_diffusion_mask, packed_rounds_mask
+from dirl_min.core.masks import block_causal_mask, block_diffusion_mask, packed_rounds_mask
 
 
 def draw_mask(ax, mask, B, L, title, copies=1, cmap=ListedColormap(["white", "tab:blue"]), vmax=1):
@@ -171,7 +171,7 @@ print("core mask == union of the three clauses:", torch.equal(core, union))
 #   layout equals a plain block-causal forward over `x_0`, whatever `x_t` is.
 
 # %%
-from dirl_min.forward import backbone_hidden
+from dirl_min.model.forward import backbone_hidden
 
 g = torch.Generator().manual_seed(0)
 xs0 = torch.randint(0, 95, (Ls,), generator=g)  # some clean tokens
@@ -195,7 +195,7 @@ print(f"max |clean half of [x_t ; x_0]  -  block-causal pass over x_0| = {clean_
 # example and pick the rows whose `t` is closest to 0.2, 0.5 and 0.9.
 
 # %%
-from dirl_min.masking import add_noise
+from dirl_min.core.masks import add_noise
 
 eps = 1e-3
 rows = 4000
