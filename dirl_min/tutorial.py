@@ -147,12 +147,13 @@ def _cells(ax, state, colours, text=None, text_dark=None, B=None, offset=0):
             ax.axvline(e - 0.5, color="k", lw=0.8)
 
 
-def masking_picture(tokenizer, x0, is_response, levels=(0.0, 0.3, 0.7, 1.0), seed=0):
+def masking_picture(tokenizer, x0, is_response, levels=(0.0, 0.3, 0.7, 1.0), seed=0, B=None, start=0):
     """The forward (noising) process on one example and decoding as its reverse; returns the figure.
 
     One uniform draw ``u_i`` per response position, masked at level ``t`` iff ``u_i < t``: the
     masks are nested, so the rows read top to bottom as one noising path and bottom to top as
-    one denoising path. ``x0``: int64 ``[L]``; ``is_response``: bool ``[L]``."""
+    one denoising path. ``x0``: int64 ``[L]``; ``is_response``: bool ``[L]``; with ``B``, block
+    lines are drawn, ``x0[0]`` being at absolute position ``start``."""
     import matplotlib.pyplot as plt
     import torch
 
@@ -164,10 +165,10 @@ def masking_picture(tokenizer, x0, is_response, levels=(0.0, 0.3, 0.7, 1.0), see
         state.append(torch.where(~is_response, 0, torch.where(masked, 2, 1)).tolist())
         text.append(["█" if m else ch for ch, m in zip(chars, masked.tolist())])
     fig, ax = plt.subplots(figsize=(11, 0.55 * len(levels) + 1.3))
-    _cells(ax, state, ["#9ecae1", "#f0f0f0", "#404040"], text, text_dark={0, 1})
+    _cells(ax, state, ["#9ecae1", "#f0f0f0", "#404040"], text, text_dark={0, 1}, B=B, offset=(-start) % (B or 1))
     ax.set_yticks(range(len(levels)), [f"t = {t:g}" for t in levels])
     ax.set_xticks([])
-    ax.set_xlabel("position (blue = prompt, never masked; light = response token; dark = mask █)")
+    ax.set_xlabel("position (blue = prompt, never masked; light = response token; dark = mask █; lines = blocks)")
     kw = dict(xycoords="axes fraction", textcoords="axes fraction", fontsize=9, va="center")
     ax.annotate("", xy=(1.02, 0.05), xytext=(1.02, 0.95), arrowprops=dict(arrowstyle="->", color="crimson"), **kw)
     ax.annotate("noise (training)", xy=(1.03, 0.5), xytext=(1.03, 0.5), color="crimson", rotation=-90, **kw)

@@ -344,7 +344,7 @@ for fused in (True, False):
           f"(reference: {ref_out['num_forwards']} full-sequence passes)")
 print("response:", repr(glyphs(tok, ref_out["response_ids"])), "step_map:", ref_out["step_map"])
 
-# %% tags=["checks"]
+# %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
     "first_step_matches_hand": bool(first_step_matches_hand),

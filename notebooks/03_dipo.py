@@ -323,7 +323,7 @@ with torch.no_grad():
 wrong_diff = max(float((wrong_scores[k] - torch.tensor(roll.logp[k])).abs().max()) for k in range(len(roll)))
 print(f"with a wrong step_map: max |rescore − recorded logp| = {wrong_diff:.2f}")
 
-# %% tags=["checks"]
+# %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
     "every_token_target_once": every_token_once,

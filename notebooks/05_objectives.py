@@ -289,7 +289,7 @@ for n, (missing, future) in MISMATCH.items():
     print(f"{n:<14} tokens missing part of their decoding context: {missing:5.0%}   "
           f"seeing a later token: {future:5.0%}")
 
-# %% tags=["checks"]
+# %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
     "read_once": all(read_once.values()),
