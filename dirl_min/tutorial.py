@@ -1,4 +1,5 @@
-"""The set-up every tutorial notebook (``notebooks/0*.py``) runs in its first cell."""
+"""What the tutorial notebooks (``notebooks/0*.py``) share: the set-up of their first cell, a briefly
+trained tiny model, printing helpers and the pictures (matplotlib, imported inside each function)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import time
 import warnings
 from pathlib import Path
 
-__all__ = ["setup", "trained_tiny", "sharpened_tiny", "glyphs", "in_blocks", "DEMO_QUESTIONS"]
+__all__ = ["setup", "trained_tiny", "glyphs", "in_blocks", "DEMO_QUESTIONS", "masking_picture", "draw_mask",
+           "confidence_bars", "decode_timeline", "timeline_legend", "step_map_heatmap", "rounds_picture",
+           "objective_views_figure"]
 
 
 def setup() -> tuple[Path, float]:
@@ -84,23 +87,6 @@ def trained_tiny(steps: int = 150, batch_size: int = 16, seed: int = 0, block_si
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, cache)  # atomic: a notebook running beside this one reads a whole file or none
-    return model.eval(), tok
-
-
-def sharpened_tiny(block_size: int = 4, seed: int = 0, scale: float = 25.0):
-    """The tiny model with peaked predictions, for decoding demos; returns ``(model, tokenizer)``, in eval mode.
-
-    A random tiny model predicts almost uniformly (confidence ≈ 1/V), so every decoding step would
-    commit one token. Scaling an untied output head by ``scale`` makes its predictions peaked, like
-    a trained model's: confidences then spread over (0, 1) and one step can commit several tokens.
-    """
-    import torch
-
-    from dirl_min.model import build_tiny
-
-    model, tok = build_tiny(block_size=block_size, seed=seed, tie_word_embeddings=False)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)
     return model.eval(), tok
 
 

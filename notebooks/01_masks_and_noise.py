@@ -46,7 +46,9 @@
 # weight").
 #
 # This notebook builds those pieces — the block grid, the attention masks, the noise and the weight —
-# and checks them against slow reference implementations (SPEC §1–§2). It runs in seconds.
+# and checks them against slow reference implementations (SPEC §1–§2). It runs in seconds. Notebook 02
+# writes the decode loop out in 20 lines, notebook 03 DiPO's step rounds, both checked against the
+# library.
 
 # %%
 import time
@@ -76,6 +78,12 @@ is_response = torch.arange(L) >= P  # response side: may be masked, carries the 
 masking_picture(tok, x0[P - 12:], is_response[P - 12:], B=B, start=P - 12)  # the prompt's last 12 tokens, then the response
 plt.show()
 
+# %% [markdown]
+# One example, an arithmetic question and its answer `\boxed{19}` with end tokens, at four noise levels.
+# The masks are nested (a token masked at `t = 0.3` is masked at `0.7` too), so top to bottom is one
+# path of the noising process and bottom to top one path of decoding. Training draws one `t` per
+# example and asks the model for the masked tokens of that row. Decoding does not unmask the whole
+# answer at once: it runs this reverse path one block (vertical lines) at a time, left to right.
 # %% [markdown]
 # ## The block grid
 #

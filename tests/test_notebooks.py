@@ -96,6 +96,30 @@ def test_the_printing_helpers_put_bars_on_absolute_block_boundaries():
     assert glyphs(tok, ids) == "a⏎⟩∎"
 
 
+def test_the_decode_timeline_commits_each_token_once_and_caches_each_block_once():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dirl_min.tutorial import decode_timeline
+
+    B = 4
+    steps = [0] * 6 + [1, 1, 2, 2, 2, 2, 4, 3, 3, 5]  # prompt of 6 (block 1 partly given), then 3 blocks
+    fig, ax = plt.subplots()
+    state = decode_timeline(ax, steps, B)
+    plt.close(fig)
+    assert state.shape == (5, len(steps))  # one row per forward: fused, a forward is a step
+    committed = state == 4
+    assert (committed.sum(0) == (np.array(steps) > 0)).all()  # each generated token committed once
+    assert all(committed[f, j] == (steps[j] == f + 1) for f in range(5) for j in range(len(steps)))
+    written = state == 2
+    assert written.sum(0).tolist() == [1] * 12 + [0] * 4  # every block but the last enters the cache once
+    assert written[0, :4].all() and written[1, 4:8].all() and written[2, 8:12].all()  # fused with the next block's first step
+    assert (state[-1, :12] == 1).all()  # and stays there
+
+
 @pytest.fixture(scope="module")
 def kernel_manager_class(tmp_path_factory):
     """A kernel manager class whose only kernel spec launches this interpreter.
