@@ -47,7 +47,7 @@ from dirl_min.tutorial import DEMO_QUESTIONS, glyphs, in_blocks, trained_tiny
 
 # The tiny model after a 150-step random-masking SFT on the embedded task (notebook 01's loss; a few
 # seconds, cached between notebooks). It has learned the answer format and is confident about it;
-# the arithmetic itself needs the long run of notebook 04, so most of its answers are wrong.
+# the arithmetic itself needs a much longer run (`python -m dirl_min.train`), so most answers are wrong.
 model, tok = trained_tiny()
 B, M = model.config.block_size, model.config.mask_token_id
 STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
@@ -167,8 +167,9 @@ print("engine's step 1 == the hand-made step:", first_step_matches_hand,
       "| engine == decode_by_hand (tokens and steps):", loop_matches_engine)
 
 # %% [markdown]
-# A real answer in the trained format — wrong or right, 150 SFT steps have taught the format, not the
-# arithmetic. Stopping is checked only on completed blocks, and the block that holds the stop token is
+# A real answer in the trained format — compare it with the question: 150 SFT steps teach the format,
+# not yet the arithmetic. Note the order inside the last block: the closing `}` and `⟩` can be
+# committed before the digits, which the model is least sure of. Stopping is checked only on completed blocks, and the block that holds the stop token is
 # kept whole (here filled with end-of-text pads, as in training).
 #
 # ## Forward by forward: cache, working block, commit

@@ -109,26 +109,15 @@ print("every generated token is a target exactly once:", every_token_once)
 # %% [markdown]
 # The rounds of one response share `x_0`, so they are packed into **one** forward,
 # `[x_t^1; …; x_t^R; x_0]`: each noisy copy sees its own block and earlier clean blocks, never another
-# noisy copy (`dirl_min.masking.packed_rounds_mask`, compared with the reference in notebook 01):
+# noisy copy (`dirl_min.core.masks.packed_rounds_mask`, compared with the reference in notebook 01):
 
 # %%
-from matplotlib.colors import ListedColormap
-
 from dirl_min.core.masks import packed_rounds_mask
+from dirl_min.tutorial import draw_mask
 
 Rs, Ls = 3, 8
-mask = packed_rounds_mask(Rs, Ls, B)
-fig, ax = plt.subplots(figsize=(5, 5))
-ax.imshow(mask.numpy(), cmap=ListedColormap(["white", "tab:blue"]), interpolation="nearest")
-for c in range(1, Rs + 1):
-    ax.axhline(c * Ls - 0.5, color="crimson", lw=2)
-    ax.axvline(c * Ls - 0.5, color="crimson", lw=2)
-names = [f"x_t^{r + 1}" for r in range(Rs)] + ["x_0"]
-ax.set_xticks([c * Ls + Ls / 2 - 0.5 for c in range(Rs + 1)], names)
-ax.set_yticks([c * Ls + Ls / 2 - 0.5 for c in range(Rs + 1)], names)
-ax.set_xlabel("key")
-ax.set_ylabel("query")
-ax.set_title(f"packed_rounds_mask(R={Rs}, L={Ls}, B={B})")
+fig, ax = plt.subplots(figsize=(5.5, 5.5))
+draw_mask(ax, packed_rounds_mask(Rs, Ls, B), B, Ls, f"packed_rounds_mask(R={Rs}, L={Ls}, B={B})", copies=Rs + 1)
 plt.show()
 
 # %% [markdown]
