@@ -75,7 +75,8 @@ L = -(-(P + len(answer)) // B) * B  # round up to whole blocks, counted on the w
 x0 = torch.tensor(prompt + answer + [tok.pad_token_id] * (L - P - len(answer)))
 is_response = torch.arange(L) >= P  # response side: may be masked, carries the loss (pads included)
 
-masking_picture(tok, x0[P - 12:], is_response[P - 12:], B=B, start=P - 12)  # the prompt's last 12 tokens, then the response
+# the prompt's last 12 tokens, then the response
+masking_picture(tok, x0[P - 12:], is_response[P - 12:], B=B, start=P - 12)
 plt.show()
 
 # %% [markdown]
@@ -270,7 +271,11 @@ for lo, hi in zip(edges[:-1], edges[1:]):
     w_std.append(float(weighted[sel].std()))
     u_mean.append(float(unweighted[sel].mean()))
 
-# a real model: weighted loss per response token at fixed masking levels
+# %% [markdown]
+# The real model's loss at fixed masking levels: 96 training answers, each response token masked with
+# probability `p` (at least one), through the trainer's own `sft_loss`.
+
+# %%
 from dirl_min.data import arithmetic_problems, sft_records
 from dirl_min.loops.sft import sft_loss, tokenize_sft
 from dirl_min.tutorial import trained_tiny
@@ -290,6 +295,7 @@ with torch.no_grad():
                            p=torch.full((len(examples),), lev))
         real_loss.append(float(loss))
 
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
 ax = axes[0]
 ax.fill_between(centres, w_lo, w_hi, alpha=0.25, label="with 1/p: 10–90% of single rows")

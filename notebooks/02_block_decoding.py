@@ -169,8 +169,9 @@ print("engine's step 1 == the hand-made step:", first_step_matches_hand,
 # %% [markdown]
 # A real answer in the trained format — compare it with the question: 150 SFT steps teach the format,
 # not yet the arithmetic. Note the order inside the last block: the closing `}` and `⟩` can be
-# committed before the digits, which the model is least sure of. Stopping is checked only on completed blocks, and the block that holds the stop token is
-# kept whole (here filled with end-of-text pads, as in training).
+# committed before the digits, which the model is least sure of. Stopping is checked only on completed
+# blocks, and the block that holds the stop token is kept whole (here filled with end-of-text pads, as
+# in training).
 #
 # ## Forward by forward: cache, working block, commit
 #

@@ -205,8 +205,8 @@ for n in OBJECTIVES:
 print("policy_step's log-probs == rounds_logp's:", SAME_AS_TRAINER)
 
 # %% [markdown]
-# Most tokens of this model's answers are format tokens it is sure of, so many `|Δ|` are tiny whatever
-# the view; a scatter of read against recorded log-probabilities would pile them up at 0. The
+# Many tokens of this model's answers are format tokens it is sure of in almost any context, so many
+# `|Δ|` are tiny; a scatter of read against recorded log-probabilities would pile them up at 0. The
 # cumulative distribution of `|Δ|` per objective (log scale; exact values, below `1e-6`, drawn at the
 # left edge) shows the spread instead:
 
@@ -236,10 +236,10 @@ plt.show()
 #   copies per response (at most the block size; the table above gives the count here), scored in one
 #   call together with the clean row.
 # * **tracerl** with shrinkage `s` (TraceRL, Wang et al. 2025, §3) trades exactness for `⌈R/s⌉`
-#   copies. A token committed at the first step of a merged group is still read exactly (the points on
-#   the diagonal); one committed later loses sight of what the earlier steps of its group committed, so
-#   its log-probability is taken in a context with less information than it had — a biased estimate,
-#   never one that peeks ahead. `s = 1` is `dipo`, bit for bit.
+#   copies. A token committed at the first step of a merged group is still read exactly (its curve
+#   starts high at the left edge); one committed later loses sight of what the earlier steps of its
+#   group committed, so its log-probability is taken in a context with less information than it had —
+#   a biased estimate, never one that peeks ahead. `s = 1` is `dipo`, bit for bit.
 # * **diffu_grpo** (d1, Zhao et al. 2025, §3.2) reads every token in one copy, seeing only the prompt
 #   (a random 15% of it masked) and mask tokens: a mean-field estimate that ignores the rest of the
 #   response entirely, so it is far from the decoding state (the largest mean `|Δ|` above). It is the

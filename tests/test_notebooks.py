@@ -116,7 +116,8 @@ def test_the_decode_timeline_commits_each_token_once_and_caches_each_block_once(
     assert all(committed[f, j] == (steps[j] == f + 1) for f in range(5) for j in range(len(steps)))
     written = state == 2
     assert written.sum(0).tolist() == [1] * 12 + [0] * 4  # every block but the last enters the cache once
-    assert written[0, :4].all() and written[1, 4:8].all() and written[2, 8:12].all()  # fused with the next block's first step
+    # each block is written by the first step of the next one (the fused commit)
+    assert written[0, :4].all() and written[1, 4:8].all() and written[2, 8:12].all()
     assert (state[-1, :12] == 1).all()  # and stays there
 
 
