@@ -15,16 +15,40 @@
 # %% [markdown]
 # # 01 · Masks and noise: how a block-diffusion LM is trained
 #
-# A block-diffusion LM (SDAR, TraDo, DiRL) is an ordinary transformer — here a Qwen3 — used in a
-# different way from an autoregressive LM:
+# **Why "diffusion".** A diffusion model learns to undo a noising process. For text the noise is
+# *masking*: at noise level `t ∈ [0, 1]` each response token is replaced by a mask token `M` with
+# probability `t` — at `t = 0` the answer is intact, at `t = 1` it is all masks. The model is trained
+# to predict the masked tokens from what is left; decoding runs the process backwards, from all masks
+# to a clean answer, committing a few confident tokens per step (the picture below, read bottom-up).
 #
-# * it writes **blocks** of `B` tokens (SDAR/DiRL: `B = 4`). *Across* blocks it is autoregressive:
-#   a block sees only earlier blocks. *Inside* a block it is a denoiser: every position starts as
-#   the mask token `M` and is filled in a few parallel steps, attending bidirectionally to the block;
-# * there is **no shift**: the logits at position `i` predict the token *at* `i`, not at `i + 1`.
+# **Why blocks.** A model that denoises the whole answer at once needs its length in advance and cannot
+# reuse a KV cache. SDAR (*Synergistic Diffusion-AutoRegression*, Cheng et al. 2025), the model family
+# DiRL post-trains, cuts the sequence into blocks of `B` tokens (`B = 4`): *across* blocks it is
+# autoregressive — a block sees only earlier blocks, so finished blocks go to a KV cache and
+# generation stops when a block holds the end token — and *inside* a block it is a masked-diffusion
+# denoiser that fills its `B` positions in a few parallel steps, attending bidirectionally within the
+# block. SDAR obtains such a model by brief further training of an ordinary autoregressive transformer
+# (a Qwen3, as here); there is **no shift**: the logits at position `i` predict the token *at* `i`.
 #
-# Both properties live in the **attention mask** and the **noise**, the subject of this notebook
-# (SPEC §1–§2). Everything runs on a tiny randomly initialised model in a few seconds.
+# **Why a clean copy.** Training must show every noisy block exactly what decoding will show it: the
+# *clean* earlier blocks, and its own partly masked block. Feeding `x_t` alone would let block `k` see
+# noisy earlier blocks; giving each block its own clean prefix would cost one forward per block. SFT
+# instead appends a clean copy `x_0` to the noisy sequence and lets the attention mask route each noisy
+# block to the clean copy's earlier blocks: one forward trains every block.
+#
+# **What the loss is.** For a masked position `i` in block `b`, the model's prediction is
+# `p_θ(x0_i | x_t^(b), x_0^(<b))`: the token, given the noisy block and the clean *earlier* blocks —
+# never the clean token itself, which the mask hides. The loss sums `−log p_θ` over the masked
+# positions, divided by the masking probability `p`. Averaged over `t`, this is the *masked-diffusion
+# ELBO*: an upper bound on the negative log-likelihood `−log p_θ(x_0)` of the answer (an evidence lower
+# bound on the log-likelihood, hence the name), just as next-token cross-entropy is the exact NLL for an
+# autoregressive model. The `1/p` weight is what makes it a bound on the NLL (section "The `1/p`
+# weight").
+#
+# This notebook builds those pieces — the block grid, the attention masks, the noise and the weight —
+# and checks them against slow reference implementations (SPEC §1–§2). It runs in seconds. Notebook 02
+# writes the decode loop out in 20 lines, notebook 03 DiPO's step rounds, both checked against the
+# library.
 
 # %%
 import time
@@ -37,6 +61,30 @@ from dirl_min.tutorial import setup
 # one torch thread, tqdm's ipywidgets warning off, and the repository on sys.path for `reference/`
 ROOT, T_START = setup()
 
+# %%
+from dirl_min.model import build_tiny, chat_prompt_ids
+from dirl_min.tutorial import glyphs, in_blocks, masking_picture
+
+model, tok = build_tiny()  # random weights; only its tokenizer and config matter until the last sections
+B, M = model.config.block_size, model.config.mask_token_id  # the single source of truth for both
+
+prompt = chat_prompt_ids(tok, "What is 12 + 7?")
+answer = tok.encode("\\boxed{19}<|im_end|><|endoftext|>", add_special_tokens=False)
+P = len(prompt)
+L = -(-(P + len(answer)) // B) * B  # round up to whole blocks, counted on the whole sequence
+x0 = torch.tensor(prompt + answer + [tok.pad_token_id] * (L - P - len(answer)))
+is_response = torch.arange(L) >= P  # response side: may be masked, carries the loss (pads included)
+
+# the prompt's last 12 tokens, then the response
+masking_picture(tok, x0[P - 12:], is_response[P - 12:], B=B, start=P - 12)
+plt.show()
+
+# %% [markdown]
+# One example, an arithmetic question and its answer `\boxed{19}` with end tokens, at four noise levels.
+# The masks are nested (a token masked at `t = 0.3` is masked at `0.7` too), so top to bottom is one
+# path of the noising process and bottom to top one path of decoding. Training draws one `t` per
+# example and asks the model for the masked tokens of that row. Decoding does not unmask the whole
+# answer at once: it runs this reverse path one block (vertical lines) at a time, left to right.
 # %% [markdown]
 # ## The block grid
 #
@@ -47,22 +95,8 @@ ROOT, T_START = setup()
 # (= eos) to a multiple of `B`. Bars mark block boundaries; `p`/`r` mark prompt and response.
 
 # %%
-from dirl_min.model import build_tiny, chat_prompt_ids
-from dirl_min.tutorial import glyphs, in_blocks
-
-model, tok = build_tiny()  # random weights; only its tokenizer and config matter until the last section
-B, M = model.config.block_size, model.config.mask_token_id  # the single source of truth for both
-
 # glyphs(tok, ids): one character per token (⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask,
 # ⏎ = newline); in_blocks(text, B) puts a bar at every block boundary
-
-prompt = chat_prompt_ids(tok, "What is 12 + 7?")
-answer = tok.encode("\\boxed{19}<|im_end|><|endoftext|>", add_special_tokens=False)
-P = len(prompt)
-L = -(-(P + len(answer)) // B) * B  # round up to whole blocks, counted on the whole sequence
-x0 = torch.tensor(prompt + answer + [tok.pad_token_id] * (L - P - len(answer)))
-is_response = torch.arange(L) >= P  # response side: may be masked, carries the loss (pads included)
-
 print(f"B = {B}, mask id M = {M}, prompt length P = {P}, padded length L = {L}")
 print(in_blocks(glyphs(tok, x0), B))
 print(in_blocks("".join("r" if r else "p" for r in is_response), B))
@@ -83,30 +117,10 @@ print(f"the first response block starts with the prompt's last P mod B = {P % B}
 
 # %%
 import numpy as np
-from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from dirl_min.masking import block_causal_mask, block_diffusion_mask, packed_rounds_mask
-
-
-def draw_mask(ax, mask, B, L, title, copies=1, cmap=ListedColormap(["white", "tab:blue"]), vmax=1):
-    """Draw a mask; ticks at block centres, thin lines at block edges, thick lines between copies."""
-    n = mask.shape[0]
-    ax.imshow(np.asarray(mask, dtype=float), cmap=cmap, vmin=0, vmax=vmax, interpolation="nearest")
-    for e in range(0, n + 1, B):
-        ax.axhline(e - 0.5, color="0.8", lw=0.5)
-        ax.axvline(e - 0.5, color="0.8", lw=0.5)
-    for c in range(1, copies):
-        ax.axhline(c * L - 0.5, color="crimson", lw=2)
-        ax.axvline(c * L - 0.5, color="crimson", lw=2)
-    names = ["x_t", "x_0"] if copies == 2 else [f"x_t^{r + 1}" for r in range(copies - 1)] + ["x_0"]
-    centres = [s + (B - 1) / 2 for s in range(0, n, B)]
-    labels = [(f"{names[s // L]} " if copies > 1 else "") + f"b{(s % L) // B}" for s in range(0, n, B)]
-    ax.set_xticks(centres, labels, rotation=90, fontsize=7)
-    ax.set_yticks(centres, labels, fontsize=7)
-    ax.set_xlabel("key")
-    ax.set_ylabel("query")
-    ax.set_title(title)
+from dirl_min.core.masks import block_causal_mask, block_diffusion_mask, packed_rounds_mask
+from dirl_min.tutorial import draw_mask  # imshow of a mask with block lines and x_t / x_0 labels
 
 
 Ls, Bs = 12, 4  # a short sequence keeps the pictures readable
@@ -145,8 +159,7 @@ which = np.where(clause1, 1, np.where(clause2, 2, np.where(clause3, 3, 0)))
 colours = ["white", "tab:blue", "tab:orange", "tab:green"]
 fig, axes = plt.subplots(1, 2, figsize=(12, 6))
 draw_mask(axes[0], core, Bs, Ls, "block_diffusion_mask(12, 4)", copies=2)
-draw_mask(axes[1], which, Bs, Ls, "which clause allows each entry", copies=2,
-          cmap=ListedColormap(colours), vmax=3)
+draw_mask(axes[1], which, Bs, Ls, "which clause allows each entry", copies=2, colours=colours)
 axes[1].legend(handles=[Patch(color=c, label=l) for c, l in zip(colours[1:], [
     "1: same block, same half", "2: noisy → earlier clean blocks", "3: clean half, block-causal"])],
     loc="lower left", fontsize=8)
@@ -187,15 +200,16 @@ print(f"max |clean half of [x_t ; x_0]  -  block-causal pass over x_0| = {clean_
 # %% [markdown]
 # ## Noise: `add_noise`
 #
-# One noise level per **example** (not per block): `t ~ U(0, 1)`, `p = (1 − ε)t + ε` with `ε = 1e-3`;
-# each response position becomes `M` independently with probability `p`; if none was drawn, one is
-# forced (every example then has a loss term). The prompt is never masked.
+# One noise level per **example** (not per block): the SPEC (after DiRL) draws `t ~ U(0, 1]`, and
+# `p = (1 − ε)t + ε` with `ε = 1e-3`; each response position becomes `M` independently with probability
+# `p`; if none was drawn, one is forced (every example then has a loss term). The prompt is never
+# masked. (The trainer's default `sft.t_min = 0.1` draws `t` from `[0.1, 1]` instead; see below.)
 #
 # `add_noise` draws `t` itself, one per row. To show chosen levels we draw many rows of the same
 # example and pick the rows whose `t` is closest to 0.2, 0.5 and 0.9.
 
 # %%
-from dirl_min.masking import add_noise
+from dirl_min.core.masks import add_noise
 
 eps = 1e-3
 rows = 4000
@@ -224,15 +238,19 @@ plt.show()
 # %% [markdown]
 # ## The `1/p` weight
 #
-# The SFT loss is `L = (1/N_resp) · Σ_{i masked} −log q(x0_i | x_t ; x_0) / p`. Why divide by `p`?
-# A position is masked with probability `p`, so `E[Σ_masked nll_i] = p · Σ_i nll_i`. Dividing by `p`
-# makes the expected loss of an example the *average* per-token NLL over **all** its response
-# positions, the same for every noise level — each `t` estimates the same quantity (this is the
-# masked-diffusion ELBO weighting). Without it, a row at `p = 0.9` would count nine times as much as one
-# at `p = 0.1`.
+# The SFT loss of one example is `L = (1/N_resp) · Σ_{i masked} −log p_θ(x0_i | x_t^(b), x_0^(<b)) / p`
+# (`b` the block of `i`, `N_resp` its response tokens). Why divide by `p`? A position is masked with
+# probability `p`, so `E[Σ_masked nll_i] = p · Σ_i nll_i`: dividing by `p` turns the masked sum into an
+# unbiased estimate of the per-token NLL summed over **all** response positions — each NLL taken at
+# that noise level. Without it, a row at `p = 0.9` would count nine times as much as one at `p = 0.1`.
+# Averaging over `t` gives the masked-diffusion ELBO of the introduction.
 #
-# Below, a fixed made-up NLL per position of a 64-token response; for many `add_noise` rows we compute
-# the loss with and without the weight and average it in bins of `p`.
+# The weight does *not* make every noise level give the same loss: a real model's NLL grows with the
+# masking (less is visible), so its weighted loss still rises with `p`. Left, the weight alone: a
+# fixed made-up NLL per position of a 64-token response, held the same at every `p`, so that only the
+# masking changes; for many `add_noise` rows the loss with and without the weight, in bins of `p`.
+# Right, a real model: the tiny model after a 150-step SFT (`dirl_min.tutorial.trained_tiny`, a few
+# seconds), its weighted loss on training answers masked at fixed levels.
 
 # %%
 n_resp, n_rows = 64, 20000
@@ -243,34 +261,74 @@ summed = (m.float() * nll).sum(1)
 weighted, unweighted = summed / pp / n_resp, summed / n_resp
 
 edges = torch.linspace(0, 1, 11)
-centres, w_mean, w_std, u_mean = [], [], [], []
+centres, w_mean, w_lo, w_hi, w_std, u_mean = [], [], [], [], [], []
 for lo, hi in zip(edges[:-1], edges[1:]):
     sel = (pp >= lo) & (pp < hi)
     centres.append(float((lo + hi) / 2))
     w_mean.append(float(weighted[sel].mean()))
+    w_lo.append(float(weighted[sel].quantile(0.1)))
+    w_hi.append(float(weighted[sel].quantile(0.9)))
     w_std.append(float(weighted[sel].std()))
     u_mean.append(float(unweighted[sel].mean()))
 
-fig, ax = plt.subplots(figsize=(5.5, 3.5))
-ax.errorbar(centres, w_mean, yerr=w_std, fmt="o-", capsize=3, label="with 1/p (± std of one row)")
-ax.plot(centres, u_mean, "s-", label="without 1/p")
+# %% [markdown]
+# The real model's loss at fixed masking levels: 96 training answers, each response token masked with
+# probability `p` (at least one), through the trainer's own `sft_loss`.
+
+# %%
+from dirl_min.data import arithmetic_problems, sft_records
+from dirl_min.loops.sft import sft_loss, tokenize_sft
+from dirl_min.tutorial import trained_tiny
+
+sft_model, _ = trained_tiny()
+examples, _ = tokenize_sft(sft_records(arithmetic_problems()[::4][:96], tok), tok, B, max_len=2048)
+levels, real_loss = [0.1, 0.3, 0.5, 0.7, 0.9, 1.0], []
+with torch.no_grad():
+    for lev in levels:
+        gen = torch.Generator().manual_seed(3)
+        masks = [(torch.rand(len(e.ids), generator=gen) < lev) & (torch.arange(len(e.ids)) >= e.prompt_len)
+                 for e in examples]
+        for e, mk in zip(examples, masks):
+            mk[e.prompt_len] |= not mk.any()  # at least one masked position, as add_noise forces
+        n_resp = sum(len(e.ids) - e.prompt_len for e in examples)
+        loss, _ = sft_loss(sft_model, examples, M, B, num_response_tokens=n_resp, masks=masks,
+                           p=torch.full((len(examples),), lev))
+        real_loss.append(float(loss))
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+ax = axes[0]
+ax.fill_between(centres, w_lo, w_hi, alpha=0.25, label="with 1/p: 10–90% of single rows")
+ax.plot(centres, w_mean, "o-", label="with 1/p: mean")
+ax.plot(centres, u_mean, "s-", label="without 1/p: mean")
 ax.axhline(float(nll.mean()), color="k", ls="--", lw=1, label="mean NLL over all positions")
-ax.set_xlabel("p")
-ax.set_ylabel("loss of one example")
+ax.set_xlabel("masking probability p")
+ax.set_ylabel("loss per response token")
+ax.set_ylim(bottom=0)
+ax.set_title("the weight alone (NLL held fixed)")
 ax.legend(fontsize=8)
+axes[1].plot(levels, real_loss, "o-", color="tab:purple")
+axes[1].set_xlabel("masking probability p")
+axes[1].set_ylabel("weighted loss per response token")
+axes[1].set_ylim(bottom=0)
+axes[1].set_title("a real (briefly trained) model: the loss rises with masking")
+fig.tight_layout()
 plt.show()
 
 # relative error of the weighted bin means, ignoring the lowest bin (see below)
 weight_rel_err = max(abs(w - float(nll.mean())) / float(nll.mean()) for w in w_mean[1:])
-print(f"weighted loss: bins p ≥ 0.1 within {100 * weight_rel_err:.1f}% of the mean NLL")
+print(f"weighted loss (NLL held fixed): bins p ≥ 0.1 within {100 * weight_rel_err:.1f}% of the mean NLL")
 print(f"std of one row's weighted loss: {w_std[0]:.2f} at p < 0.1 vs {w_std[-1]:.2f} at p > 0.9")
+print("real model, weighted loss per token at p =", dict(zip(levels, [round(v, 3) for v in real_loss])))
 
 # %% [markdown]
-# The weighted loss is flat in `p` (unbiased), the unweighted one grows linearly. The price is
-# variance: at small `p` few positions are masked and each is multiplied by a large `1/p` (up to
-# `1/ε = 1000`), and the forced single mask (when none was drawn) biases the lowest levels upward —
-# the first bin. That is why the trainer draws `t ≥ sft.t_min` (default 0.1): it drops the noisiest
-# levels.
+# With the NLL held fixed, the weighted loss is flat in `p` (unbiased) and the unweighted one grows
+# linearly; with a real model the weighted loss grows with `p`, because each prediction sees less. The
+# price of the weight is variance: at small `p` few positions are masked and each is multiplied by a
+# large `1/p` (up to `1/ε = 1000`; the wide band on the left), and the forced single mask (when none was
+# drawn) biases the lowest levels upward — the first bin. That is why the trainer draws `t ≥ sft.t_min`
+# (default 0.1, a measured choice, see `--help`): it drops the *least* noisy levels, where few tokens
+# are masked and the weights are largest — a departure from the SPEC's `t ∈ (0, 1]`.
 #
 # ## Checked live against the reference
 #
@@ -292,7 +350,7 @@ for L_ in (1, 3, 8, 12):
         cases += 5
 print(f"{cases} masks compared with the reference; all equal: {masks_match_reference}")
 
-# %% tags=["checks"]
+# %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
     "masks_match_reference": bool(masks_match_reference),
@@ -302,6 +360,7 @@ CHECKS = {
     "prompt_never_masked": prompt_never_masked,
     "every_row_masked": every_row_masked,
     "weighted_loss_rel_err": float(weight_rel_err),
+    "real_loss_by_level": dict(zip(levels, real_loss)),
     "seconds": time.perf_counter() - T_START,
 }
 assert CHECKS["masks_match_reference"]
@@ -309,4 +368,5 @@ assert CHECKS["mask_is_union_of_clauses"] and CHECKS["clean_queries_never_see_no
 assert CHECKS["clean_half_equals_block_causal_pass"] < 1e-5
 assert CHECKS["prompt_never_masked"] and CHECKS["every_row_masked"]
 assert CHECKS["weighted_loss_rel_err"] < 0.05
+assert real_loss[-1] > real_loss[0], "a real model's loss should grow with the masking"
 print(CHECKS)

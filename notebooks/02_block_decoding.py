@@ -21,10 +21,11 @@
 # **commits** some of them (the confident ones); the others stay `M` for the next step. When the block
 # holds no `M`, its K/V enter the cache and the next block starts.
 #
-# This notebook runs the engine (`dirl_min.decoding.generate`, batched and KV-cached) on a tiny model,
-# shows a rollout step by step, its `step_map`, the unmasking strategies, the tokens-per-step /
-# threshold trade-off, the forward count with and without the fused commit, and checks the engine
-# against the slow uncached reference decoder.
+# This notebook does one step by hand, writes the whole decode loop in 20 lines and checks it against
+# the engine (`dirl_min.engine.decode.generate`, batched and KV-cached), then shows a rollout step by
+# step, forward by forward, its `step_map`, the unmasking strategies, the tokens-per-step / threshold
+# trade-off, the forward count with and without the fused commit, and checks the engine against the
+# slow uncached reference decoder.
 
 # %%
 import time
@@ -39,38 +40,37 @@ ROOT, T_START = setup()
 
 # %%
 from dirl_min.model import chat_prompt_ids
-from dirl_min.tutorial import DEMO_QUESTIONS, glyphs, in_blocks, sharpened_tiny
+from dirl_min.tutorial import DEMO_QUESTIONS, glyphs, in_blocks, trained_tiny
 
 # glyphs(tok, ids): one character per token (⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask,
 # ⏎ = newline); in_blocks(text, B) puts a bar at every block boundary
 
-# A random tiny model predicts almost uniformly (confidence ≈ 1/V), so every step would commit one
-# token. Scaling an untied output head by 25 makes its predictions peaked, like a trained model's:
-# confidences then spread over (0, 1) and several tokens can be committed in one step.
-model, tok = sharpened_tiny(block_size=4, seed=0, scale=25.0)
+# The tiny model after a 150-step random-masking SFT on the embedded task (notebook 01's loss; a few
+# seconds, cached between notebooks). It has learned the answer format and is confident about it;
+# the arithmetic itself needs a much longer run (`python -m dirl_min.train`), so most answers are wrong.
+model, tok = trained_tiny()
 B, M = model.config.block_size, model.config.mask_token_id
 STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 PROMPTS = [chat_prompt_ids(tok, q) for q in DEMO_QUESTIONS]
 print("prompt lengths:", [len(p) for p in PROMPTS], "→ P mod B:", [len(p) % B for p in PROMPTS])
 
 # %% [markdown]
-# Because of this sharpening trick the demos use a dynamic threshold of 0.6 instead of DiRL's 0.9: the
-# toy model is less confident than a trained one (see the sweep below).
-#
 # ## One denoising step by hand
 #
 # The prompt's complete blocks are context; the first working block is the prompt's tail plus `M`s.
 # Here the whole sequence is run with the block-causal mask (what the uncached reference does),
 # then `propose` gives each masked position a candidate (greedy: the argmax) and its confidence (its
 # probability), and `select_unmask` picks what to commit: with `low_confidence_dynamic`, the most
-# confident position plus every one with confidence ≥ threshold.
+# confident position plus every one with confidence ≥ threshold (DiRL's 0.9).
 
 # %%
-from dirl_min.decoding import generate, propose, select_unmask
+from dirl_min.core.masks import block_causal_mask
+from dirl_min.core.unmask import propose, select_unmask
+from dirl_min.engine.decode import generate
 from dirl_min.model.forward import backbone_hidden
-from dirl_min.masking import block_causal_mask
+from dirl_min.tutorial import confidence_bars
 
-THRESHOLD = 0.6
+THRESHOLD = 0.9
 prompt = PROMPTS[0]
 P = len(prompt)
 lo = (P // B) * B  # start of the first working block
@@ -91,13 +91,59 @@ for j in range(B):
     state = "COMMIT" if commit[0, j] else "stays M"
     print(f"  pos {lo + j}: candidate {glyphs(tok, [cand[0, j]])!r}  confidence {float(conf[0, j]):.3f}  {state}")
 
+shown = masked[0].nonzero().flatten().tolist()
+fig, ax = plt.subplots(figsize=(5, 3))
+confidence_bars(ax, [float(conf[0, j]) for j in shown],
+                [f"pos {lo + j}\n{glyphs(tok, [cand[0, j]])!r}" for j in shown], THRESHOLD,
+                [bool(commit[0, j]) for j in shown])
+ax.set_title("the first step: confidence against the threshold")
+plt.show()
+hand_commits_by_threshold = int(((conf[0] >= THRESHOLD) & masked[0]).sum())
+print(f"committed by the threshold rule in this one step: {hand_commits_by_threshold} tokens")
+
+# %% [markdown]
+# ## The decode loop, written out
+#
+# That step, repeated: append a block of `M`s, step until it holds none, stop after a block that holds
+# a stop token. This version is greedy and uncached — every step re-runs the whole sequence with the
+# block-causal mask — but it is the whole algorithm; the engine below returns the same tokens and the
+# same step for every token.
+
+# %%
+def decode_by_hand(prompt, threshold, max_new_tokens=16):
+    """Greedy dynamic decoding of one prompt, uncached; returns (response ids, step of each)."""
+    seq, given, step, step_of = list(prompt), len(prompt), 0, {}
+    for blk in range(given // B, given // B + -(-max_new_tokens // B)):
+        lo, hi = blk * B, (blk + 1) * B
+        seq += [M] * (hi - len(seq))  # the working block: the prompt's tail (if any), then masks
+        while M in seq[lo:hi]:
+            step += 1
+            with torch.no_grad():
+                h = backbone_hidden(model, torch.tensor(seq)[None], torch.arange(hi)[None],
+                                    block_causal_mask(hi, B)[None, None])
+                probs = model.lm_head(h[0, lo:hi]).softmax(-1)  # [B, V]; position i predicts token i
+            probs[:, M] = 0  # never propose the mask token
+            conf, cand = probs.max(-1)  # greedy candidate and its probability, per position
+            masked = torch.tensor(seq[lo:hi]) == M
+            conf = torch.where(masked, conf, -1.0)
+            commit = masked & ((conf >= threshold) | (torch.arange(B) == conf.argmax()))  # at least one
+            for j in commit.nonzero().flatten().tolist():
+                seq[lo + j], step_of[lo + j] = int(cand[j]), step
+        if any(t in STOP for t in seq[max(lo, given):hi]):  # stop only on a completed block
+            break
+    return seq[given:], [step_of[j] for j in range(given, len(seq))]
+
+
+by_hand = decode_by_hand(prompt, THRESHOLD)
+print("by hand:", repr(glyphs(tok, by_hand[0])), by_hand[1])
+
 # %% [markdown]
 # ## A whole rollout, step by step
 #
 # `generate` records for every generated token the global, 1-based step that committed it
 # (`step_map`) and its log-probability (`logp`). Replaying the `step_map` prints the working block
 # after each step (█ = still masked). The engine's first step commits exactly the positions chosen by
-# hand above.
+# hand above, and its whole rollout is the hand-written loop's.
 
 # %%
 out = generate(model, [prompt], max_new_tokens=16, temperature=0.0, threshold=THRESHOLD,
@@ -116,11 +162,34 @@ print(f"\n{len(resp)} tokens in {out.num_steps(0)} steps: {out.tokens_per_step(0
       f"{out.num_forwards} forwards; text (cut at the first stop token): {out.text[0]!r}")
 
 first_step_matches_hand = [s == 1 for s in full_steps[lo:lo + B]] == commit[0].tolist()
-print("engine's step 1 == the hand-made step:", first_step_matches_hand)
+loop_matches_engine = by_hand == (resp, steps)
+print("engine's step 1 == the hand-made step:", first_step_matches_hand,
+      "| engine == decode_by_hand (tokens and steps):", loop_matches_engine)
 
 # %% [markdown]
-# The output is gibberish — the weights are random — but the mechanics are those of a real model.
-# Stopping is checked only on completed blocks, and the block that holds the stop token is kept whole.
+# A real answer in the trained format — compare it with the question: 150 SFT steps teach the format,
+# not yet the arithmetic. Note the order inside the last block: the closing `}` and `⟩` can be
+# committed before the digits, which the model is least sure of. Stopping is checked only on completed
+# blocks, and the block that holds the stop token is kept whole (here filled with end-of-text pads, as
+# in training).
+#
+# ## Forward by forward: cache, working block, commit
+#
+# What the engine holds at each forward of this rollout. Each forward runs only the working block
+# against the KV cache. A block's K/V enter the cache once it is clean — not in a forward of their
+# own, but **fused** into the first step of the next block (blue): that forward carries the `2B`
+# tokens of both blocks (the prompt's complete blocks ride along with the first forward the same way).
+
+# %%
+from dirl_min.tutorial import decode_timeline, timeline_legend
+
+fig, ax = plt.subplots(figsize=(10, 0.35 * out.num_steps(0) + 1.6))
+timeline = decode_timeline(ax, full_steps, B, first=max(0, (P // B - 2) * B), chars=glyphs(tok, full_ids))
+ax.set_title("the fused engine, one row per forward (the first prompt positions are not drawn)")
+timeline_legend(fig)
+fig.tight_layout(rect=(0, 0.1, 1, 1))
+plt.show()
+print(f"forwards: {out.num_forwards} = steps: {out.num_steps(0)}")
 #
 # ## `step_map` as a heat map
 #
@@ -131,6 +200,8 @@ print("engine's step 1 == the hand-made step:", first_step_matches_hand)
 
 # %%
 import numpy as np
+
+from dirl_min.tutorial import step_map_heatmap
 
 sampled = generate(model, PROMPTS[:6], max_new_tokens=20, temperature=1.0, top_k=20, threshold=THRESHOLD,
                    stop_token_ids=STOP, seeds=[1, 2, 3, 4, 5, 6])
@@ -145,13 +216,7 @@ for i, r in enumerate(rows):
 grid[grid == 0] = np.nan  # given tokens blank
 
 fig, ax = plt.subplots(figsize=(10, 3))
-ax.imshow(grid, cmap="viridis", aspect="auto")
-for (i, j), v in np.ndenumerate(grid):
-    if not np.isnan(v):
-        ax.text(j, i, int(v), ha="center", va="center", fontsize=7, color="w")
-for e in range(0, width + 1, B):
-    ax.axvline(e - 0.5, color="k", lw=1)
-ax.set_xticks(range(0, width, B))
+step_map_heatmap(ax, grid, B)
 ax.set_xlabel("position (from each sequence's first working block)")
 ax.set_ylabel("sequence")
 ax.set_title("step_map: the global step that committed each token")
@@ -178,7 +243,7 @@ print("step_map monotone across blocks:", monotone)
 # %%
 settings = [("low_confidence_static", dict(steps=4)), ("low_confidence_static", dict(steps=2)),
             ("low_confidence_static", dict(steps=1)), ("sequential", dict(steps=4)),
-            ("low_confidence_dynamic", dict(threshold=0.6)), ("low_confidence_dynamic", dict(threshold=0.9))]
+            ("low_confidence_dynamic", dict(threshold=0.5)), ("low_confidence_dynamic", dict(threshold=0.9))]
 print(f"{'strategy':<24}{'setting':<16}{'tokens/step':>12}{'forwards':>10}")
 strategy_tps = {}
 for strategy, kw in settings:
@@ -196,12 +261,13 @@ for strategy, kw in settings:
 # ## Tokens per step against the threshold
 #
 # Tokens per step (TPS) = response tokens / distinct steps, in `[1, B]`. A lower threshold commits
-# more per step (faster, riskier); above the model's highest confidences every step commits one token.
-# (Even at threshold → 0 TPS stays a little below `B`: the first block holds only `B − P mod B` new
-# tokens.)
+# more per step (faster, riskier); above the model's highest confidences every step commits one token
+# (a threshold above 1 leaves only the "at least one" rule). Even at threshold → 0 TPS stays a little
+# below `B`: the first block holds only `B − P mod B` new tokens. The trained model is very sure of the
+# format tokens, so even 0.99 commits several of them at once.
 
 # %%
-thresholds = [0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99]
+thresholds = [0.05, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.01]
 sweep_tps, sweep_fwd = [], []
 for th in thresholds:
     o = generate(model, PROMPTS, max_new_tokens=24, temperature=0.0, threshold=th)
@@ -217,6 +283,7 @@ ax.set_ylabel("tokens per step (mean over 8 prompts)")
 ax.set_title(f"B = {B}: TPS lies in [1, B]")
 plt.show()
 print("forwards per batch:", dict(zip(thresholds, sweep_fwd)))
+print("tokens per step:", {th: round(v, 2) for th, v in zip(thresholds, sweep_tps)})
 
 # %% [markdown]
 # ## KV cache and the fused commit
@@ -232,7 +299,7 @@ print("forwards per batch:", dict(zip(thresholds, sweep_fwd)))
 # %%
 one = [tok.encode("Hi there")]  # 8 tokens: two complete prompt blocks, so the unfused engine also pays a prefill
 rows_fwd = []
-for th in (0.6, 0.0):  # threshold 0: every step commits the whole block (the best case)
+for th in (THRESHOLD, 0.0):  # threshold 0: every step commits the whole block (the best case)
     f = generate(model, one, max_new_tokens=24, temperature=0.0, threshold=th, fused_commit=True)
     u = generate(model, one, max_new_tokens=24, temperature=0.0, threshold=th, fused_commit=False)
     assert f.response_ids == u.response_ids and f.step_map == u.step_map  # same tokens either way
@@ -279,10 +346,14 @@ for fused in (True, False):
           f"(reference: {ref_out['num_forwards']} full-sequence passes)")
 print("response:", repr(glyphs(tok, ref_out["response_ids"])), "step_map:", ref_out["step_map"])
 
-# %% tags=["checks"]
+# %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
     "first_step_matches_hand": bool(first_step_matches_hand),
+    "hand_commits_by_threshold": hand_commits_by_threshold,
+    "loop_matches_engine": bool(loop_matches_engine),
+    "answer_is_boxed": out.text[0].startswith("\\boxed{") and out.text[0].endswith("}"),
+    "timeline_forwards": int(timeline.shape[0]) == out.num_forwards,
     "some_step_commits_several": max(out.tokens_per_step(0), *sweep_tps) > 1.0,
     "step_map_monotone": bool(monotone),
     "tps_in_range": all(1.0 <= v <= B for v in sweep_tps),
@@ -296,6 +367,8 @@ CHECKS = {
     "seconds": time.perf_counter() - T_START,
 }
 assert CHECKS["first_step_matches_hand"] and CHECKS["some_step_commits_several"]
+assert CHECKS["hand_commits_by_threshold"] >= 2, "the threshold rule should commit several tokens in one step"
+assert CHECKS["loop_matches_engine"] and CHECKS["answer_is_boxed"] and CHECKS["timeline_forwards"]
 assert CHECKS["step_map_monotone"] and CHECKS["tps_in_range"]
 assert CHECKS["tps_low_threshold"] > CHECKS["tps_high_threshold"] == 1.0
 assert CHECKS["static_k1_tps"] == 1.0 and 1.0 < CHECKS["static_k2_tps"] <= 2.0

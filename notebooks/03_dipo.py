@@ -35,14 +35,14 @@ ROOT, T_START = setup()
 
 # %%
 from dirl_min.model import chat_prompt_ids
-from dirl_min.tutorial import DEMO_QUESTIONS, glyphs, in_blocks, sharpened_tiny
+from dirl_min.tutorial import DEMO_QUESTIONS, glyphs, in_blocks, trained_tiny
 
 # glyphs(tok, ids): one character per token (⟨ ⟩ = <|im_start|> <|im_end|>, ∎ = <|endoftext|>, █ = mask,
 # ⏎ = newline); in_blocks(text, B) puts a bar at every block boundary
 
-# as in notebook 02: the tiny model with its output head scaled by 25, so that its predictions are
-# peaked like a trained model's and one step can commit several tokens
-model, tok = sharpened_tiny(block_size=4, seed=0, scale=25.0)
+# as in notebook 02: the tiny model after a 150-step SFT (cached), confident about the answer format
+# and mostly wrong about the arithmetic, so one step can commit several tokens
+model, tok = trained_tiny()
 B, M = model.config.block_size, model.config.mask_token_id
 STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 PROMPTS = [chat_prompt_ids(tok, q) for q in DEMO_QUESTIONS]
@@ -55,22 +55,41 @@ print("prompt lengths:", [len(p) for p in PROMPTS], "→ P mod B:", [len(p) % B 
 # was just *before* its `ρ`-th step — positions with `step ≥ s_k(ρ)` are `M` — and its **targets** are
 # the tokens that step committed. All blocks share a round: a noisy block sees only itself and earlier
 # *clean* blocks, so the blocks of one round do not interact. Rounds per response = the most distinct
-# steps in any block (≤ `B`).
+# steps in any block (≤ `B`). In code, over a whole sequence's `step_map` (0 = prompt):
 
 # %%
-from matplotlib.colors import ListedColormap
-import numpy as np
+def step_rounds_by_hand(full_steps, B):
+    """bool [R, L] noisy (masked) and targets (read) of every round, block by block."""
+    L = len(full_steps)
+    blocks = [full_steps[s:s + B] for s in range(0, L, B)]
+    distinct = [sorted(set(b[b > 0].tolist())) for b in blocks]  # s_k(1) < s_k(2) < … per block
+    R = max(len(d) for d in distinct)
+    noisy, targets = torch.zeros(R, L, dtype=torch.bool), torch.zeros(R, L, dtype=torch.bool)
+    for k, (b, steps_k) in enumerate(zip(blocks, distinct)):
+        for rho, s in enumerate(steps_k):
+            noisy[rho, k * B:k * B + len(b)] = b >= s  # not yet committed just before step s (prompt: 0 < s)
+            targets[rho, k * B:k * B + len(b)] = b == s  # committed by step s
+    return noisy, targets
 
-from dirl_min.decoding import generate
-from dirl_min.dipo import step_rounds
 
-THRESHOLD = 0.6
+# %% [markdown]
+# A sampled rollout (temperature 1, top-k 10, DiRL's threshold 0.9) and its rounds, by hand and by
+# the library (`dirl_min.core.rounds.step_rounds`, vectorised):
+
+# %%
+from dirl_min.core.rounds import step_rounds
+from dirl_min.engine.decode import generate
+from dirl_min.tutorial import rounds_picture
+
+THRESHOLD = 0.9
 roll = generate(model, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=10, threshold=THRESHOLD,
                 stop_token_ids=STOP, seeds=list(range(100, 100 + len(PROMPTS))))
-i = 0
+i = max(range(len(roll)), key=lambda k: len(set(roll.step_map[k])) / len(roll.step_map[k]))  # the most rounds per token
 p, resp, smap = roll.prompt_ids[i], roll.response_ids[i], roll.step_map[i]
 full_steps = torch.tensor([0] * len(p) + smap)  # 0 = given (prompt)
 noisy, targets = step_rounds(full_steps, B)
+by_hand_matches = all(torch.equal(a, b) for a, b in zip(step_rounds_by_hand(full_steps, B), (noisy, targets)))
+print("step_rounds == step_rounds_by_hand:", by_hand_matches)
 R = noisy.shape[0]
 x0 = torch.tensor(p + resp)
 start = (len(p) // B) * B  # show from the first generated block on
@@ -81,19 +100,7 @@ for r in range(R):
     print(f"{f'x_t^{r + 1}':<10}", in_blocks(glyphs(tok, xt[start:]), B, start))
     print(f"{'  targets':<10}", in_blocks("".join("^" if t else " " for t in targets[r, start:].tolist()), B, start))
 
-state = np.zeros((R, len(x0) - start))  # 0 = clean context, 1 = masked, 2 = target
-for r in range(R):
-    state[r] = (noisy[r, start:].int() + targets[r, start:].int()).numpy()
-fig, ax = plt.subplots(figsize=(10, 0.6 * R + 1.2))
-ax.imshow(state, cmap=ListedColormap(["#eeeeee", "#555555", "tab:red"]), vmin=0, vmax=2, aspect="auto")
-for (r, j), v in np.ndenumerate(state):
-    ax.text(j, r, int(full_steps[start + j]), ha="center", va="center", fontsize=7,
-            color="w" if v else "k")
-for e in range(0, state.shape[1] + 1, B):
-    ax.axvline(e - 0.5 - (start % B), color="k", lw=1)
-ax.set_yticks(range(R), [f"round {r + 1}" for r in range(R)])
-ax.set_xticks(range(0, state.shape[1], B), range(start, len(x0), B))
-ax.set_xlabel("position (numbers: step_map; red = target, dark = masked, light = visible)")
+rounds_picture(noisy, targets, full_steps, B, start)
 plt.show()
 
 every_token_once = bool((targets.sum(0) == (full_steps > 0).int()).all())
@@ -102,24 +109,15 @@ print("every generated token is a target exactly once:", every_token_once)
 # %% [markdown]
 # The rounds of one response share `x_0`, so they are packed into **one** forward,
 # `[x_t^1; …; x_t^R; x_0]`: each noisy copy sees its own block and earlier clean blocks, never another
-# noisy copy (`dirl_min.masking.packed_rounds_mask`, compared with the reference in notebook 01):
+# noisy copy (`dirl_min.core.masks.packed_rounds_mask`, compared with the reference in notebook 01):
 
 # %%
-from dirl_min.masking import packed_rounds_mask
+from dirl_min.core.masks import packed_rounds_mask
+from dirl_min.tutorial import draw_mask
 
 Rs, Ls = 3, 8
-mask = packed_rounds_mask(Rs, Ls, B)
-fig, ax = plt.subplots(figsize=(5, 5))
-ax.imshow(mask.numpy(), cmap=ListedColormap(["white", "tab:blue"]), interpolation="nearest")
-for c in range(1, Rs + 1):
-    ax.axhline(c * Ls - 0.5, color="crimson", lw=2)
-    ax.axvline(c * Ls - 0.5, color="crimson", lw=2)
-names = [f"x_t^{r + 1}" for r in range(Rs)] + ["x_0"]
-ax.set_xticks([c * Ls + Ls / 2 - 0.5 for c in range(Rs + 1)], names)
-ax.set_yticks([c * Ls + Ls / 2 - 0.5 for c in range(Rs + 1)], names)
-ax.set_xlabel("key")
-ax.set_ylabel("query")
-ax.set_title(f"packed_rounds_mask(R={Rs}, L={Ls}, B={B})")
+fig, ax = plt.subplots(figsize=(5.5, 5.5))
+draw_mask(ax, packed_rounds_mask(Rs, Ls, B), B, Ls, f"packed_rounds_mask(R={Rs}, L={Ls}, B={B})", copies=Rs + 1)
 plt.show()
 
 # %% [markdown]
@@ -127,14 +125,15 @@ plt.show()
 #
 # Per prompt, `G` responses; `A_i = (r_i − mean_G) / (std_G + δ)` with the population std, and `A = 0`
 # when the group's rewards are all equal. A group that is all-correct or all-wrong therefore has zero
-# advantage everywhere and contributes **no gradient** — pure wasted compute. Dynamic sampling (DAPO)
-# drops such groups and samples more prompts, at most `rl.sampling_rounds` times (a cap: peers without
-# one loop forever when the model solves everything or nothing). A toy batch of 4 groups, `G = 4`,
-# accuracy rewards:
+# advantage everywhere: its tokens add nothing to the gradient's sum, but they still count in the
+# token mean's denominator `N_tok` (below), so keeping them *dilutes* every other token's gradient —
+# and their rollouts cost compute. Dynamic sampling (DAPO) drops such groups and samples more prompts,
+# at most `rl.sampling_rounds` times (a cap: peers without one loop forever when the model solves
+# everything or nothing). A toy batch of 4 groups, `G = 4`, accuracy rewards:
 
 # %%
 import reference.dipo as ref
-from dirl_min.dipo import filter_groups, group_advantages
+from dirl_min.core.objectives import filter_groups, group_advantages
 
 G = 4
 correct = torch.tensor([1., 0., 0., 0.,   1., 1., 0., 1.,   1., 1., 1., 1.,   0., 0., 0., 0.])
@@ -155,7 +154,8 @@ print("advantages and filter == reference:", adv_match, keep_match)
 #
 # ## The loss and its gradient
 #
-# Per target token `j` of response `i`: `ratio_j = exp(ℓ_j − ℓ_j^old)`,
+# Per target token `j` of response `i`: `ratio_j = exp(clamp(ℓ_j − ℓ_j^old, −10, 10))` (the clamp only
+# keeps `exp` finite),
 # `surr_j = min(ratio_j·A_i, clip(ratio_j, 1−ε_low, 1+ε_high)·A_i)`, and `L = −(1/N_tok) Σ surr_j`
 # (token mean over the batch, DAPO style). DiRL does one optimisation pass per batch, so
 # `ℓ^old = stopgrad(ℓ)`, the ratio is exactly 1 and the clip is inactive; the gradient is then
@@ -163,7 +163,7 @@ print("advantages and filter == reference:", adv_match, keep_match)
 # evaluated at the decoding contexts. Autograd confirms it:
 
 # %%
-from dirl_min.dipo import dipo_loss
+from dirl_min.core.objectives import dipo_loss
 
 g = torch.Generator().manual_seed(0)
 logp = (-torch.rand(2, 6, generator=g) * 3).requires_grad_()  # ℓ for 2 responses × 6 positions
@@ -182,6 +182,15 @@ print("grad == −A/N_tok on targets, 0 elsewhere:", grad_is_minus_A_over_N)
 ref_loss, _ = ref.dipo_loss(logp.tolist(), logp.tolist(), advantages.tolist(), target_mask.tolist())
 loss_matches_reference = abs(ref_loss - float(loss.detach())) < 1e-6
 print("loss == reference.dipo.dipo_loss:", loss_matches_reference)
+
+# the dilution: a third, zero-advantage response kept in the batch adds 4 tokens to N_tok and nothing
+# to the sum, so every other token's gradient shrinks by N_tok / (N_tok + 4)
+logp3 = torch.cat([logp.detach(), -torch.rand(1, 6, generator=g)]).requires_grad_()
+mask3 = torch.cat([target_mask, torch.tensor([[0, 1, 1, 1, 1, 0]], dtype=torch.bool)])
+loss3, _ = dipo_loss(logp3, logp3.detach(), torch.cat([advantages, torch.zeros(1)]), mask3)
+loss3.backward()
+dilution = float(logp3.grad[0, 1] / logp.grad[0, 1])
+print(f"gradient on a token with a zero-advantage response kept: × {dilution:.3f} (= {n_tok}/{n_tok + 4})")
 
 # %% [markdown]
 # ## Clipping
@@ -205,16 +214,19 @@ for ax, A in zip(axes, (1.0, -1.0)):
         loss_1, _ = dipo_loss(l.view(1, 1), torch.zeros(1, 1), torch.tensor([A]), torch.ones(1, 1, dtype=torch.bool),
                               eps_low=EPS_LOW, eps_high=EPS_HIGH)
         (g_l,) = torch.autograd.grad(-loss_1, l)
-        surr.append(-float(loss_1))
+        surr.append(-float(loss_1.detach()))
         slope.append(float(g_l / r))  # d surr / d ratio = (d surr / d ℓ) / ratio
     surr, slope = torch.tensor(surr), torch.tensor(slope)
     ax.plot(ratios, surr, label="surrogate  min(r·A, clip(r)·A)")
     ax.plot(ratios, ratios * A, ":", color="0.5", label="unclipped  r·A")
     ax.plot(ratios, slope, "--", label="d surrogate / d ratio")
-    for x in (1 - EPS_LOW, 1 + EPS_HIGH):
+    for x, name in ((1 - EPS_LOW, "1 − ε_low"), (1 + EPS_HIGH, "1 + ε_high")):
         ax.axvline(x, color="crimson", lw=0.8)
+        ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                    textcoords="offset points", color="crimson", fontsize=8)
     ax.set_title(f"A = {A:+.0f}")
     ax.set_xlabel("ratio")
+    ax.set_ylabel("surrogate (−loss) and its slope")
     ax.legend(fontsize=8)
     flat = ratios > 1 + EPS_HIGH if A > 0 else ratios < 1 - EPS_LOW
     edge = ((ratios - (1 - EPS_LOW)).abs() < 1e-3) | ((ratios - (1 + EPS_HIGH)).abs() < 1e-3)  # ties: skip
@@ -230,9 +242,15 @@ print("zero gradient exactly in the clipped region:", clip_zero_grad)
 # returns each generated token's log-probability. With the decoder's weights it must equal the
 # `logp` recorded during decoding (untempered, untruncated softmax — the policy being trained), up to
 # floating-point noise. Any mismatch of mask, positions, block grid or padding breaks it.
+#
+# Note what "the policy" means here. The rollouts were *sampled* with top-k 10 (and, in general, a
+# temperature), but the recorded and rescored `logp` is the untruncated softmax: the behaviour policy
+# that produced the tokens differs from the policy whose log-probability is trained, as in DiRL (and in
+# most LLM RL with top-k/top-p sampling). Nothing corrects for this; the invariant checked here is that
+# the trainer scores exactly what the decoder recorded, not that sampling was untruncated.
 
 # %%
-from dirl_min.dipo import rescore
+from dirl_min.engine.score import rescore
 
 with torch.no_grad():
     packed = rescore(model, roll)                 # one [x_t^1; …; x_t^R; x_0] row per response
@@ -294,10 +312,13 @@ with torch.no_grad():
 wrong_diff = max(float((wrong_scores[k] - torch.tensor(roll.logp[k])).abs().max()) for k in range(len(roll)))
 print(f"with a wrong step_map: max |rescore − recorded logp| = {wrong_diff:.2f}")
 
-# %% tags=["checks"]
+# %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
     "every_token_target_once": every_token_once,
+    "step_rounds_by_hand_match": bool(by_hand_matches),
+    "zero_advantage_dilution": dilution,
+    "dilution_expected": n_tok / (n_tok + 4),
     "step_rounds_match_reference": bool(rounds_match),
     "advantages_match_reference": bool(adv_match),
     "filter_matches_reference": bool(keep_match),
@@ -313,6 +334,8 @@ CHECKS = {
     "seconds": time.perf_counter() - T_START,
 }
 assert CHECKS["every_token_target_once"] and CHECKS["step_rounds_match_reference"]
+assert CHECKS["step_rounds_by_hand_match"]
+assert abs(CHECKS["zero_advantage_dilution"] - CHECKS["dilution_expected"]) < 1e-6 < 1 - CHECKS["dilution_expected"]
 assert CHECKS["advantages_match_reference"] and CHECKS["filter_matches_reference"]
 assert CHECKS["kept_groups"] == [True, True, False, False]
 assert CHECKS["grad_is_minus_A_over_N"] and CHECKS["loss_matches_reference"] and CHECKS["clip_zero_grad"]

@@ -47,21 +47,23 @@ ROOT, T_START = setup()
 # %% [markdown]
 # ## Responses with their step maps
 #
-# The same tiny model and decoding as notebook 03: a random model whose output head is scaled up so
-# that its predictions are peaked, decoded block by block with a confidence threshold, so some steps
-# commit several tokens. Each response comes with its `step_map` (the step that committed each token)
-# and the decoder's `logp` of each token, read in the very state it was committed from.
+# The same model and decoding as notebook 03: the tiny model after a 150-step SFT (the answer format
+# learned, the arithmetic mostly not), sampled block by block with DiRL's confidence threshold 0.9, so
+# some steps commit several tokens. Each response comes with its `step_map` (the step that committed
+# each token) and the decoder's `logp` of each token, read in the very state it was committed from.
+# All the numbers below are this small model's: they show how the four objectives differ in kind, not
+# how large the differences are for a real model.
 
 # %%
-from dirl_min.decoding import generate
+from dirl_min.engine.decode import generate
 from dirl_min.model import chat_prompt_ids
-from dirl_min.tutorial import DEMO_QUESTIONS, sharpened_tiny
+from dirl_min.tutorial import DEMO_QUESTIONS, trained_tiny
 
-model, tok = sharpened_tiny(block_size=4, seed=0, scale=25.0)  # as in notebooks 02 and 03
+model, tok = trained_tiny()  # as in notebooks 02 and 03
 B, M = model.config.block_size, model.config.mask_token_id
 STOP = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 PROMPTS = [chat_prompt_ids(tok, q) for q in DEMO_QUESTIONS]
-roll = generate(model, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=10, threshold=0.6,
+roll = generate(model, PROMPTS, max_new_tokens=16, temperature=1.0, top_k=10, threshold=0.9,
                 stop_token_ids=STOP, seeds=list(range(100, 100 + len(PROMPTS))))
 for i in range(len(roll)):
     print(f"response {i}: prompt {len(roll.prompt_ids[i])} tokens, step_map {roll.step_map[i]}")
@@ -89,68 +91,27 @@ for i in range(len(roll)):
 #   were decoded *after* it.
 
 # %%
-from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
-
 from dirl_min.core.estimates import OBJECTIVES, ObjectiveSpec
 from dirl_min.engine.score import rollout_views
+from dirl_min.tutorial import objective_views_figure
 
 SPECS = {"dipo": ObjectiveSpec("dipo"), "tracerl": ObjectiveSpec("tracerl", shrinkage=2),
          "diffu_grpo": ObjectiveSpec("diffu_grpo", prompt_mask_prob=0.15),
          "coupled_grpo": ObjectiveSpec("coupled_grpo")}
 assert tuple(SPECS) == OBJECTIVES
 VIEWS = {name: [rollout_views(roll, i, spec)[0] for i in range(len(roll))] for name, spec in SPECS.items()}
-COLOURS = ["#9ecae1", "#e5e5e5", "#525252", "tab:red"]  # prompt, visible response, masked, read
-STATES = ["prompt", "visible response token", "masked (M)", "masked and read (target)"]
-
-PROMPT_BLOCKS_SHOWN = 4  # the prompt is long: draw only its last blocks, next to the response
 
 
-def first_shown(i):
-    return max(0, (len(roll.prompt_ids[i]) // B - PROMPT_BLOCKS_SHOWN) * B)
+def first_shown(i, prompt_blocks=4):
+    """The prompt is long: draw only its last ``prompt_blocks`` blocks, next to the response."""
+    return max(0, (len(roll.prompt_ids[i]) // B - prompt_blocks) * B)
 
 
 # the response drawn: the first whose d1 draw masks a prompt token in the part drawn
 I = next(i for i in range(len(roll))
          if (VIEWS["diffu_grpo"][i].context[first_shown(i):len(roll.prompt_ids[i])] == M).any())
-P_I, X0 = len(roll.prompt_ids[I]), first_shown(I)
-steps_i = torch.tensor([0] * P_I + roll.step_map[I])
-
-
-def state_rows(v, prompt_len):
-    """int [1 + R, L]: what the context row and each copy show (codes of STATES)."""
-    rows = [v.context] + [v.context.masked_fill(nz, M) for nz in v.noisy]
-    is_prompt = torch.arange(len(v.context)) < prompt_len
-    out = torch.where(is_prompt, 0, 1).repeat(len(rows), 1)
-    for r, row in enumerate(rows):
-        out[r][row == M] = 2
-    out[1:][v.targets] = 3
-    return out.numpy()
-
-
-heights = [1 + len(VIEWS[n][I].noisy) for n in OBJECTIVES]
-fig, axes = plt.subplots(len(OBJECTIVES), 1, figsize=(10, 0.4 * sum(heights) + 2.2),
-                         gridspec_kw={"height_ratios": heights}, sharex=True)
-for ax, name in zip(axes, OBJECTIVES):
-    state = state_rows(VIEWS[name][I], P_I)[:, X0:]
-    ax.imshow(state, cmap=ListedColormap(COLOURS), vmin=0, vmax=3, aspect="auto", interpolation="nearest")
-    for j in range(P_I - X0, state.shape[1]):  # the decoding step of each response token
-        for r in range(state.shape[0]):
-            ax.text(j, r, int(steps_i[X0 + j]), ha="center", va="center", fontsize=7,
-                    color="w" if state[r, j] >= 2 else "k")
-    for e in range(0, state.shape[1] + 1, B):  # X0 is a block start
-        ax.axvline(e - 0.5, color="k", lw=0.6)
-    ax.axhline(0.5, color="k", lw=2)
-    ax.set_yticks(range(state.shape[0]), ["context"] + [f"copy {r + 1}" for r in range(state.shape[0] - 1)],
-                  fontsize=8)
-    ax.set_title(f"{name}: {state.shape[0] - 1} noisy cop{'y' if state.shape[0] == 2 else 'ies'}",
-                 fontsize=9, loc="left")
-axes[-1].set_xticks(range(0, state.shape[1], B), range(X0, X0 + state.shape[1], B))
-axes[-1].set_xlabel(f"position in response {I} (blocks of {B}; the first {X0} prompt positions are not drawn; "
-                    "numbers: the decoding step of each response token)", fontsize=8)
-fig.legend(handles=[Patch(color=c, label=s) for c, s in zip(COLOURS, STATES)], loc="lower center", ncol=4,
-           fontsize=8, frameon=False)
-fig.tight_layout(rect=(0, 0.04, 1, 1))
+objective_views_figure({n: VIEWS[n][I] for n in OBJECTIVES}, [0] * len(roll.prompt_ids[I]) + roll.step_map[I],
+                       len(roll.prompt_ids[I]), first_shown(I), B, M)
 plt.show()
 
 # %% [markdown]
@@ -214,7 +175,7 @@ print("coupled masks complementary:", coupled_complementary)
 # %%
 from dirl_min.core.objectives import LOSS_MEANS
 from dirl_min.engine.score import rounds_logp
-from dirl_min.trainer import policy_step
+from dirl_min.loops.policy import policy_step
 
 recorded = [torch.tensor(lp) for lp in roll.logp]
 n_tokens = sum(len(r) for r in roll.response_ids)
@@ -243,33 +204,45 @@ for n in OBJECTIVES:
           f"{float(d.mean()):>10.3f}{float(d.max()):>9.3f}{float((d < 1e-4).float().mean()):>15.0%}")
 print("policy_step's log-probs == rounds_logp's:", SAME_AS_TRAINER)
 
+# %% [markdown]
+# Many tokens of this model's answers are format tokens it is sure of in almost any context, so many
+# `|Δ|` are tiny; a scatter of read against recorded log-probabilities would pile them up at 0. The
+# cumulative distribution of `|Δ|` per objective (log scale; exact values, below `1e-6`, drawn at the
+# left edge) shows the spread instead:
+
 # %%
-fig, axes = plt.subplots(1, len(OBJECTIVES), figsize=(13, 3.4), sharex=True, sharey=True)
-lo = float(min(exact.min(), *(SCORES[n].min() for n in OBJECTIVES))) - 0.3
-for ax, n in zip(axes, OBJECTIVES):
-    ax.plot([lo, 0.1], [lo, 0.1], color="0.6", lw=0.8)
-    ax.scatter(exact, SCORES[n], s=10, alpha=0.7)
-    ax.set_title(f"{n}: {COPIES[n]} copies, mean |Δ| {float(DIFF[n].mean()):.2f}", fontsize=9)
-    ax.set_xlabel("recorded logp (decoding state)")
-axes[0].set_ylabel("log-prob the objective reads")
-fig.tight_layout()
+FLOOR = 1e-6
+fig, ax = plt.subplots(figsize=(6.5, 3.8))
+for n in OBJECTIVES:
+    d = DIFF[n].clamp(min=FLOOR).sort().values
+    ax.step(d, torch.arange(1, len(d) + 1) / len(d), where="post", label=f"{n} ({COPIES[n]} copies)")
+ax.axvline(1e-4, color="0.5", ls=":", lw=1)
+ax.annotate("exact (< 1e-4)", (1e-4, 0.02), xytext=(-4, 0), textcoords="offset points", ha="right", fontsize=8)
+ax.set_xscale("log")
+ax.set_xlabel("|read log-prob − recorded logp| per token")
+ax.set_ylabel("fraction of tokens ≤ x")
+ax.set_title("how far each objective reads from the decoding state")
+ax.legend(fontsize=8, loc="lower right")
 plt.show()
 
 # %% [markdown]
 # ## What each estimate conditions on, what it gets wrong, what it costs
 #
 # * **dipo** reads every token in the state it was sampled from, so `∇ℓ_j` is the gradient of the
-#   log-probability of the action actually taken, in the state it was taken in: the trajectory's own
-#   likelihood, with no approximation (SPEC §4). It pays for that with `R` copies per response (at most
-#   the block size; the table above gives the count here), scored in one call together with the clean row.
+#   log-probability of the token actually committed, in the state it was committed from: what the
+#   decoder recorded, bit for bit (SPEC §4). It is still not the full likelihood of the trajectory:
+#   *which* positions a step commits depends on the confidences, and that choice is not scored; and the
+#   tokens were sampled with top-k while `ℓ` is the untruncated softmax (notebook 03). It pays with `R`
+#   copies per response (at most the block size; the table above gives the count here), scored in one
+#   call together with the clean row.
 # * **tracerl** with shrinkage `s` (TraceRL, Wang et al. 2025, §3) trades exactness for `⌈R/s⌉`
-#   copies. A token committed at the first step of a merged group is still read exactly (the points on
-#   the diagonal); one committed later loses sight of what the earlier steps of its group committed, so
-#   its log-probability is taken in a context with less information than it had — a biased estimate,
-#   never one that peeks ahead. `s = 1` is `dipo`, bit for bit.
+#   copies. A token committed at the first step of a merged group is still read exactly (its curve
+#   starts high at the left edge); one committed later loses sight of what the earlier steps of its
+#   group committed, so its log-probability is taken in a context with less information than it had —
+#   a biased estimate, never one that peeks ahead. `s = 1` is `dipo`, bit for bit.
 # * **diffu_grpo** (d1, Zhao et al. 2025, §3.2) reads every token in one copy, seeing only the prompt
 #   (a random 15% of it masked) and mask tokens: a mean-field estimate that ignores the rest of the
-#   response entirely, so it is far from the decoding state (the largest spread above). It is the
+#   response entirely, so it is far from the decoding state (the largest mean `|Δ|` above). It is the
 #   cheapest (one copy), and because the prompt mask is redrawn every pass, several passes over one
 #   batch (`rl.num_iterations > 1`) see perturbed views, which d1 uses as a regulariser.
 # * **coupled_grpo** (DiffuCoder, Gong et al. 2025, §4) reads each token with a random share of its
@@ -316,7 +289,7 @@ for n, (missing, future) in MISMATCH.items():
     print(f"{n:<14} tokens missing part of their decoding context: {missing:5.0%}   "
           f"seeing a later token: {future:5.0%}")
 
-# %% tags=["checks"]
+# %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
     "read_once": all(read_once.values()),

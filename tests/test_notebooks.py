@@ -37,7 +37,7 @@ from tests.fixtures.tree import assert_in_tree, tree_env  # noqa: E402
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "dirl-min-notebook-test"
-CELL_TIMEOUT = 240  # seconds per cell; notebook 04's training cell is the longest (~30 s on 2 busy cores)
+CELL_TIMEOUT = 240  # seconds per cell; notebook 04's training cell is the longest (~40 s on 2 busy cores)
 PROBE_MARK = "@@NOTEBOOK_PROBE@@"
 PROBE = (
     "import json as _json, sys as _sys, torch as _torch\n"
@@ -96,6 +96,31 @@ def test_the_printing_helpers_put_bars_on_absolute_block_boundaries():
     tok = build_tiny_tokenizer()
     ids = tok.encode("a\n", add_special_tokens=False) + [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
     assert glyphs(tok, ids) == "a⏎⟩∎"
+
+
+def test_the_decode_timeline_commits_each_token_once_and_caches_each_block_once():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dirl_min.tutorial import decode_timeline
+
+    B = 4
+    steps = [0] * 6 + [1, 1, 2, 2, 2, 2, 4, 3, 3, 5]  # prompt of 6 (block 1 partly given), then 3 blocks
+    fig, ax = plt.subplots()
+    state = decode_timeline(ax, steps, B)
+    plt.close(fig)
+    assert state.shape == (5, len(steps))  # one row per forward: fused, a forward is a step
+    committed = state == 4
+    assert (committed.sum(0) == (np.array(steps) > 0)).all()  # each generated token committed once
+    assert all(committed[f, j] == (steps[j] == f + 1) for f in range(5) for j in range(len(steps)))
+    written = state == 2
+    assert written.sum(0).tolist() == [1] * 12 + [0] * 4  # every block but the last enters the cache once
+    # each block is written by the first step of the next one (the fused commit)
+    assert written[0, :4].all() and written[1, 4:8].all() and written[2, 8:12].all()
+    assert (state[-1, :12] == 1).all()  # and stays there
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +186,14 @@ def _check_01(c):
     assert c["clean_half_equals_block_causal_pass"] < 1e-5
     assert c["prompt_never_masked"] and c["every_row_masked"]
     assert c["weighted_loss_rel_err"] < 0.05
+    losses = list(c["real_loss_by_level"].values())  # a briefly trained model: the loss rises with the masking
+    assert losses[-1] > losses[0]
 
 
 def _check_02(c):
     assert c["first_step_matches_hand"] and c["some_step_commits_several"] and c["step_map_monotone"]
+    assert c["hand_commits_by_threshold"] >= 2, "the threshold rule is never seen committing several tokens"
+    assert c["loop_matches_engine"] and c["answer_is_boxed"] and c["timeline_forwards"]
     assert c["tps_in_range"] and c["tps_low_threshold"] > 2.0 and c["tps_high_threshold"] == 1.0
     assert c["static_k1_tps"] == 1.0
     assert c["fused_saves_one_forward_per_block"]
@@ -175,7 +204,8 @@ def _check_03(c):
     assert c["max_abs_diff"] < 1e-4, "consistency invariant: rescore != recorded logp"
     assert c["reference_rescore_diff"] < 1e-4 and c["packed_vs_per_round"] < 1e-5
     assert c["wrong_step_map_diff"] > 1e-2 and c["rounds"] > 1
-    assert c["every_token_target_once"] and c["step_rounds_match_reference"]
+    assert c["every_token_target_once"] and c["step_rounds_match_reference"] and c["step_rounds_by_hand_match"]
+    assert abs(c["zero_advantage_dilution"] - c["dilution_expected"]) < 1e-6 and c["dilution_expected"] < 1
     assert c["advantages_match_reference"] and c["filter_matches_reference"]
     assert c["kept_groups"] == [True, True, False, False]
     assert c["grad_is_minus_A_over_N"] and c["loss_matches_reference"] and c["clip_zero_grad"]
@@ -183,7 +213,9 @@ def _check_03(c):
 
 def _check_04(c):
     assert c["stages"] == ["base", "sft", "rl"]
-    assert c["sft_rows"] == 75 and c["rl_rows"] == 10
+    assert c["sft_rows"] == 150 and c["rl_rows"] == 10
+    assert c["sft_ci_low"] > c["accuracy"]["base"], "no visible SFT gain"
+    assert c["boxed_share"]["sft"] == 1.0 and c["table_printed_by_main"]
     assert c["sft_loss_last"] < c["sft_loss_first"] / 5
     assert all(1.0 <= v <= 4.0 for v in c["tps"].values())
     assert c["tps"]["base"] == 1.0 and c["tps"]["sft"] > 1.0
@@ -213,5 +245,4 @@ def test_notebook_executes_and_its_claims_hold(name, kernel_manager_class, tmp_p
     check, min_figures = CHECKERS[name[:2]]
     check(probe["checks"])
     assert _figures(nb) >= min_figures, f"{name}: expected at least {min_figures} figures"
-    assert seconds < 120, f"{name} took {seconds:.0f} s"
     print(f"{name}: {seconds:.1f} s")
