@@ -2,7 +2,7 @@
 
 The suite runs on a clone of this repository alone: benchmark records and the SDAR
 checkpoint metadata it needs are in ``tests/fixtures``. Only tests that need complete
-data sets (see :func:`full_data_dir`) read the folder named by ``DIRL_MIN_DATA``, and skip
+data sets (see :func:`full_data_dir`) read the folder named by ``DIRL_MIN_FULL_DATA``, and skip
 when it is unset.
 """
 
@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see d
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 #: a folder with the complete data sets: ``benchmarks/*.jsonl`` and ``sdar-4b-chat/`` (tokenizer files)
-FULL_DATA_ENV = "DIRL_MIN_DATA"
+FULL_DATA_ENV = "DIRL_MIN_FULL_DATA"
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def bench_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def full_data_dir() -> Path:
-    """The folder named by ``DIRL_MIN_DATA`` with the complete data: only for tests that need all of it.
+    """The folder named by ``DIRL_MIN_FULL_DATA`` with the complete data: only for tests that need all of it.
 
     Skips (with the reason) when the variable is unset or names no folder.
     """

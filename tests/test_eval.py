@@ -97,7 +97,7 @@ def test_oracle_answers_score_correct_and_perturbed_answers_wrong(request, name,
     with extra spaces, and after an earlier wrong box); truncated or unboxed it is not.
 
     ``fixtures``: the few records kept in tests/fixtures (chosen to cover the answer shapes);
-    ``full``: the complete benchmark files from ``$DIRL_MIN_DATA`` (skipped without them).
+    ``full``: the complete benchmark files from ``$DIRL_MIN_FULL_DATA`` (skipped without them).
     math-verify costs 3-25 ms per check, too slow for every form of all ~2.5k problems in the
     test budget, so the forms that reach math-verify ($-delimiters toggled, \\dfrac, 18.0, 025,
     1,234) and the perturbed answers are checked on a fixed random subset: 32 problems per

@@ -42,3 +42,15 @@ def test_the_probe_sees_an_optional_import(repo_root):
     # the same probe on a module that does import one: the check above can fail
     found = _optional_after_import(["dirl_min.engine.verifier_child", "math_verify"], repo_root)
     assert found["math_verify"] == ["latex2sympy2_extended", "math_verify"]
+
+
+def test_parquet_without_datasets_says_how_to_get_it(tmp_path, monkeypatch):
+    import pytest
+
+    from dirl_min.data.records import DataError, load_records
+
+    path = tmp_path / "rl.parquet"
+    path.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as where the optional package is absent
+    with pytest.raises(DataError, match=r"optional package `datasets`.*\[hub\]"):
+        load_records(path)
