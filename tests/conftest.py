@@ -2,8 +2,8 @@
 
 The suite runs on a clone of this repository alone: benchmark records and the SDAR
 checkpoint metadata it needs are in ``tests/fixtures``. Only tests that need complete
-data sets (see :func:`shared_dir`) read ``../shared`` next to the repository, and skip
-when it is absent or when ``DIRL_MIN_NO_SHARED=1`` hides it.
+data sets (see :func:`full_data_dir`) read the folder named by ``DIRL_MIN_FULL_DATA``, and skip
+when it is unset.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see d
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
-#: set to 1 to run the suite as a clone without ../shared would (CI keeps ../shared available)
-NO_SHARED_ENV = "DIRL_MIN_NO_SHARED"
+#: a folder with the complete data sets: ``benchmarks/*.jsonl`` and ``sdar-4b-chat/`` (tokenizer files)
+FULL_DATA_ENV = "DIRL_MIN_FULL_DATA"
 
 
 @pytest.fixture(autouse=True)
@@ -53,23 +53,24 @@ def bench_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """``<repo>/../shared`` with the complete data: only for tests that need all of it.
+def full_data_dir() -> Path:
+    """The folder named by ``DIRL_MIN_FULL_DATA`` with the complete data: only for tests that need all of it.
 
-    Skips (with the reason) when the folder is absent or ``DIRL_MIN_NO_SHARED=1``.
+    Skips (with the reason) when the variable is unset or names no folder.
     """
-    path = REPO_ROOT.parent / "shared"
-    if os.environ.get(NO_SHARED_ENV, "") not in ("", "0"):
-        pytest.skip(f"needs the complete data in ../shared, hidden by {NO_SHARED_ENV}=1")
+    value = os.environ.get(FULL_DATA_ENV, "")
+    if not value:
+        pytest.skip(f"needs the complete data sets: set {FULL_DATA_ENV} to a folder holding benchmarks/ and sdar-4b-chat/")
+    path = Path(value).expanduser().resolve()
     if not path.is_dir():
-        pytest.skip(f"needs the complete data in ../shared, not found at {path}")
+        pytest.skip(f"needs the complete data sets, {FULL_DATA_ENV}={value} is not a folder")
     return path
 
 
 @pytest.fixture(scope="session")
-def real_sdar_dir(shared_dir: Path) -> Path:
+def real_sdar_dir(full_data_dir: Path) -> Path:
     """The real SDAR-4B-Chat metadata with its own tokenizer files (vocab.json, merges.txt)."""
-    path = shared_dir / "data" / "sdar-4b-chat"
+    path = full_data_dir / "sdar-4b-chat"
     if not (path / "vocab.json").is_file():
         pytest.skip(f"needs the real SDAR-4B-Chat tokenizer files, not found in {path}")
     return path

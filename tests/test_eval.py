@@ -101,13 +101,13 @@ def test_oracle_answers_score_correct_and_perturbed_answers_wrong(request, name,
     with extra spaces, and after an earlier wrong box); truncated or unboxed it is not.
 
     ``fixtures``: the few records kept in tests/fixtures (chosen to cover the answer shapes);
-    ``full``: the complete benchmark files from ../shared (skipped without them).
+    ``full``: the complete benchmark files from ``$DIRL_MIN_FULL_DATA`` (skipped without them).
     math-verify costs 3-25 ms per check, too slow for every form of all ~2.5k problems in the
     test budget, so the forms that reach math-verify ($-delimiters toggled, \\dfrac, 18.0, 025,
     1,234) and the perturbed answers are checked on a fixed random subset: 32 problems per
     file (all 30 for AIME). The plain forms use every problem.
     """
-    folder = BENCH_DIR if data == "fixtures" else request.getfixturevalue("shared_dir") / "data" / "benchmarks"
+    folder = BENCH_DIR if data == "fixtures" else request.getfixturevalue("full_data_dir") / "benchmarks"
     problems = tasks.load_problems(folder / f"{name}.jsonl")
     gts = [p.answer for p in problems]
     assert len(gts) >= (10 if data == "fixtures" else 30)

@@ -158,9 +158,9 @@ def test_math_reward_table(response, gt, expected):
     assert R.math_reward(response, gt) == float(expected)
 
 
-def test_math500_ground_truths(shared_dir):
+def test_math500_ground_truths(full_data_dir):
     """The table's MATH500 answers are real, and every MATH500 answer scores itself 1."""
-    path = shared_dir / "data" / "benchmarks" / "math500.jsonl"
+    path = full_data_dir / "benchmarks" / "math500.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} not found")
     with path.open() as f:

@@ -46,6 +46,16 @@ def read_text(path: str | Path) -> str:
                         "convert the file to UTF-8") from None
 
 
+def import_datasets(purpose: str):
+    """The optional ``datasets`` package (``pip install -e ".[hub]"``), or a DataError saying so."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{purpose} needs the optional package `datasets`: pip install -e \".[hub]\" "
+                        "(or convert the file to JSONL)") from None
+    return datasets
+
+
 def load_records(path: str | Path) -> list[dict]:
     """Read records from a JSON list, a JSONL file or a parquet file.
 
@@ -55,7 +65,7 @@ def load_records(path: str | Path) -> list[dict]:
     """
     path = Path(path)
     if path.suffix == ".parquet" and path.is_file():
-        import datasets
+        datasets = import_datasets(f"reading {path}")
 
         return [dict(r) for r in datasets.Dataset.from_parquet(str(path))]
     text = read_text(path)

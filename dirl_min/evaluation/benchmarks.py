@@ -166,8 +166,11 @@ def jsonl_text(records: Iterable[dict]) -> str:
 
 
 def _download(name: str, src: HubSource, folder: Path) -> tuple[Path, dict]:
-    import datasets
     from huggingface_hub import HfApi
+
+    from dirl_min.data.records import import_datasets
+
+    datasets = import_datasets("--hub")
 
     commit = HfApi().dataset_info(src.repo, revision=src.revision, timeout=10).sha
     ds = datasets.load_dataset(src.repo, revision=commit, data_files=src.file, split="train")

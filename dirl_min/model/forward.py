@@ -15,6 +15,9 @@ Attention back ends, chosen from ``model.config._attn_implementation``:
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from dirl_min.core.masks import mask_from_metadata, mask_mod
@@ -68,7 +71,7 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask={"full_attention": attention_mask},
-            cache=cache,
+            **{_cache_argument(type(model.model)): cache},
             # the layers read `cache` whatever `use_cache` says; True only asks transformers to
             # return it, and makes a checkpointed layer drop it: not for the prefix caches
             use_cache=cache is not None and not getattr(cache, "replay_safe", False),
@@ -78,6 +81,15 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
         for layer in layers:
             del layer._can_checkpoint_with_cache  # back to the class's default (drop writer caches)
     return out.last_hidden_state
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(backbone_class) -> str:
+    """The name the backbone's ``forward`` gives its cache: ``cache`` in recent transformers,
+    ``past_key_values`` up to 5.17 at least. Passed under the wrong name, the cache falls into
+    ``**kwargs`` unread and every decoding call sees only its own new keys."""
+    params = inspect.signature(backbone_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _keep_cache_under_checkpointing(model, cache) -> list:

@@ -1,9 +1,8 @@
 """Every setting of every command checked in one place, before any work.
 
 A rule is a row of a table: the setting, a test of its value, and what is allowed, in
-words (:mod:`dirl_min.settings.rules`). :func:`problems` applies a table to any object (a :class:`~dirl_min.settings.config.Config`,
-a command's settings) and returns one message per broken rule, naming the setting,
-the value and what is allowed. To check a new setting, add a row.
+words (:mod:`dirl_min.settings.rules`). :func:`problems` applies a table to any object (a Config, a
+command's settings): one message per broken rule, naming the setting, its value and what is allowed.
 
 * :data:`CONFIG_RULES` + :data:`CONFIG_CROSS_RULES`: ``python -m dirl_min.train``
   (:func:`validate`); :data:`LAUNCH_RULES`: its settings against the launch (processes,
