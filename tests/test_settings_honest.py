@@ -84,3 +84,28 @@ def test_bench_help_lists_shape(capsys):
         bench.main(["--help"])
     out = capsys.readouterr().out
     assert re.search(r"^\s+--shape NAME\s", out, re.M) and "qwen3-0.6b" in out
+
+
+def test_a_setting_is_declared_once_and_its_rule_reaches_the_table():
+    """Issue 19 point 5: default, help and rule on one field; the command's table is built from it."""
+    import dataclasses
+    from dataclasses import dataclass, field
+
+    from dirl_min.settings.config import _f
+    from dirl_min.settings.rules import at_least, one_of, problems, rules_of
+
+    @dataclass
+    class Part:
+        n: int = _f(1, "a count", rule=at_least(1))
+        free: str = _f("", "no rule")
+        mode: str = _f("a", "a or b", rule=one_of("a", "b"))
+
+    @dataclass
+    class Root:
+        part: Part = field(default_factory=Part)
+
+    assert [r.name for r in rules_of(Root)] == ["part.n", "part.mode"]
+    bad = Root(Part(n=0, mode="c"))
+    assert problems(bad, rules_of(Root)) == ["part.n = 0: expected an integer >= 1", "part.mode = 'c': expected one of a, b"]
+    assert [r.name for r in CONFIG_RULES] == [f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+                                               for f in dataclasses.fields(s.default_factory) if f.metadata["rule"]]
