@@ -32,23 +32,23 @@ def test_stages_run_in_order():
     validate(parse_config(["--run.stages", "rl"]))  # RL alone (from --model) stays allowed
 
 
-def test_a_yaml_type_error_names_the_file_not_a_flag(tmp_path):
+def _yaml_error(tmp_path, text: str) -> str:
     y = tmp_path / "c.yaml"
-    y.write_text("sft:\n  steps: many\n")
+    y.write_text(text)
     with pytest.raises(ValueError) as e:
         parse_config(["--config", str(y)])
-    assert str(e.value) == f"{y}: sft.steps: expected int, got 'many'"
+    return str(e.value).replace(str(y), "FILE")
+
+
+def test_a_yaml_type_error_names_the_file_not_a_flag(tmp_path):
+    assert _yaml_error(tmp_path, "sft:\n  steps: many\n") == "FILE: sft.steps: expected int, got 'many'"
 
 
 def test_a_misspelt_setting_gets_a_suggestion_not_the_whole_list(tmp_path):
-    y = tmp_path / "c.yaml"
-    y.write_text("sft:\n  stepz: 5\n")
-    with pytest.raises(ValueError) as e:
-        parse_config(["--config", str(y)])
-    assert str(e.value) == f"{y}: unknown setting 'sft.stepz'; did you mean sft.steps?"
-    y.write_text("nothing:\n  like_it: 5\n")
-    with pytest.raises(ValueError, match="the sections are model, data, sft, rl, decode, eval, run; --help lists"):
-        parse_config(["--config", str(y)])
+    assert _yaml_error(tmp_path, "sft:\n  stepz: 5\n") == "FILE: unknown setting 'sft.stepz'; did you mean sft.steps?"
+    assert _yaml_error(tmp_path, "nothing:\n  like_it: 5\n") == (
+        "FILE: unknown setting 'nothing.like_it'; the sections are model, data, sft, rl, decode, eval, run; "
+        "--help lists every setting")
 
 
 def test_an_unknown_benchmark_name_is_not_called_a_benchmark_name(tmp_path, capsys):
@@ -84,3 +84,28 @@ def test_bench_help_lists_shape(capsys):
         bench.main(["--help"])
     out = capsys.readouterr().out
     assert re.search(r"^\s+--shape NAME\s", out, re.M) and "qwen3-0.6b" in out
+
+
+def test_a_setting_is_declared_once_and_its_rule_reaches_the_table():
+    """Issue 19 point 5: default, help and rule on one field; the command's table is built from it."""
+    import dataclasses
+    from dataclasses import dataclass, field
+
+    from dirl_min.settings.config import _f
+    from dirl_min.settings.rules import at_least, one_of, problems, rules_of
+
+    @dataclass
+    class Part:
+        n: int = _f(1, "a count", rule=at_least(1))
+        free: str = _f("", "no rule")
+        mode: str = _f("a", "a or b", rule=one_of("a", "b"))
+
+    @dataclass
+    class Root:
+        part: Part = field(default_factory=Part)
+
+    assert [r.name for r in rules_of(Root)] == ["part.n", "part.mode"]
+    bad = Root(Part(n=0, mode="c"))
+    assert problems(bad, rules_of(Root)) == ["part.n = 0: expected an integer >= 1", "part.mode = 'c': expected one of a, b"]
+    assert [r.name for r in CONFIG_RULES] == [f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+                                               for f in dataclasses.fields(s.default_factory) if f.metadata["rule"]]

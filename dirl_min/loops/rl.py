@@ -23,7 +23,7 @@ def make_rollout_engine(cfg, policy):
     """None for the native decoder; an :class:`LMDeployEngine` for ``rl.rollout_backend: lmdeploy``."""
     if cfg.rl.rollout_backend == "native":
         return None
-    # the backend's name, its need for model.path and for lmdeploy + CUDA are settings (settings.py)
+    # the backend's name, its need for model.path and for lmdeploy + CUDA are settings (settings/checks.py)
     from dirl_min.engine.lmdeploy_engine import make_engine
 
     return make_engine(cfg.model.path, unwrap(policy), strategy=cfg.decode.strategy, threshold=cfg.decode.threshold,
@@ -62,7 +62,7 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
     """
     world, rank, G, P = accel.num_processes, accel.process_index, cfg.rl.group_size, cfg.rl.prompts_per_step
     kept, rolls, n_kept = [], [], 0
-    for _ in range(cfg.rl.sampling_rounds):  # at least 1 (settings.py)
+    for _ in range(cfg.rl.sampling_rounds):  # at least 1 (its rule)
         # 1. roll out: P prompts over all processes, G responses each
         chosen = sampler.take(P)
         roll, rewards, correct = _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times)

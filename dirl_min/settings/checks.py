@@ -1,8 +1,11 @@
 """Every setting of every command checked in one place, before any work.
 
-A rule is a row of a table: the setting, a test of its value, and what is allowed, in
-words (:mod:`dirl_min.settings.rules`). :func:`problems` applies a table to any object (a Config, a
-command's settings): one message per broken rule, naming the setting, its value and what is allowed.
+A setting's own rule sits on its field, with its default and help (``_f(..., rule=...)`` in
+:mod:`dirl_min.settings.config` and :mod:`dirl_min.settings.commands`); the tables here are built
+from the fields (:func:`~dirl_min.settings.rules.rules_of`), so a new setting touches one file.
+What stays here: the rules that relate several settings, and the settings against the launch.
+:func:`problems` applies a table to any object and returns one message per broken rule, naming
+the setting, the value and what is allowed.
 
 * :data:`CONFIG_RULES` + :data:`CONFIG_CROSS_RULES`: ``python -m dirl_min.train``
   (:func:`validate`); :data:`LAUNCH_RULES`: its settings against the launch (processes,
@@ -18,120 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dirl_min.settings.config import SettingsError
-from dirl_min.settings.rules import Rule, at_least, is_int, is_number, number, one_of, problems
-from dirl_min.core.objectives import GROUP_FILTERS
-from dirl_min.core.estimates import OBJECTIVES
-from dirl_min.core.unmask import STRATEGIES
-from dirl_min.data import RESPONSE_STYLES
+from dirl_min.settings.commands import BenchCommand, CheckCommand, EvalCommand, ShapeCommand
+from dirl_min.settings.config import Config, SettingsError
+from dirl_min.settings.rules import Rule, command_problems, problems, rules_of
 
 __all__ = ["SettingsError", "Rule", "problems", "validate", "CONFIG_RULES", "CONFIG_CROSS_RULES", "Launch",
            "launch_of", "check_launch", "LAUNCH_RULES", "EVAL_RULES", "EVAL_CROSS_RULES", "CHECK_RULES",
            "CHECK_CROSS_RULES", "BENCH_RULES", "SHAPE_RULES", "command_problems"]
 
 
-def _betas(name: str) -> Rule:
-    return Rule(name, lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
-                "two numbers in [0, 1), e.g. [0.9, 0.98]")
-
-
-def _template(name: str, *, optional=False) -> Rule:
-    return Rule(name, lambda v: (optional and v == "") or (isinstance(v, str) and "{question}" in v),
-                "a text containing {question} (where the question goes)" + (" or '' (the default)" if optional else ""))
-
-
-_DTYPE = ("auto", "float32", "bfloat16", "float16")
-
-
-def _levels(name: str) -> Rule:
-    return Rule(name, lambda v: isinstance(v, list) and bool(v) and all(is_int(x) and x in (1, 2, 3) for x in v)
-                and len(set(v)) == len(v), "a non-empty list of distinct levels from 1, 2, 3")
-
-
-def _rewards(v) -> bool:
-    from dirl_min.engine.grading import REWARDS
-
-    return isinstance(v, dict) and bool(v) and all(k in REWARDS and is_number(w) for k, w in v.items())
-
-
-def _reward_words() -> str:
-    from dirl_min.engine.grading import REWARDS
-
-    return "a mapping of reward names to numeric weights; names: " + ", ".join(sorted(REWARDS))
-
-
-CONFIG_RULES: list[Rule] = [
-    at_least("model.block_size", 0, "0 = the checkpoint's own"),
-    at_least("model.mask_token_id", -1, "-1 = from the checkpoint"),
-    at_least("model.hidden_size", 1), at_least("model.num_layers", 1), at_least("model.num_heads", 1),
-    at_least("model.num_kv_heads", 1), at_least("model.intermediate_size", 1),
-    one_of("model.dtype", *_DTYPE),
-    one_of("model.attn_implementation", "auto", "sdpa", "flex_attention", "eager"),
-    _levels("data.task_levels"),
-    at_least("data.task_max_operand", 0),
-    at_least("data.held_out", 1, "the embedded task's evaluation problems"),
-    _template("data.prompt_template"),
-    at_least("data.max_prompt_tokens", 1),
-    at_least("sft.steps", 0, "0 = skip SFT"),
-    at_least("sft.batch_size", 1),
-    at_least("sft.grad_accum", 1, "micro-batches per optimizer step"),
-    number("sft.lr", 0, lo_open=True),
-    at_least("sft.warmup_steps", 0),
-    number("sft.min_lr_ratio", 0, 1),
-    number("sft.weight_decay", 0),
-    _betas("sft.betas"),
-    number("sft.grad_clip", 0, why="0 = off"),
-    number("sft.t_min", 0, 1, hi_open=True),
-    number("sft.eps", 0, 1, lo_open=True, hi_open=True),
-    at_least("sft.max_seq_len", 1),
-    at_least("sft.pack_tokens", 0, "0 = one example per row"),
-    at_least("rl.steps", 0, "0 = skip RL"),
-    at_least("rl.prompts_per_step", 1),
-    at_least("rl.group_size", 2, "DiPO compares responses within a group: a group of one has zero advantage "
-              "and never updates the model"),
-    number("rl.lr", 0, lo_open=True),
-    at_least("rl.warmup_steps", 0, "0 = constant from the first step"),
-    number("rl.weight_decay", 0),
-    _betas("rl.betas"),
-    number("rl.grad_clip", 0, why="0 = off"),
-    number("rl.eps_low", 0, 1, hi_open=True),
-    number("rl.eps_high", 0),
-    number("rl.beta", 0, why="0 = no reference model"),
-    at_least("rl.num_iterations", 1),
-    at_least("rl.micro_batch", 0, "0 = all kept responses at once"),
-    at_least("rl.sampling_rounds", 1),
-    Rule("rl.rewards", _rewards, _reward_words),
-    number("rl.temperature", 0, lo_open=True, why="a group sampled at temperature 0 is one response repeated"),
-    at_least("rl.top_k", 0, "0 = off"),
-    number("rl.top_p", 0, 1, lo_open=True),
-    at_least("rl.max_new_tokens", 1),
-    at_least("rl.reward_workers", 0),
-    one_of("rl.rollout_backend", "native", "lmdeploy"),
-    one_of("rl.group_filter", *GROUP_FILTERS),
-    one_of("rl.objective", *OBJECTIVES),
-    at_least("rl.trace_shrinkage", 1, "1 = the exact trace"),
-    number("rl.prompt_mask_prob", 0.0, 1.0, hi_open=True),
-    one_of("data.response_style", *RESPONSE_STYLES),
-    one_of("decode.strategy", *STRATEGIES),
-    number("decode.threshold", 0, 1),
-    at_least("decode.steps", 0, "0 = block size"),
-    at_least("eval.samples", 1),
-    number("eval.temperature", 0),
-    at_least("eval.top_k", 0, "0 = off"),
-    number("eval.top_p", 0, 1, lo_open=True),
-    at_least("eval.max_new_tokens", 1),
-    at_least("eval.batch_size", 1),
-    at_least("eval.max_problems", 0, "0 = all"),
-    Rule("run.out", lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"),
-    at_least("run.seed", 0),
-    at_least("run.threads", 0, "0 = torch's default"),
-    at_least("run.save_every", 0, "0 = only at stage ends"),
-    at_least("run.keep_checkpoints", 0, "0 = keep all"),
-    at_least("run.log_every", 1),
-    Rule("run.stages", lambda v: isinstance(v, list) and all(s in ("sft", "rl") for s in v) and len(set(v)) == len(v)
-         and v == sorted(v, key=("sft", "rl").index),
-         "a list of distinct stages from sft, rl, in that order (RL starts from the SFT model)"),
-]
+#: every setting of ``python -m dirl_min.train`` that has a rule (on its field)
+CONFIG_RULES: list[Rule] = rules_of(Config)
 
 
 def _embedded_split(cfg):
@@ -298,20 +198,7 @@ def check_launch(cfg, launch: Launch) -> None:
 
 # ---- the other commands' settings (dirl_min.settings.commands; messages name their short flags) ----
 
-EVAL_RULES: list[Rule] = [
-    one_of("model.dtype", *_DTYPE), one_of("model.backend", "native", "lmdeploy"),
-    one_of("data.task", "", "embedded"), _levels("data.task_levels"),
-    at_least("data.held_out", 1), at_least("data.task_max_operand", 0), at_least("data.limit", 0, "0 = all"),
-    _template("data.prompt_template", optional=True),
-    at_least("eval.samples", 1), number("eval.temperature", 0, why="0 = greedy"), at_least("eval.top_k", 0, "0 = off"),
-    number("eval.top_p", 0, 1, lo_open=True), at_least("eval.max_new_tokens", 1), at_least("eval.batch_size", 1),
-    at_least("eval.seed", 0),
-    one_of("decode.strategy", *STRATEGIES), number("decode.threshold", 0, 1), at_least("decode.steps", 0, "0 = block size"),
-    Rule("decode.thresholds", lambda v: isinstance(v, list) and all(is_number(t) and 0 <= t <= 1 for t in v)
-         and len(set(v)) == len(v), "distinct numbers in [0, 1]"),
-    number("verify.timeout", 0, lo_open=True), at_least("verify.workers", 0),
-    Rule("run.out", lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"),
-]
+EVAL_RULES: list[Rule] = rules_of(EvalCommand)
 
 
 def _eval_cross(cfg) -> list[str]:
@@ -330,13 +217,7 @@ def _eval_cross(cfg) -> list[str]:
 
 EVAL_CROSS_RULES: list[Callable] = [_eval_cross]
 
-CHECK_RULES: list[Rule] = [
-    one_of("model.dtype", *_DTYPE),
-    Rule("model.path", lambda v: not v or Path(v).is_dir(), "a checkpoint folder (empty = the tiny model)"),
-    at_least("rollout.max_new_tokens", 1), number("rollout.temperature", 0, why="0 = greedy"),
-    number("rollout.threshold", 0, 1), at_least("rollout.seed", 0),
-    number("check.tolerance", 0, why="0 = the dtype's default"),
-]
+CHECK_RULES: list[Rule] = rules_of(CheckCommand)
 
 
 def _check_cross(cfg) -> list[str]:
@@ -349,52 +230,5 @@ CHECK_CROSS_RULES: list[Callable] = [_check_cross]
 
 
 
-def _names_from(name: str, choices: Callable[[], tuple], what: str) -> Rule:
-    """A non-empty list of distinct names from ``choices()`` (a callable: the names need an import)."""
-    return Rule(name, lambda v: isinstance(v, list) and bool(v) and len(set(v)) == len(v)
-                and all(x in choices() for x in v), lambda: f"a non-empty list of distinct {what} from "
-                + ", ".join(choices()))
-
-
-def _sizes():
-    from dirl_min.speed.measures import SIZES
-
-    return tuple(SIZES)
-
-
-def _shapes():
-    from dirl_min.speed.shapes import SHAPES
-
-    return tuple(SHAPES)
-
-
-BENCH_RULES: list[Rule] = [
-    _names_from("model.sizes", _sizes, "sizes"), at_least("model.block_size", 1),
-    number("model.sharpen", 0, lo_open=True), at_least("model.seed", 0),
-    at_least("decode.new_tokens", 1), at_least("decode.batch", 1), number("decode.threshold", 0, 1),
-    number("decode.temperature", 0, why="0 = greedy"), at_least("decode.top_k", 0, "0 = off"),
-    number("reference.max_seconds", 0, lo_open=True), at_least("reference.tokens", 0, "0 = auto"),
-    at_least("rescore.batch", 0, "0 skips the row"), at_least("rescore.new_tokens", 1),
-    at_least("run.repeats", 1), at_least("run.threads", 0, "0 = torch's default"), one_of("run.clock", "wall", "cpu"),
-]
-
-SHAPE_RULES: list[Rule] = [
-    Rule("model.shape", lambda v: v in _shapes(), lambda: "one of " + ", ".join(_shapes())),
-    at_least("model.layers", 0, "0 = all"), one_of("model.dtype", "float32", "bfloat16"),
-    one_of("model.attn", "sdpa", "flex_attention"),
-    Rule("model.device", lambda v: isinstance(v, str) and v.split(":")[0] in ("cpu", "cuda"), "cpu or cuda"),
-    at_least("step.responses", 1),
-    Rule("step.response_tokens", lambda v: is_int(v) and v > 0 and v % 4 == 0, "a positive multiple of 4 (the block size)"),
-    _names_from("step.stages", lambda: ("sft", "dipo", "rollout"), "stages"),
-    _names_from("step.checkpointing", lambda: ("on", "off"), "settings"),
-    number("step.peak_tflops", 0, lo_open=True), at_least("run.threads", 0, "0 = torch's default"),
-]
-
-def command_problems(cfg, rules: list[Rule], cross_rules=(), aliases: dict | None = None) -> list[str]:
-    """Every broken rule of a command's settings ``cfg``, named by the command's short flag where
-    it has one (``aliases``: flag -> setting, as :func:`dirl_min.settings.config.parse_config` takes)."""
-    names = {target: flag for flag, target in (aliases or {}).items() if isinstance(target, str)}
-    msgs = problems(cfg, rules, names=names)
-    for cross in cross_rules:
-        msgs += cross(cfg)
-    return msgs
+BENCH_RULES: list[Rule] = rules_of(BenchCommand)
+SHAPE_RULES: list[Rule] = rules_of(ShapeCommand)

@@ -23,29 +23,43 @@ import yaml
 
 from dirl_min.data.tasks import PLAIN_TEMPLATE
 from dirl_min.infra.errors import SettingsError
-from dirl_min.settings.rules import get_setting
+from dirl_min.core.estimates import OBJECTIVES
+from dirl_min.core.objectives import GROUP_FILTERS
+from dirl_min.core.unmask import STRATEGIES
+from dirl_min.data.tasks import RESPONSE_STYLES
+from dirl_min.settings.rules import (Check, at_least, betas, get_setting, levels, number, one_of, reward_weights,
+                                     template)
 
 
-def _f(default, help: str, *, hidden: bool = False):
-    """A setting: its default and its meaning (shown by ``--help`` unless ``hidden``)."""
-    meta = {"help": help, "hidden": hidden}
+def _f(default, help: str, *, rule: Check | None = None, hidden: bool = False):
+    """A setting, declared once: its default, its meaning (shown by ``--help`` unless ``hidden``) and
+    the rule its value must keep (:mod:`dirl_min.settings.rules`; checked before any work)."""
+    meta = {"help": help, "hidden": hidden, "rule": rule}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+#: the parameter dtypes a command takes (auto: bfloat16 on GPU, float32 on CPU)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass
 class ModelConfig:
     path: str = _f("", "checkpoint folder (SDAR / DiRL / TraDo / Qwen3); empty = build the tiny model")
-    block_size: int = _f(0, "block size: 0 = the checkpoint's own (the tiny model: 4); a value that conflicts with an SDAR checkpoint's is an error")
-    mask_token_id: int = _f(-1, "mask id for a plain checkpoint without one (-1 = from the checkpoint/tokenizer)")
-    hidden_size: int = _f(64, "tiny model: hidden size")
-    num_layers: int = _f(2, "tiny model: layers")
-    num_heads: int = _f(4, "tiny model: attention heads")
-    num_kv_heads: int = _f(2, "tiny model: key/value heads")
-    intermediate_size: int = _f(256, "tiny model: MLP width")
-    dtype: str = _f("auto", "float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU); the tiny model too")
-    attn_implementation: str = _f("auto", "sdpa, flex_attention, eager or auto (flex on GPU, sdpa on CPU)")
+    block_size: int = _f(0, "block size: 0 = the checkpoint's own (the tiny model: 4); a value that conflicts with an SDAR checkpoint's is an error",
+                         rule=at_least(0, "0 = the checkpoint's own"))
+    mask_token_id: int = _f(-1, "mask id for a plain checkpoint without one (-1 = from the checkpoint/tokenizer)",
+                            rule=at_least(-1, "-1 = from the checkpoint"))
+    hidden_size: int = _f(64, "tiny model: hidden size", rule=at_least(1))
+    num_layers: int = _f(2, "tiny model: layers", rule=at_least(1))
+    num_heads: int = _f(4, "tiny model: attention heads", rule=at_least(1))
+    num_kv_heads: int = _f(2, "tiny model: key/value heads", rule=at_least(1))
+    intermediate_size: int = _f(256, "tiny model: MLP width", rule=at_least(1))
+    dtype: str = _f("auto", "float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU); the tiny model too",
+                    rule=one_of(*DTYPES))
+    attn_implementation: str = _f("auto", "sdpa, flex_attention, eager or auto (flex on GPU, sdpa on CPU)",
+                                  rule=one_of("auto", "sdpa", "flex_attention", "eager"))
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
 
 
@@ -54,70 +68,90 @@ class DataConfig:
     sft_data: str = _f("", "SFT file (JSON/JSONL/parquet: prompt+response, or messages); empty = the embedded task")
     rl_data: str = _f("", "RL file (question + ground_truth_answer); empty = the embedded task's training split")
     eval_data: str = _f("", "evaluation file (question + ground_truth_answer); empty = the embedded held-out split")
-    task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'")
-    task_max_operand: int = _f(20, "embedded task: operands run over 0..N")
-    held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together)")
+    task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'", rule=levels())
+    task_max_operand: int = _f(20, "embedded task: operands run over 0..N", rule=at_least(0))
+    held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together)",
+                       rule=at_least(1, "the embedded task's evaluation problems"))
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
-    prompt_template: str = _f(PLAIN_TEMPLATE, "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
-    response_style: str = _f("answer", "embedded task SFT responses: answer = '\\boxed{7}'; worked = '3 + 4 = 7. \\boxed{7}' (longer, mostly predictable: room for faster decoding)")
-    max_prompt_tokens: int = _f(1024, "prompts longer than this are skipped and counted")
+    prompt_template: str = _f(PLAIN_TEMPLATE, "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')",
+                              rule=template())
+    response_style: str = _f("answer", "embedded task SFT responses: answer = '\\boxed{7}'; worked = '3 + 4 = 7. \\boxed{7}' (longer, mostly predictable: room for faster decoding)",
+                             rule=one_of(*RESPONSE_STYLES))
+    max_prompt_tokens: int = _f(1024, "prompts longer than this are skipped and counted", rule=at_least(1))
 
 
 @dataclass
 class SFTConfig:
-    steps: int = _f(2200, "optimizer steps (0 = skip SFT)")
-    batch_size: int = _f(32, "examples per optimizer step (across processes and accumulation)")
-    grad_accum: int = _f(1, "micro-batches per optimizer step")
-    lr: float = _f(3e-3, "peak learning rate")
-    warmup_steps: int = _f(20, "linear warm-up steps")
-    min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr")
-    weight_decay: float = _f(0.01, "AdamW weight decay")
-    betas: list = _f([0.9, 0.98], "AdamW betas")
-    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
+    steps: int = _f(2200, "optimizer steps (0 = skip SFT)", rule=at_least(0, "0 = skip SFT"))
+    batch_size: int = _f(32, "examples per optimizer step (across processes and accumulation)", rule=at_least(1))
+    grad_accum: int = _f(1, "micro-batches per optimizer step", rule=at_least(1, "micro-batches per optimizer step"))
+    lr: float = _f(3e-3, "peak learning rate", rule=number(0, lo_open=True))
+    warmup_steps: int = _f(20, "linear warm-up steps", rule=at_least(0))
+    min_lr_ratio: float = _f(0.1, "cosine decay floor, as a fraction of lr", rule=number(0, 1))
+    weight_decay: float = _f(0.01, "AdamW weight decay", rule=number(0))
+    betas: list = _f([0.9, 0.98], "AdamW betas", rule=betas())
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)", rule=number(0, why="0 = off"))
     t_min: float = _f(0.1, "lowest noise level t; the spec draws t from (0, 1]. Kept at 0.1: on the default (seed 0, "
                                  "2200 steps) t_min 0 gave SFT avg@16 27.3%, greedy 23.9%; t_min 0.1 gave 42.8%, 62.5% "
-                                 "(the 1/p weights of small t make the gradient noisy)")
-    eps: float = _f(1e-3, "mask probability floor: p = (1-eps) t + eps")
-    max_seq_len: int = _f(2048, "examples longer than this (tokens) are skipped and counted")
-    pack_tokens: int = _f(0, "pack several examples per row up to this many layout tokens (0 = one per row)")
+                                 "(the 1/p weights of small t make the gradient noisy)",
+                      rule=number(0, 1, hi_open=True))
+    eps: float = _f(1e-3, "mask probability floor: p = (1-eps) t + eps",
+                    rule=number(0, 1, lo_open=True, hi_open=True))
+    max_seq_len: int = _f(2048, "examples longer than this (tokens) are skipped and counted", rule=at_least(1))
+    pack_tokens: int = _f(0, "pack several examples per row up to this many layout tokens (0 = one per row)",
+                          rule=at_least(0, "0 = one example per row"))
 
 
 @dataclass
 class RLConfig:
-    steps: int = _f(600, "DiPO steps (0 = skip RL)")
-    prompts_per_step: int = _f(16, "groups (prompts) per step")
-    group_size: int = _f(8, "responses per prompt (G)")
-    lr: float = _f(3e-4, "learning rate")
-    warmup_steps: int = _f(10, "linear warm-up steps, then a constant learning rate (DiRL: 10)")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    betas: list = _f([0.9, 0.98], "AdamW betas")
-    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
-    eps_low: float = _f(0.2, "PPO clip: lower")
-    eps_high: float = _f(0.28, "PPO clip: upper (DAPO clip-higher)")
-    beta: float = _f(0.0, "weight of the k3 KL to a frozen reference model (0 = no reference)")
-    num_iterations: int = _f(1, "optimisation passes per batch (>1 reuses logp_old)")
-    micro_batch: int = _f(0, "responses per training forward (0 = all kept responses of a rollout at once)")
-    sampling_rounds: int = _f(1, "dynamic sampling: at most this many rounds of prompts to fill the batch with mixed groups")
-    group_filter: str = _f("reward_std", "dynamic sampling keeps groups whose rewards differ (reward_std, DiRL) or whose accuracy is neither all 0 nor all 1 (accuracy, DAPO); the same with accuracy-only rewards")
-    rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength, cosine")
-    temperature: float = _f(1.0, "rollout temperature")
-    top_k: int = _f(0, "rollout top-k (0 = off; DiRL: 50)")
-    top_p: float = _f(1.0, "rollout top-p")
-    max_new_tokens: int = _f(16, "rollout length limit (whole blocks)")
-    reward_workers: int = _f(0, "processes for reward computation (0 = in-process)")
-    objective: str = _f("dipo", "how the update reads each response's log-probabilities: dipo = every token in the context it was decoded in (DiRL); tracerl = rl.trace_shrinkage decoding steps merged per round (TraceRL); diffu_grpo = one forward, whole response masked, prompt masked at rl.prompt_mask_prob (d1); coupled_grpo = two complementary random masks of the response (DiffuCoder)")
-    trace_shrinkage: int = _f(2, "tracerl: consecutive decoding steps merged into one training round (TraceRL's s; 1 = dipo exactly)")
-    prompt_mask_prob: float = _f(0.15, "diffu_grpo: probability of masking each prompt token, drawn afresh for every pass (d1: 0.15)")
-    rollout_backend: str = _f("native", "native = dirl_min's KV-cached decoder on the trained module; lmdeploy = LMDeploy's PyTorch engine (CUDA, lmdeploy 0.18; weights synced in memory each step)")
+    steps: int = _f(600, "DiPO steps (0 = skip RL)", rule=at_least(0, "0 = skip RL"))
+    prompts_per_step: int = _f(16, "groups (prompts) per step", rule=at_least(1))
+    group_size: int = _f(8, "responses per prompt (G)",
+                         rule=at_least(2, "DiPO compares responses within a group: a group of one has zero advantage " "and never updates the model"))
+    lr: float = _f(3e-4, "learning rate", rule=number(0, lo_open=True))
+    warmup_steps: int = _f(10, "linear warm-up steps, then a constant learning rate (DiRL: 10)",
+                           rule=at_least(0, "0 = constant from the first step"))
+    weight_decay: float = _f(0.0, "AdamW weight decay", rule=number(0))
+    betas: list = _f([0.9, 0.98], "AdamW betas", rule=betas())
+    grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)", rule=number(0, why="0 = off"))
+    eps_low: float = _f(0.2, "PPO clip: lower", rule=number(0, 1, hi_open=True))
+    eps_high: float = _f(0.28, "PPO clip: upper (DAPO clip-higher)", rule=number(0))
+    beta: float = _f(0.0, "weight of the k3 KL to a frozen reference model (0 = no reference)",
+                     rule=number(0, why="0 = no reference model"))
+    num_iterations: int = _f(1, "optimisation passes per batch (>1 reuses logp_old)", rule=at_least(1))
+    micro_batch: int = _f(0, "responses per training forward (0 = all kept responses of a rollout at once)",
+                          rule=at_least(0, "0 = all kept responses at once"))
+    sampling_rounds: int = _f(1, "dynamic sampling: at most this many rounds of prompts to fill the batch with mixed groups",
+                              rule=at_least(1))
+    group_filter: str = _f("reward_std", "dynamic sampling keeps groups whose rewards differ (reward_std, DiRL) or whose accuracy is neither all 0 nor all 1 (accuracy, DAPO); the same with accuracy-only rewards",
+                           rule=one_of(*GROUP_FILTERS))
+    rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength, cosine",
+                       rule=reward_weights())
+    temperature: float = _f(1.0, "rollout temperature",
+                            rule=number(0, lo_open=True, why="a group sampled at temperature 0 is one response repeated"))
+    top_k: int = _f(0, "rollout top-k (0 = off; DiRL: 50)", rule=at_least(0, "0 = off"))
+    top_p: float = _f(1.0, "rollout top-p", rule=number(0, 1, lo_open=True))
+    max_new_tokens: int = _f(16, "rollout length limit (whole blocks)", rule=at_least(1))
+    reward_workers: int = _f(0, "processes for reward computation (0 = in-process)", rule=at_least(0))
+    objective: str = _f("dipo", "how the update reads each response's log-probabilities: dipo = every token in the context it was decoded in (DiRL); tracerl = rl.trace_shrinkage decoding steps merged per round (TraceRL); diffu_grpo = one forward, whole response masked, prompt masked at rl.prompt_mask_prob (d1); coupled_grpo = two complementary random masks of the response (DiffuCoder)",
+                        rule=one_of(*OBJECTIVES))
+    trace_shrinkage: int = _f(2, "tracerl: consecutive decoding steps merged into one training round (TraceRL's s; 1 = dipo exactly)",
+                              rule=at_least(1, "1 = the exact trace"))
+    prompt_mask_prob: float = _f(0.15, "diffu_grpo: probability of masking each prompt token, drawn afresh for every pass (d1: 0.15)",
+                                 rule=number(0.0, 1.0, hi_open=True))
+    rollout_backend: str = _f("native", "native = dirl_min's KV-cached decoder on the trained module; lmdeploy = LMDeploy's PyTorch engine (CUDA, lmdeploy 0.18; weights synced in memory each step)",
+                              rule=one_of("native", "lmdeploy"))
 
 
 @dataclass
 class Unmasking:
     """Which masked positions a denoising step commits (shared by every command that decodes)."""
 
-    strategy: str = _f("low_confidence_dynamic", "low_confidence_dynamic, low_confidence_static or sequential")
-    threshold: float = _f(0.9, "dynamic strategy confidence threshold")
-    steps: int = _f(0, "static/sequential: denoising steps per block (0 = block size)")
+    strategy: str = _f("low_confidence_dynamic", "low_confidence_dynamic, low_confidence_static or sequential",
+                       rule=one_of(*STRATEGIES))
+    threshold: float = _f(0.9, "dynamic strategy confidence threshold", rule=number(0, 1))
+    steps: int = _f(0, "static/sequential: denoising steps per block (0 = block size)",
+                    rule=at_least(0, "0 = block size"))
 
 
 @dataclass
@@ -129,32 +163,37 @@ class DecodeConfig(Unmasking):
 class Sampling:
     """How each problem is sampled for avg@k (shared by the main job's evaluation and dirl_min.eval)."""
 
-    samples: int = _f(16, "samples per problem at temperature 1 (avg@k, pass@k; DiRL: 16)")
-    temperature: float = _f(1.0, "sampling temperature for avg@k (0 = greedy)")
-    top_k: int = _f(50, "top-k for avg@k (0 = off; DiRL: 50)")
-    top_p: float = _f(1.0, "top-p for avg@k (1 = off)")
+    samples: int = _f(16, "samples per problem at temperature 1 (avg@k, pass@k; DiRL: 16)", rule=at_least(1))
+    temperature: float = _f(1.0, "sampling temperature for avg@k (0 = greedy)", rule=number(0, why="0 = greedy"))
+    top_k: int = _f(50, "top-k for avg@k (0 = off; DiRL: 50)", rule=at_least(0, "0 = off"))
+    top_p: float = _f(1.0, "top-p for avg@k (1 = off)", rule=number(0, 1, lo_open=True))
 
 
 @dataclass
 class EvalConfig(Sampling):
     greedy: bool = _f(True, "also report greedy accuracy")
     max_new_tokens: int = _f(16, "evaluation length limit (whole blocks); python -m dirl_min.eval and DiRL: 8192, "
-                                 "here the embedded task's answers fit in 16 and an untrained model never stops")
-    batch_size: int = _f(256, "sequences per decoding batch (memory and speed only)")
-    max_problems: int = _f(0, "evaluate at most this many problems (0 = all)")
+                                 "here the embedded task's answers fit in 16 and an untrained model never stops",
+                             rule=at_least(1))
+    batch_size: int = _f(256, "sequences per decoding batch (memory and speed only)", rule=at_least(1))
+    max_problems: int = _f(0, "evaluate at most this many problems (0 = all)", rule=at_least(0, "0 = all"))
 
 
 @dataclass
 class RunConfig:
-    out: str = _f("runs/default", "output folder: summary.json, metrics.jsonl, TensorBoard, plots, checkpoints")
-    seed: int = _f(0, "global seed (model init, data order, noise, sampling)")
-    threads: int = _f(0, "torch CPU threads (0 = torch's default)")
-    save_every: int = _f(0, "checkpoint every N steps of each phase (0 = only at phase ends)")
-    keep_checkpoints: int = _f(0, "keep only the newest N step checkpoints (run.save_every, interrupts); the stage-final ones always stay (0 = keep all)")
+    out: str = _f("runs/default", "output folder: summary.json, metrics.jsonl, TensorBoard, plots, checkpoints",
+                  rule=Check(lambda v: isinstance(v, str) and bool(v.strip()), "a folder name"))
+    seed: int = _f(0, "global seed (model init, data order, noise, sampling)", rule=at_least(0))
+    threads: int = _f(0, "torch CPU threads (0 = torch's default)", rule=at_least(0, "0 = torch's default"))
+    save_every: int = _f(0, "checkpoint every N steps of each phase (0 = only at phase ends)",
+                         rule=at_least(0, "0 = only at stage ends"))
+    keep_checkpoints: int = _f(0, "keep only the newest N step checkpoints (run.save_every, interrupts); the "
+                               "stage-final ones always stay (0 = keep all)", rule=at_least(0, "0 = keep all"))
     resume: bool = _f(False, "resume from the latest checkpoint in --run.out (the settings must match the saved run's)")
     overwrite: bool = _f(False, "replace an earlier run in --run.out (otherwise a fresh run there is refused)")
-    log_every: int = _f(10, "write metrics every N steps")
-    stages: list = _f(["sft", "rl"], "which stages to run, in order")
+    log_every: int = _f(10, "write metrics every N steps", rule=at_least(1))
+    stages: list = _f(["sft", "rl"], "which stages to run, in order",
+                      rule=Check(lambda v: isinstance(v, list) and all(s in ("sft", "rl") for s in v) and len(set(v)) == len(v) and v == sorted(v, key=("sft", "rl").index), "a list of distinct stages from sft, rl, in that order (RL starts from the SFT model)"))
 
 
 @dataclass
