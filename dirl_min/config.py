@@ -106,9 +106,14 @@ class RLConfig:
     top_p: float = _f(1.0, "rollout top-p")
     max_new_tokens: int = _f(16, "rollout length limit (whole blocks)")
     reward_workers: int = _f(0, "processes for reward computation (0 = in-process)")
-    objective: str = _f("dipo", "how the update reads each response's log-probabilities: dipo = every token in the context it was decoded in (DiRL); tracerl = rl.trace_shrinkage decoding steps merged per round (TraceRL); diffu_grpo = one forward, whole response masked, prompt masked at rl.prompt_mask_prob (d1); coupled_grpo = two complementary random masks of the response (DiffuCoder)")
-    trace_shrinkage: int = _f(2, "tracerl: consecutive decoding steps merged into one training round (TraceRL's s; 1 = dipo exactly)")
-    prompt_mask_prob: float = _f(0.15, "diffu_grpo: probability of masking each prompt token, drawn afresh for every pass (d1: 0.15)")
+    objective: str = _f("dipo", "how the update reads each response's log-probabilities: dipo = every token in the context it was decoded in (DiRL); tracerl = rl.trace_shrinkage decoding steps merged per round (TraceRL; 1, what it runs on block models, reads as dipo, 2 is the shrinkage ablation); diffu_grpo = one copy, each block fully masked given the clean prompt and clean earlier blocks (d1 on a block model); coupled_grpo = two complementary random masks of the response (DiffuCoder); diffu_grpo_masked_context = ablation: d1's view with the response and rl.prompt_mask_prob of the prompt masked in the clean stream too (the old port)")
+    trace_shrinkage: int = _f(1, "tracerl: consecutive decoding steps merged into one training round (TraceRL's s; 1 = dipo exactly and TraceRL's setting on block models; 2 = the shrinkage ablation)")
+    prompt_mask_prob: float = _f(0.15, "diffu_grpo_masked_context: probability of masking each prompt token, drawn afresh for every pass (d1: 0.15)")
+    loss_mean: str = _f("token", "how the clipped loss averages: token = over all response tokens of the step (DAPO, DiRL; d1 and DiffuCoder per micro-batch); sequence = within each response, then over responses (TraceRL)")
+    scale_advantages: bool = _f(True, "divide each group's r - mean by its std (DiRL, TraceRL); false = r - mean (d1, DiffuCoder)")
+    kl_reference: str = _f("initial", "the policy the k3 KL (rl.beta > 0) is taken to: initial = a frozen copy of the starting model (refreshed every rl.ref_sync_every steps); old = the sampling policy of the step (TraceRL)")
+    ref_sync_every: int = _f(0, "kl_reference initial: copy the policy into the reference every N steps (0 = never; d1, DiffuCoder: 64)")
+    updates_per_pass: int = _f(1, "optimizer steps per pass over a step's kept responses, each on an equal share of its micro-batches (TraceRL: several)")
     rollout_backend: str = _f("native", "native = dirl_min's KV-cached decoder on the trained module; lmdeploy = LMDeploy's PyTorch engine (CUDA, lmdeploy 0.18; weights synced in memory each step)")
 
 

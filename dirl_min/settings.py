@@ -21,8 +21,8 @@ from pathlib import Path
 
 from dirl_min.config import SettingsError
 from dirl_min.rules import Rule, at_least, is_int, is_number, number, one_of, problems
-from dirl_min.core.objectives import GROUP_FILTERS
-from dirl_min.core.estimates import OBJECTIVES
+from dirl_min.core.objectives import GROUP_FILTERS, LOSS_MEANS
+from dirl_min.core.estimates import RECORDS
 from dirl_min.decoding import STRATEGIES
 from dirl_min.tasks import RESPONSE_STYLES
 
@@ -109,9 +109,14 @@ CONFIG_RULES: list[Rule] = [
     at_least("rl.reward_workers", 0),
     one_of("rl.rollout_backend", "native", "lmdeploy"),
     one_of("rl.group_filter", *GROUP_FILTERS),
-    one_of("rl.objective", *OBJECTIVES),
-    at_least("rl.trace_shrinkage", 1, "1 = the exact trace"),
-    number("rl.prompt_mask_prob", 0.0, 1.0, hi_open=True),
+    one_of("rl.objective", *RECORDS),
+    *(at_least(p.setting, int(p.lo), p.why) if p.integer else number(p.setting, p.lo, p.hi, hi_open=True, why=p.why)
+      for o in RECORDS.values() for p in o.params),  # each objective's parameters, as its record declares them
+    one_of("rl.loss_mean", *LOSS_MEANS),
+    Rule("rl.scale_advantages", lambda v: isinstance(v, bool), "true or false"),
+    one_of("rl.kl_reference", "initial", "old"),
+    at_least("rl.ref_sync_every", 0, "0 = never"),
+    at_least("rl.updates_per_pass", 1),
     one_of("data.response_style", *RESPONSE_STYLES),
     one_of("decode.strategy", *STRATEGIES),
     number("decode.threshold", 0, 1),
