@@ -3,6 +3,8 @@
     python -m dirl_min.compare                                 # four objectives x three seeds (long)
     python -m dirl_min.compare --quick                         # plumbing only, under a minute
     python -m dirl_min.compare --objectives dipo,tracerl --seeds 0 --rl.steps 300
+    python -m dirl_min.compare --recipe release --out runs/compare-release   # each release's own recipe
+    python -m dirl_min.compare --diagnose --model runs/default/checkpoints/sft-final --out runs/diagnose
 
 One SFT run (``<out>/sft``), then per objective and seed an RL run from its final checkpoint
 (``<out>/<objective>/seed-<s>``, checkpoints every ``rl.steps // 4`` steps), every checkpoint
@@ -48,7 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "per step) and report accuracy against training seconds and scoring forwards.")
     p.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (default: runs/compare)")
     p.add_argument("--objectives", default=",".join(cmp.OBJECTIVES), metavar="LIST",
-                   help=f"comma-separated objectives (default: {','.join(cmp.OBJECTIVES)})")
+                   help=f"comma-separated objectives among {', '.join(cmp.RECORDS)} "
+                        f"(default: {','.join(cmp.OBJECTIVES)})")
+    p.add_argument("--recipe", choices=cmp.RECIPES, default="shared",
+                   help="shared (default): the same optimisation settings for every objective, so only the "
+                        "likelihood estimate differs; release: each objective with its release's clip, KL and KL "
+                        "reference, advantage scaling, loss mean, group filter and passes per batch (docs/method.md "
+                        "§4.7; the learning rate stays shared, scaled to this model; given settings override)")
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated training seeds (run.seed of the RL runs; default: 0,1,2, with --quick: 0)")
     p.add_argument("--eval-seed", type=int, default=0, metavar="N",
@@ -66,9 +74,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser = build_parser()
     args, settings = parser.parse_known_args(argv)
     args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    bad = [o for o in args.objectives if o not in cmp.OBJECTIVES]
+    bad = [o for o in args.objectives if o not in cmp.RECORDS]
     if bad or not args.objectives or len(set(args.objectives)) < len(args.objectives):
-        parser.error(f"--objectives: expected distinct names among {', '.join(cmp.OBJECTIVES)}, got {args.objectives}")
+        parser.error(f"--objectives: expected distinct names among {', '.join(cmp.RECORDS)}, got {args.objectives}")
     try:
         args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s.strip()]
     except ValueError:
@@ -99,7 +107,7 @@ def _evaluate(run, args, tools) -> list[tuple[dict, list[float]]]:
 def compare(args, settings: list[str], tools: cmp.Tools) -> dict:
     """Plan (every refusal before any work), train, evaluate; returns compare.json's content."""
     out = Path(args.out)
-    plan = cmp.plan_runs(out, settings, args.objectives, args.seeds, args.cfg)
+    plan = cmp.plan_runs(out, settings, args.objectives, args.seeds, args.cfg, args.recipe)
     actions = cmp.plan_actions(plan, args.overwrite)
     for run in plan:
         cmp.execute(run, actions[run.name], tools.train)
@@ -110,7 +118,8 @@ def compare(args, settings: list[str], tools: cmp.Tools) -> dict:
         rows = cmp.rl_rows(run.folder)
         runs[run.objective].append({"seed": run.seed, **rep.run_summary(rows, [p for p, _ in pts], pts[-1][1])})
     table = {o: rep.aggregate(rs) for o, rs in runs.items()}
-    return {"settings": {"objectives": args.objectives, "seeds": args.seeds, "eval_seed": args.eval_seed,
+    return {"settings": {"objectives": args.objectives, "recipe": args.recipe, "seeds": args.seeds,
+                         "eval_seed": args.eval_seed,
                          "quick": args.quick, "train_settings": settings, "samples": args.cfg.eval.samples},
             "start": start, "table": table, "runs": runs, "actions": actions}
 

@@ -64,9 +64,10 @@ def filter_groups(rewards: torch.Tensor, group_size: int, *, correct: torch.Tens
     if rule in ("accuracy", "accuracy_band"):
         if correct is None:
             raise ValueError(f"filter_groups(rule={rule!r}) needs correct (0/1 per response)")
-        acc = torch.as_tensor(correct, dtype=torch.float32).view(-1, group_size).mean(dim=1)
-        if rule == "accuracy_band":
+        if rule == "accuracy_band":  # in float64, as TraceRL's Python floats: 4/5 is then exactly 0.8
+            acc = torch.as_tensor(correct, dtype=torch.float64).view(-1, group_size).mean(dim=1)
             return (acc >= ACCURACY_BAND[0]) & (acc <= ACCURACY_BAND[1])
+        acc = torch.as_tensor(correct, dtype=torch.float32).view(-1, group_size).mean(dim=1)
         return (acc > 0) & (acc < 1)
     raise ValueError(f"rl.group_filter must be one of {GROUP_FILTERS}, not {rule!r}")
 
