@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "so that groups differ, 8 held-out problems x 2 samples; 1 seed): checks the plumbing, "
                         "measures nothing")
     p.add_argument("--overwrite", action="store_true", help="replace runs and evaluations made with other settings")
+    p.add_argument("--diagnose", action="store_true",
+                   help="instead of training: on --model, one batch of rl.prompts_per_step x rl.group_size rollouts, "
+                        "each objective's log-prob gap to DiPO's exact log-probs (overall and by position in the "
+                        "block), the cosine of its policy gradient to the exact one (same advantages and weighting) "
+                        "and its spread over --draws draws of random views, and the copies scored; writes "
+                        "diagnosis.json, diagnosis_batch.json and diagnosis.png in --out")
+    p.add_argument("--model", metavar="CKPT", help="--diagnose: the checkpoint (e.g. <run>/checkpoints/sft-final)")
+    p.add_argument("--draws", type=int, default=None, metavar="N",
+                   help="--diagnose: draws of random views (default: 8, with --quick: 2)")
     return p
 
 
@@ -83,6 +92,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not args.seeds or len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds: expected distinct integers, got {args.seeds}")
+    if args.diagnose and not args.model:
+        parser.error("--diagnose needs --model CKPT")
+    args.draws = args.draws if args.draws is not None else (2 if args.quick else 8)
+    if args.draws < 2:
+        parser.error(f"--draws: expected an integer >= 2, got {args.draws}")
     settings = [*(QUICK if args.quick else []), *settings]
     try:
         args.cfg = cmp.check_settings(settings)
@@ -124,8 +138,25 @@ def compare(args, settings: list[str], tools: cmp.Tools) -> dict:
             "start": start, "table": table, "runs": runs, "actions": actions}
 
 
+def diagnose(args) -> dict:
+    """``--diagnose``: the estimator table of :func:`dirl_min.evaluation.diagnose.diagnose_checkpoint`."""
+    from dirl_min.evaluation import diagnose as dg
+
+    try:
+        table, info = dg.diagnose_checkpoint(args.cfg, args.model, args.out, draws=args.draws, seed=args.eval_seed)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"dirl_min.compare: error: {e}") from None
+    print(dg.text_table(table))
+    print(f"{info['responses']} responses ({info['tokens']} tokens, accuracy {info['accuracy']:.2f}) from "
+          f"{info['checkpoint']}; exact = per-round rescoring, |exact - decoder| <= {info['decoder_gap']:.1e}")
+    print(f"outputs in {args.out}/ (diagnosis.json, diagnosis_batch.json, diagnosis.png)", file=sys.stderr)
+    return {"table": table, "batch": info}
+
+
 def main(argv=None) -> dict:
     args, settings = parse_args(argv)
+    if args.diagnose:
+        return diagnose(args)
     from dirl_min import eval as eval_face, train
 
     tools = cmp.Tools(train=lambda a: train.main(a), eval_args=eval_face.parse_args)

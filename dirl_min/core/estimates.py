@@ -93,7 +93,8 @@ class Objective:
     ``random``: its views are drawn (a fresh generator per response and pass);
     ``params``: the settings it reads; ``loss_mean``: its release's (``token`` or ``sequence``);
     ``release``: the settings its release runs with on a block model (``compare --recipe release``;
-    values and citations in docs/method.md §4.7); ``ablation``: not one of the compared methods.
+    values and citations in docs/method.md §4.7); ``ablation``: not one of the compared methods;
+    ``variants``: ``{label: {spec field: value}}``, parameter ablations (``compare --diagnose`` rows).
     """
 
     name: str
@@ -103,6 +104,7 @@ class Objective:
     params: tuple[Param, ...] = ()
     release: dict = field(default_factory=dict)
     ablation: bool = False
+    variants: dict = field(default_factory=dict)  #: named parameter ablations the diagnosis also reads
 
 
 def merge_rounds(noisy: torch.Tensor, targets: torch.Tensor, shrinkage: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +215,8 @@ RECORDS: dict[str, Objective] = {o.name: o for o in (
         "rl.eps_low": 0.2, "rl.eps_high": 0.28, "rl.beta": 0.1, "rl.kl_reference": "initial", "rl.ref_sync_every": 0,
         "rl.scale_advantages": True, "rl.loss_mean": "token", "rl.group_filter": "reward_std",
         "rl.num_iterations": 1, "rl.updates_per_pass": 1}),
-    Objective("tracerl", _merged, random=False, loss_mean="sequence", params=(_SHRINKAGE,), release={
+    Objective("tracerl", _merged, random=False, loss_mean="sequence", params=(_SHRINKAGE,),
+              variants={"tracerl_s2": {"shrinkage": 2}}, release={
         "rl.trace_shrinkage": 1, "rl.eps_low": 0.2, "rl.eps_high": 0.2, "rl.beta": 0.01, "rl.kl_reference": "old",
         "rl.ref_sync_every": 0, "rl.scale_advantages": True, "rl.loss_mean": "sequence",
         "rl.group_filter": "accuracy_band", "rl.num_iterations": 1, "rl.updates_per_pass": 4}),
