@@ -58,7 +58,8 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
 
     Returns:
         ``(kept, rolls, n_kept)``: this process's kept groups as (rollout, response indices,
-        advantages [G]); its (rollout, rewards, correct) per round; the kept count over all processes.
+        advantages [G], the group's place among all processes' kept groups); its (rollout, rewards,
+        correct) per round; the kept count over all processes.
     """
     world, rank, G, P = accel.num_processes, accel.process_index, cfg.rl.group_size, cfg.rl.prompts_per_step
     kept, rolls, n_kept = [], [], 0
@@ -74,7 +75,7 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
         for g in [g for g in range(len(chosen)) if mixed[g % world][g // world]][: P - n_kept]:
             if g % world == rank:
                 i = g // world
-                kept.append((roll, list(range(i * G, (i + 1) * G)), adv[i * G:(i + 1) * G]))
+                kept.append((roll, list(range(i * G, (i + 1) * G)), adv[i * G:(i + 1) * G], n_kept))
             n_kept += 1
         if n_kept >= P:
             break
@@ -102,8 +103,8 @@ def _micro_batches(cfg, accel, kept, rolls):
     the step's response tokens and responses over all processes; this process's real micro-batches."""
     micro = []
     for roll in {id(k[0]): k[0] for k in kept}.values():
-        idx = [i for r, ids, _ in kept if r is roll for i in ids]
-        adv = torch.cat([a for r, _, a in kept if r is roll])
+        idx = [i for r, ids, *_ in kept if r is roll for i in ids]
+        adv = torch.cat([a for r, _, a, *_ in kept if r is roll])
         size = cfg.rl.micro_batch or len(idx)
         micro += [(roll, idx[s:s + size], adv[s:s + size]) for s in range(0, len(idx), size)]
     counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx), len(micro),
@@ -228,7 +229,9 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress):
         t = time.perf_counter()
         # 3. score, 4. update: on micro-batches of the kept responses, in rl.updates_per_pass shares
         row["score_copies"] = 0.0  # no group kept: nothing scored, no update
-        for share in (kept[u::cfg.rl.updates_per_pass] for u in range(cfg.rl.updates_per_pass)):
+        # share u: the kept groups whose place among all processes' is u mod U (the same shares on any world size)
+        U = cfg.rl.updates_per_pass
+        for share in ([k for k in kept if k[3] % U == u] for u in range(U)):
             micro, totals, n_real = _micro_batches(cfg, accel, share, rolls)
             if totals[0] > 0:
                 done = row["score_copies"]
