@@ -48,7 +48,7 @@ import torch
 
 from dirl_min.core.rounds import step_rounds
 
-__all__ = ["OBJECTIVES", "ABLATIONS", "RECORDS", "Objective", "Param", "record", "RANDOM_VIEWS", "ObjectiveSpec",
+__all__ = ["OBJECTIVES", "ABLATIONS", "RECORDS", "Objective", "Param", "record", "ObjectiveSpec",
            "spec_of", "Views", "merge_rounds", "block_one_step_views", "one_step_views", "coupled_views",
            "objective_views", "view_seed", "COUPLED_T_RANGE"]
 
@@ -225,13 +225,12 @@ RECORDS: dict[str, Objective] = {o.name: o for o in (
     Objective("coupled_grpo", _coupled, random=True, loss_mean="token", release={
         **_TRL_GRPO, "rl.beta": 0.01, "rl.num_iterations": 2, "rl.updates_per_pass": 1}),
     Objective("diffu_grpo_masked_context", _one_step_masked, random=True, loss_mean="token", params=(_PROMPT_MASK,),
-              release={**_D1, "rl.prompt_mask_prob": 0.15, "rl.updates_per_pass": 1}, ablation=True),
+              release={**_D1, "rl.prompt_mask_prob": 0.15, "rl.updates_per_pass": 1}, ablation=True,
+              variants={"diffu_grpo_masked_context_p0": {"prompt_mask_prob": 0.0}}),
 )}
 #: ``rl.objective`` values compared by default (``python -m dirl_min.compare``), and the ablations
 OBJECTIVES = tuple(n for n, o in RECORDS.items() if not o.ablation)
 ABLATIONS = tuple(n for n, o in RECORDS.items() if o.ablation)
-#: objectives whose views are random (drawn afresh for every optimisation pass)
-RANDOM_VIEWS = tuple(n for n, o in RECORDS.items() if o.random)
 
 
 def record(name: str) -> Objective:

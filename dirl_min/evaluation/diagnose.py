@@ -173,7 +173,7 @@ def plot(table: dict, path, title: str = "") -> None:
     for name, r in table.items():
         ys = [float("nan") if y is None else y for y in r["logp_gap_by_position"]]
         left.plot(range(len(ys)), ys, marker="o", label=name)
-    left.set(xlabel="position in block", ylabel="mean |logp − exact| (nats)", title="log-prob gap")
+    left.set(xlabel="position in block", ylabel="mean |logp − exact| (nats)", title="log-prob gap", yscale="log")
     left.legend(fontsize=7)
     names = list(table)
     cos = [table[n]["grad_cosine"] if table[n]["grad_cosine"] is not None else float("nan") for n in names]
