@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train each RL objective from one SFT checkpoint with the same rollout budget and seeds, "
                     "evaluate every checkpoint on the held-out split (avg@k with 95% intervals, greedy, tokens "
                     "per step) and report accuracy against training seconds and scoring forwards.")
-    p.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (default: runs/compare)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/compare, with --diagnose: runs/diagnose)")
     p.add_argument("--objectives", default=",".join(cmp.OBJECTIVES), metavar="LIST",
                    help=f"comma-separated objectives among {', '.join(cmp.RECORDS)} "
                         f"(default: {','.join(cmp.OBJECTIVES)})")
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated training seeds (run.seed of the RL runs; default: 0,1,2, with --quick: 0)")
     p.add_argument("--eval-seed", type=int, default=0, metavar="N",
-                   help="sampling seed of every evaluation (the same for all checkpoints; default: 0)")
+                   help="sampling seed of every evaluation (the same for all checkpoints; with --diagnose: of the "
+                        "rollouts; default: 0)")
     p.add_argument("--quick", action="store_true",
                    help="tiny budgets (operands 0..9, SFT 100 steps, RL 4 steps of 2 prompts x 4 with a format reward "
                         "so that groups differ, 8 held-out problems x 2 samples; 1 seed): checks the plumbing, "
@@ -92,6 +94,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not args.seeds or len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds: expected distinct integers, got {args.seeds}")
+    args.out = args.out or ("runs/diagnose" if args.diagnose else "runs/compare")
     if args.diagnose and not args.model:
         parser.error("--diagnose needs --model CKPT")
     args.draws = args.draws if args.draws is not None else (2 if args.quick else 8)
