@@ -3,6 +3,8 @@
     python -m dirl_min.compare                                 # four objectives x three seeds (long)
     python -m dirl_min.compare --quick                         # plumbing only, under a minute
     python -m dirl_min.compare --objectives dipo,tracerl --seeds 0 --rl.steps 300
+    python -m dirl_min.compare --recipe release --out runs/compare-release   # each release's own recipe
+    python -m dirl_min.compare --diagnose --model runs/default/checkpoints/sft-final --out runs/diagnose
 
 One SFT run (``<out>/sft``), then per objective and seed an RL run from its final checkpoint
 (``<out>/<objective>/seed-<s>``, checkpoints every ``rl.steps // 4`` steps), every checkpoint
@@ -47,18 +49,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train each RL objective from one SFT checkpoint with the same rollout budget and seeds, "
                     "evaluate every checkpoint on the held-out split (avg@k with 95% intervals, greedy, tokens "
                     "per step) and report accuracy against training seconds and scoring forwards.")
-    p.add_argument("--out", default="runs/compare", metavar="DIR", help="output folder (default: runs/compare)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/compare, with --diagnose: runs/diagnose)")
     p.add_argument("--objectives", default=",".join(cmp.OBJECTIVES), metavar="LIST",
-                   help=f"comma-separated objectives (default: {','.join(cmp.OBJECTIVES)})")
+                   help=f"comma-separated objectives among {', '.join(cmp.RECORDS)} "
+                        f"(default: {','.join(cmp.OBJECTIVES)})")
+    p.add_argument("--recipe", choices=cmp.RECIPES, default="shared",
+                   help="shared (default): the same optimisation settings for every objective, so only the "
+                        "likelihood estimate differs; release: each objective with its release's clip, KL and KL "
+                        "reference, advantage scaling, loss mean, group filter and passes per batch (docs/method.md "
+                        "§4.7; the learning rate stays shared, scaled to this model; given settings override)")
     p.add_argument("--seeds", default=None, metavar="LIST",
                    help="comma-separated training seeds (run.seed of the RL runs; default: 0,1,2, with --quick: 0)")
     p.add_argument("--eval-seed", type=int, default=0, metavar="N",
-                   help="sampling seed of every evaluation (the same for all checkpoints; default: 0)")
+                   help="sampling seed of every evaluation (the same for all checkpoints; with --diagnose: of the "
+                        "rollouts; default: 0)")
     p.add_argument("--quick", action="store_true",
                    help="tiny budgets (operands 0..9, SFT 100 steps, RL 4 steps of 2 prompts x 4 with a format reward "
                         "so that groups differ, 8 held-out problems x 2 samples; 1 seed): checks the plumbing, "
                         "measures nothing")
     p.add_argument("--overwrite", action="store_true", help="replace runs and evaluations made with other settings")
+    p.add_argument("--diagnose", action="store_true",
+                   help="instead of training: on --model, one batch of rl.prompts_per_step x rl.group_size rollouts, "
+                        "each objective's log-prob gap to DiPO's exact log-probs (overall and by position in the "
+                        "block), the cosine of its policy gradient to the exact one (same advantages and weighting) "
+                        "and its spread over --draws draws of random views, and the copies scored; writes "
+                        "diagnosis.json, diagnosis_batch.json and diagnosis.png in --out")
+    p.add_argument("--model", metavar="CKPT", help="--diagnose: the checkpoint (e.g. <run>/checkpoints/sft-final)")
+    p.add_argument("--draws", type=int, default=None, metavar="N",
+                   help="--diagnose: draws of random views (default: 8, with --quick: 2)")
     return p
 
 
@@ -67,15 +86,21 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser = build_parser()
     args, settings = parser.parse_known_args(argv)
     args.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    bad = [o for o in args.objectives if o not in cmp.OBJECTIVES]
+    bad = [o for o in args.objectives if o not in cmp.RECORDS]
     if bad or not args.objectives or len(set(args.objectives)) < len(args.objectives):
-        parser.error(f"--objectives: expected distinct names among {', '.join(cmp.OBJECTIVES)}, got {args.objectives}")
+        parser.error(f"--objectives: expected distinct names among {', '.join(cmp.RECORDS)}, got {args.objectives}")
     try:
         args.seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s.strip()]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if not args.seeds or len(set(args.seeds)) < len(args.seeds):
         parser.error(f"--seeds: expected distinct integers, got {args.seeds}")
+    args.out = args.out or ("runs/diagnose" if args.diagnose else "runs/compare")
+    if args.diagnose and not args.model:
+        parser.error("--diagnose needs --model CKPT")
+    args.draws = args.draws if args.draws is not None else (2 if args.quick else 8)
+    if args.draws < 2:
+        parser.error(f"--draws: expected an integer >= 2, got {args.draws}")
     settings = [*(QUICK if args.quick else []), *settings]
     try:
         args.cfg = cmp.check_settings(settings)
@@ -101,7 +126,7 @@ def compare(args, settings: list[str], tools: cmp.Tools, stack: ExitStack | None
     """Plan (every refusal before any work), train, evaluate; returns compare.json's content.
     ``stack``: holds ``--out``'s lock from the end of the planning until it closes."""
     out = Path(args.out)
-    plan = cmp.plan_runs(out, settings, args.objectives, args.seeds, args.cfg)
+    plan = cmp.plan_runs(out, settings, args.objectives, args.seeds, args.cfg, args.recipe)
     actions = cmp.plan_actions(plan, args.overwrite)
     if stack is not None:
         stack.enter_context(folder_lock(out, "dirl_min.compare"))
@@ -114,13 +139,31 @@ def compare(args, settings: list[str], tools: cmp.Tools, stack: ExitStack | None
         rows = cmp.rl_rows(run.folder)
         runs[run.objective].append({"seed": run.seed, **rep.run_summary(rows, [p for p, _ in pts], pts[-1][1])})
     table = {o: rep.aggregate(rs) for o, rs in runs.items()}
-    return {"settings": {"objectives": args.objectives, "seeds": args.seeds, "eval_seed": args.eval_seed,
+    return {"settings": {"objectives": args.objectives, "recipe": args.recipe, "seeds": args.seeds,
+                         "eval_seed": args.eval_seed,
                          "quick": args.quick, "train_settings": settings, "samples": args.cfg.eval.samples},
             "start": start, "table": table, "runs": runs, "actions": actions}
 
 
+def diagnose(args) -> dict:
+    """``--diagnose``: the estimator table of :func:`dirl_min.comparison.diagnose.diagnose_checkpoint`."""
+    from dirl_min.comparison import diagnose as dg
+
+    try:
+        table, info = dg.diagnose_checkpoint(args.cfg, args.model, args.out, draws=args.draws, seed=args.eval_seed)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"dirl_min.compare: error: {e}") from None
+    print(dg.text_table(table))
+    print(f"{info['responses']} responses ({info['tokens']} tokens, accuracy {info['accuracy']:.2f}) from "
+          f"{info['checkpoint']}; exact = per-round rescoring, |exact - decoder| <= {info['decoder_gap']:.1e}")
+    print(f"outputs in {args.out}/ (diagnosis.json, diagnosis_batch.json, diagnosis.png)", file=sys.stderr)
+    return {"table": table, "batch": info}
+
+
 def main(argv=None) -> dict:
     args, settings = parse_args(argv)
+    if args.diagnose:
+        return diagnose(args)
     from dirl_min import eval as eval_face, train
 
     tools = cmp.Tools(train=lambda a: train.main(a), eval_args=eval_face.parse_args)

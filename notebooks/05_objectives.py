@@ -27,7 +27,7 @@
 # |---|---|---|---|
 # | `dipo` | DiRL | `R` = most distinct steps in a block | exactly the decoding state |
 # | `tracerl` | TraceRL §3, shrinkage `s` | `⌈R/s⌉` | the state up to `s − 1` steps earlier |
-# | `diffu_grpo` | d1 §3.2, one step + prompt masking | 1 | partly masked prompt, no response token |
+# | `diffu_grpo_masked_context` | d1 §3.2 as first ported (an ablation) | 1 | partly masked prompt, no response token |
 # | `coupled_grpo` | DiffuCoder §4, coupled sampling | 2 | its block with a random share (`t` or `1 − t`) masked |
 #
 # This notebook draws the four sets of copies for one response, scores the same responses with each,
@@ -82,7 +82,8 @@ for i in range(len(roll)):
 # * **tracerl** (`s = 2` here) — TraceRL's shrinkage merges `s` consecutive steps of a block into one
 #   copy, read from the state before the first of them: half the copies, and the token of the second
 #   step no longer sees what the first step committed.
-# * **diffu_grpo** — d1's one-step estimate: a single copy with the whole response masked. The context
+# * **diffu_grpo_masked_context** — d1's one-step estimate as first ported, now an ablation: a single
+#   copy with the whole response masked. The context
 #   row masks the response as well (otherwise later blocks would see earlier response tokens through
 #   it) and each prompt token with probability `p = 0.15`, drawn afresh for every optimisation pass.
 # * **coupled_grpo** — DiffuCoder's coupled sampling: draw `t ~ U[0.2, 0.8]`, mask each response token
@@ -91,14 +92,17 @@ for i in range(len(roll)):
 #   were decoded *after* it.
 
 # %%
-from dirl_min.core.estimates import OBJECTIVES, ObjectiveSpec
+from dirl_min.core.estimates import ObjectiveSpec, record
 from dirl_min.engine.score import rollout_views
 from dirl_min.tutorial import objective_views_figure
 
 SPECS = {"dipo": ObjectiveSpec("dipo"), "tracerl": ObjectiveSpec("tracerl", shrinkage=2),
-         "diffu_grpo": ObjectiveSpec("diffu_grpo", prompt_mask_prob=0.15),
+         "diffu_grpo_masked_context": ObjectiveSpec("diffu_grpo_masked_context", prompt_mask_prob=0.15),
          "coupled_grpo": ObjectiveSpec("coupled_grpo")}
-assert tuple(SPECS) == OBJECTIVES
+# d1 on a block model (rl.objective diffu_grpo) reads tracerl's view with every step of a block merged:
+# each block fully masked given the clean past (docs/method.md §4.7). Drawn here is the first port, which
+# also masks the clean stream, kept as the ablation diffu_grpo_masked_context.
+OBJECTIVES = tuple(SPECS)
 VIEWS = {name: [rollout_views(roll, i, spec)[0] for i in range(len(roll))] for name, spec in SPECS.items()}
 
 
@@ -109,7 +113,7 @@ def first_shown(i, prompt_blocks=4):
 
 # the response drawn: the first whose d1 draw masks a prompt token in the part drawn
 I = next(i for i in range(len(roll))
-         if (VIEWS["diffu_grpo"][i].context[first_shown(i):len(roll.prompt_ids[i])] == M).any())
+         if (VIEWS["diffu_grpo_masked_context"][i].context[first_shown(i):len(roll.prompt_ids[i])] == M).any())
 objective_views_figure({n: VIEWS[n][I] for n in OBJECTIVES}, [0] * len(roll.prompt_ids[I]) + roll.step_map[I],
                        len(roll.prompt_ids[I]), first_shown(I), B, M)
 plt.show()
@@ -147,14 +151,14 @@ def hides_at_least_the_decoding_state(i):
 
 
 tracerl_no_lookahead = all(hides_at_least_the_decoding_state(i) for i in range(N))
-d1_hides_response = all(bool((VIEWS["diffu_grpo"][i].context[generated[i]] == M).all()) for i in range(N))
-d1_prompt_masked = sum(int((VIEWS["diffu_grpo"][i].context[~generated[i]] == M).sum()) for i in range(N))
+d1_hides_response = all(bool((VIEWS["diffu_grpo_masked_context"][i].context[generated[i]] == M).all()) for i in range(N))
+d1_prompt_masked = sum(int((VIEWS["diffu_grpo_masked_context"][i].context[~generated[i]] == M).sum()) for i in range(N))
 coupled_complementary = all(
     torch.equal(v.noisy[0] | v.noisy[1], generated[i]) and not bool((v.noisy[0] & v.noisy[1]).any())
     for i, v in enumerate(VIEWS["coupled_grpo"]))
 rounds = [step_rounds(full_steps[i], B)[0].shape[0] for i in range(N)]
 expected_copies = {"dipo": sum(rounds), "tracerl": sum(math.ceil(r / 2) for r in rounds),
-                   "diffu_grpo": N, "coupled_grpo": 2 * N}
+                   "diffu_grpo_masked_context": N, "coupled_grpo": 2 * N}
 print("every token read once:", read_once)
 print(f"tracerl s=1 == dipo: {tracerl_s1_is_dipo}; tracerl s=2 == reference: {tracerl_matches_reference}; "
       f"never shows more than the decoding state: {tracerl_no_lookahead}")
@@ -173,7 +177,6 @@ print("coupled masks complementary:", coupled_complementary)
 # distance from the recorded `logp` is what their shortcut changes in what is differentiated.
 
 # %%
-from dirl_min.core.objectives import LOSS_MEANS
 from dirl_min.engine.score import rounds_logp
 from dirl_min.loops.policy import policy_step
 
@@ -200,7 +203,7 @@ print(f"{'objective':<14}{'loss mean':>10}{'copies':>8}{'per resp.':>10}{'tokens
       f"{'mean |Δ|':>10}{'max |Δ|':>9}{'exact (<1e-4)':>15}")
 for n in OBJECTIVES:
     d = DIFF[n]
-    print(f"{n:<14}{LOSS_MEANS[n]:>10}{COPIES[n]:>8}{COPIES[n] / N:>10.2f}{int((~SCORES[n].isnan()).sum()):>8}"
+    print(f"{n:<14}{record(n).loss_mean:>10}{COPIES[n]:>8}{COPIES[n] / N:>10.2f}{int((~SCORES[n].isnan()).sum()):>8}"
           f"{float(d.mean()):>10.3f}{float(d.max()):>9.3f}{float((d < 1e-4).float().mean()):>15.0%}")
 print("policy_step's log-probs == rounds_logp's:", SAME_AS_TRAINER)
 
@@ -240,7 +243,7 @@ plt.show()
 #   starts high at the left edge); one committed later loses sight of what the earlier steps of its
 #   group committed, so its log-probability is taken in a context with less information than it had —
 #   a biased estimate, never one that peeks ahead. `s = 1` is `dipo`, bit for bit.
-# * **diffu_grpo** (d1, Zhao et al. 2025, §3.2) reads every token in one copy, seeing only the prompt
+# * **diffu_grpo_masked_context** (d1, Zhao et al. 2025, §3.2, as first ported: an ablation) reads every token in one copy, seeing only the prompt
 #   (a random 15% of it masked) and mask tokens: a mean-field estimate that ignores the rest of the
 #   response entirely, so it is far from the decoding state (the largest mean `|Δ|` above). It is the
 #   cheapest (one copy), and because the prompt mask is redrawn every pass, several passes over one
@@ -253,9 +256,12 @@ plt.show()
 #   DiffuCoder's released code also averages in a fully masked copy and weights by `1/t`; dirl_min
 #   keeps the pair only.
 #
-# The loss differs too (`core.objectives.LOSS_MEANS`): `dipo` and `tracerl` average over all tokens of
-# the step (DAPO's token mean), `diffu_grpo` and `coupled_grpo` average within each response first
-# (GRPO's sequence mean). Which estimate learns fastest per second or per copy is an empirical
+# On a block model that view is out of distribution: SDAR is trained and decodes with a clean past, and
+# here mask tokens sit in it. `diffu_grpo` is therefore d1 ported to blocks: each block fully masked
+# given the clean prompt and clean earlier blocks (mean-field inside a block, exact across blocks).
+#
+# The loss mean is a setting (`rl.loss_mean`, token by default for every objective); the table's
+# column is each release's own (`record(n).loss_mean`: TraceRL averages within each response first). Which estimate learns fastest per second or per copy is an empirical
 # question: `python -m dirl_min.compare` trains each objective from one SFT checkpoint with the same
 # budget and seeds and plots held-out accuracy against wall-clock time and scored copies.
 
@@ -314,9 +320,9 @@ assert CHECKS["tracerl_s1_is_dipo"] and CHECKS["tracerl_matches_reference"] and 
 assert CHECKS["d1_hides_response"] and CHECKS["d1_prompt_masked"] > 0 and CHECKS["coupled_complementary"]
 assert CHECKS["copies"] == CHECKS["expected_copies"]
 assert CHECKS["max_diff"]["dipo"] < 1e-4, "the consistency invariant is broken"
-assert all(CHECKS["max_diff"][n] > 1e-2 for n in ("tracerl", "diffu_grpo", "coupled_grpo"))
+assert all(CHECKS["max_diff"][n] > 1e-2 for n in ("tracerl", "diffu_grpo_masked_context", "coupled_grpo"))
 assert 0 < CHECKS["tracerl_s2_exact_fraction"] < 1
-assert max(CHECKS["mean_diff"], key=CHECKS["mean_diff"].get) == "diffu_grpo"
+assert max(CHECKS["mean_diff"], key=CHECKS["mean_diff"].get) == "diffu_grpo_masked_context"
 assert CHECKS["mismatch"]["dipo"] == (0.0, 0.0) and CHECKS["mismatch"]["tracerl"][1] == 0.0
-assert CHECKS["mismatch"]["coupled_grpo"][1] > 0 and CHECKS["mismatch"]["diffu_grpo"][0] > 0
+assert CHECKS["mismatch"]["coupled_grpo"][1] > 0 and CHECKS["mismatch"]["diffu_grpo_masked_context"][0] > 0
 print(CHECKS)

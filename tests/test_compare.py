@@ -157,3 +157,22 @@ def test_a_step_that_kept_no_group_scored_no_copies():
     assert step_copies({"step": 3, "loss": 0.1}) is None
     rows = [{"step": 1, "score_copies": 12.0, "loss": 0.1, "time_update": 1.0}, {"step": 2, "time_rollout": 2.0}]
     assert curve(rows, [1, 2]) == [{"step": 1, "seconds": 1.0, "copies": 12.0}, {"step": 2, "seconds": 3.0, "copies": 12.0}]
+
+
+def test_release_recipe_gives_each_objective_its_records_settings_and_given_ones_override(tmp_path):
+    from dirl_min.core.estimates import RECORDS
+
+    cfg = cmp.check_settings(["--rl.steps", "8"])
+    shared = cmp.plan_runs(tmp_path, ["--rl.steps", "8"], list(RECORDS), [0], cfg)
+    release = cmp.plan_runs(tmp_path, ["--rl.steps", "8", "--rl.eps_high", "0.3"], list(RECORDS), [0], cfg, "release")
+    base = shared[1].config()["rl"]
+    for s, r in zip(shared[1:], release[1:]):
+        assert s.config()["rl"] == {**base, "objective": s.objective}  # shared: one recipe for all
+        got = r.config()["rl"]
+        for key, value in RECORDS[r.objective].release.items():
+            want = 0.3 if key == "rl.eps_high" else value  # the given setting wins
+            assert got[key.split(".", 1)[1]] == want, (r.objective, key)
+    assert release[1].config()["rl"]["beta"] == 0.1 and release[2].config()["rl"]["kl_reference"] == "old"
+    assert release[3].config()["rl"]["num_iterations"] == 12 and release[4].config()["rl"]["scale_advantages"] is False
+    with pytest.raises(cmp.CompareError, match="rl.num_iterations"):  # a given setting no release can run with
+        cmp.plan_runs(tmp_path, ["--rl.num_iterations", "0"], ["dipo"], [0], cfg, "release")

@@ -173,8 +173,9 @@ def _launch_two_processes(args, timeout):
 
 
 @pytest.mark.parametrize("objective, extra", [
-    ("dipo", []), ("tracerl", []),
-    ("diffu_grpo", ["--rl.num_iterations", "2"]),  # a fresh prompt mask, and its logp_old, in each pass
+    ("dipo", []), ("tracerl", ["--rl.updates_per_pass", "2"]),  # shares of the kept groups taken globally
+    ("diffu_grpo", []),
+    ("diffu_grpo_masked_context", ["--rl.num_iterations", "2"]),  # a fresh prompt mask, and its logp_old, each pass
     ("coupled_grpo", [])])
 def test_two_process_dipo_with_disagreeing_processes_matches_one_process(tmp_path, monkeypatch, objective, extra):
     """Each process decodes one of the step's two groups; which of them are kept, whether to
@@ -197,9 +198,9 @@ def test_two_process_dipo_with_disagreeing_processes_matches_one_process(tmp_pat
         assert ("loss" in a) == ("loss" in b)  # a step trains on all processes or on none
         assert a.get("loss", 0.0) == pytest.approx(b.get("loss", 0.0), rel=1e-4, abs=1e-7)
         assert a.get("score_copies") == b.get("score_copies")
-        if objective in ("diffu_grpo", "coupled_grpo") and "loss" in a:  # one or two copies per kept response
+        if objective.startswith(("diffu_grpo", "coupled_grpo")) and "loss" in a:  # one or two copies per response
             kept = round(a["kept_fraction"] * a["sampling_rounds"] * 2) * 4
-            assert a["score_copies"] == kept * (1 if objective == "diffu_grpo" else 2) * (2 if extra else 1)
+            assert a["score_copies"] == kept * (2 if objective == "coupled_grpo" else 1) * (2 if extra else 1)
     from dirl_min.model import build_tiny, load_model
 
     init = build_tiny(seed=0)[0].state_dict()

@@ -226,9 +226,9 @@ def _check_05(c):
     assert c["read_once"] and c["scored_every_token"] and c["same_as_trainer"]
     assert c["tracerl_s1_is_dipo"] and c["tracerl_matches_reference"] and c["tracerl_no_lookahead"]
     assert c["d1_hides_response"] and c["d1_prompt_masked"] > 0 and c["coupled_complementary"]
-    assert c["copies"] == c["expected_copies"] and c["copies"]["diffu_grpo"] * 2 == c["copies"]["coupled_grpo"]
+    assert c["copies"] == c["expected_copies"] and c["copies"]["diffu_grpo_masked_context"] * 2 == c["copies"]["coupled_grpo"]
     assert c["max_diff"]["dipo"] < 1e-4, "consistency invariant: dipo's views != recorded logp"
-    assert min(c["max_diff"][n] for n in ("tracerl", "diffu_grpo", "coupled_grpo")) > 1e-2
+    assert min(c["max_diff"][n] for n in ("tracerl", "diffu_grpo_masked_context", "coupled_grpo")) > 1e-2
     assert c["mismatch"]["dipo"] == [0.0, 0.0] and c["mismatch"]["tracerl"][1] == 0.0
 
 

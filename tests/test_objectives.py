@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from dirl_min.core.estimates import (
@@ -85,7 +85,7 @@ def test_d1_view_masks_exactly_the_response_and_the_drawn_prompt_positions(promp
 def test_d1_prompt_mask_rate_and_a_fresh_draw_every_pass():
     n = 20000
     ids, response = torch.arange(n + 4), torch.arange(n + 4) >= n
-    spec = ObjectiveSpec("diffu_grpo", prompt_mask_prob=0.15)
+    spec = ObjectiveSpec("diffu_grpo_masked_context", prompt_mask_prob=0.15)
     steps = response.long()
 
     def masked(it):
@@ -133,7 +133,7 @@ def test_every_view_scores_as_a_plain_forward_of_its_masked_context():
 
     model, roll = _rollout(n=3)
     M, B = roll.mask_token_id, roll.block_size
-    for name in ("tracerl", "diffu_grpo", "coupled_grpo"):
+    for name in ("tracerl", "diffu_grpo", "coupled_grpo", "diffu_grpo_masked_context"):
         spec = ObjectiveSpec(name, shrinkage=2, prompt_mask_prob=0.3)
         for i in range(len(roll)):
             ids = torch.tensor(roll.prompt_ids[i] + roll.response_ids[i])
@@ -153,13 +153,13 @@ def test_every_view_scores_as_a_plain_forward_of_its_masked_context():
                         got.position, v.targets[r].nonzero().flatten())])], want, atol=1e-4), (name, i, r)
 
 
-def test_d1_tokens_see_no_response_token():
-    """Changing a response token changes no d1 log-prob (every response token is masked in the context)."""
+def test_the_masked_context_ablation_sees_no_response_token():
+    """Changing a response token changes no log-prob of the old d1 port (every response token is masked in the context)."""
     model, roll = _rollout(n=2)
     M, B = roll.mask_token_id, roll.block_size
     ids = torch.tensor(roll.prompt_ids[0] + roll.response_ids[0])
     steps = torch.tensor([0] * len(roll.prompt_ids[0]) + roll.step_map[0])
-    spec = ObjectiveSpec("diffu_grpo", prompt_mask_prob=0.0)
+    spec = ObjectiveSpec("diffu_grpo_masked_context", prompt_mask_prob=0.0)
     v = objective_views(spec, ids, steps, B, M, torch.Generator().manual_seed(0))
     other = ids.clone()
     first = len(roll.prompt_ids[0])  # later blocks would see it through a clean context row
@@ -201,10 +201,20 @@ def test_each_loss_matches_the_token_by_token_reference_and_its_gradient_at_rati
         assert float(y.grad[j]) == pytest.approx(-float(adv[j]) * per_token / denom, rel=1e-9, abs=1e-15)
 
 
-def test_every_objective_has_a_loss_mean():
-    from dirl_min.core.estimates import OBJECTIVES
+def test_every_objective_record_is_complete():
+    """Each record's loss mean and release settings are valid settings of the main job."""
+    from dirl_min.settings.config import parse_config
+    from dirl_min.core.estimates import OBJECTIVES, RECORDS, record
+    from dirl_min.settings.checks import validate
 
-    assert set(LOSS_MEANS) == set(OBJECTIVES)
+    assert OBJECTIVES == ("dipo", "tracerl", "diffu_grpo", "coupled_grpo")
+    for name, obj in RECORDS.items():
+        assert record(name) is obj and obj.loss_mean in LOSS_MEANS
+        argv = [x for k, v in obj.release.items() for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
+        validate(parse_config([*argv, "--rl.objective", name]))
+        assert obj.release["rl.loss_mean"] == obj.loss_mean
+    with pytest.raises(ValueError):
+        record("d1")
 
 
 def test_random_views_are_the_same_for_old_new_and_reference_log_probs():
@@ -214,7 +224,7 @@ def test_random_views_are_the_same_for_old_new_and_reference_log_probs():
 
     model, roll = _rollout(n=4)
     adv = torch.randn(len(roll), generator=torch.Generator().manual_seed(2))
-    for name in ("diffu_grpo", "coupled_grpo"):
+    for name in ("diffu_grpo_masked_context", "coupled_grpo"):
         loss, _, logp, stats = _loss_and_grads(model, roll, ObjectiveSpec(name), adv, beta=0.1,
                                                ref_model=copy.deepcopy(model))
         assert stats["kl_ref"] == 0.0 and stats["ratio_mean"] == 1.0
@@ -233,7 +243,7 @@ def test_the_packed_path_reads_every_objectives_views_as_the_two_pass_path(monke
 
     model, roll = _rollout(n=4)
     M, B = roll.mask_token_id, roll.block_size
-    for name in ("dipo", "tracerl", "diffu_grpo", "coupled_grpo"):
+    for name in ("dipo", "tracerl", "diffu_grpo", "coupled_grpo", "diffu_grpo_masked_context"):
         spec = ObjectiveSpec(name, shrinkage=2, prompt_mask_prob=0.3)
         views, labels = zip(*(score.rollout_views(roll, i, spec) for i in range(len(roll))))
         got = {}
@@ -253,7 +263,7 @@ def test_the_rl_step_normalises_by_the_kept_responses_tokens_and_count():
     first keeps group 1 of a 2-group rollout, the second both groups of another."""
     from types import SimpleNamespace
 
-    from dirl_min.loops import dipo as loops_dipo
+    from dirl_min.loops import rl as loops_rl
 
     _, a = _rollout(n=4)
     _, b = _rollout(n=4, seed=1)
@@ -263,7 +273,7 @@ def test_the_rl_step_normalises_by_the_kept_responses_tokens_and_count():
     rolls = [(a, None, None), (b, None, None)]
     cfg = SimpleNamespace(rl=SimpleNamespace(micro_batch=3))
     accel = SimpleNamespace(num_processes=1, process_index=0)
-    micro, (n_tok, n_seq), n_real = loops_dipo._micro_batches(cfg, accel, kept, rolls)
+    micro, (n_tok, n_seq), n_real = loops_rl._micro_batches(cfg, accel, kept, rolls)
     assert n_tok == sum(len(a.response_ids[i]) for i in (2, 3)) + sum(len(r) for r in b.response_ids)
     assert n_seq == 6
     assert sorted((id(m[0]), i) for m in micro for i in m[1]) == sorted(
@@ -272,18 +282,58 @@ def test_the_rl_step_normalises_by_the_kept_responses_tokens_and_count():
 
 
 @pytest.mark.parametrize("name", ["dipo", "tracerl", "diffu_grpo", "coupled_grpo"])
-def test_each_objective_takes_its_documented_mean_in_the_rl_step(name):
-    """At ratio 1 the loss is ``-Σ_j A_j w_j / D``: the token mean (dipo, tracerl: w = 1, D = the step's
-    tokens) or the sequence mean (d1, coupled: w = 1/|o_i|, D = the step's responses). The step's
-    totals here are not this micro-batch's, so a swapped normaliser or mean changes the value."""
+@pytest.mark.parametrize("mean", ["token", "sequence"])
+def test_each_objective_takes_the_asked_mean_in_the_rl_step(name, mean):
+    """At ratio 1 the loss is ``-Σ_j A_j w_j / D``: the token mean (w = 1, D = the step's tokens) or the
+    sequence mean (w = 1/|o_i|, D = the step's responses), as ``rl.loss_mean`` asks, for every
+    objective. The step's totals here are not this micro-batch's, so a swapped normaliser or mean
+    changes the value."""
     model, roll = _rollout(n=4)
     adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
     n_tok, n_seq = 77.0, 9.0
     loss, _, _ = policy_step(SelectedLogits(model), roll, list(range(4)), adv, num_tokens=n_tok, num_sequences=n_seq,
-                             eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name))
+                             eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name), loss_mean=mean)
     lengths = [len(r) for r in roll.response_ids]
-    if name in ("dipo", "tracerl"):
+    if mean == "token":
         want = -sum(a * n for a, n in zip(adv.tolist(), lengths)) / n_tok
     else:
         want = -sum(adv.tolist()) / n_seq
     assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+@FAST
+@given(case=step_maps())
+def test_d1_block_view_is_the_merged_trace_with_every_step_of_a_block_in_one_round(case):
+    """d1 on a block model reads each block fully masked given the clean past: the view of
+    merge_rounds with s >= R, and no mask token in the clean stream."""
+    from dirl_min.core.estimates import block_one_step_views
+
+    step_map, B, _ = case
+    assume(any(step_map))  # with nothing generated there is no round to merge (d1 still scores its one copy)
+    steps = torch.tensor(step_map, dtype=torch.long)
+    ids = torch.arange(len(step_map)) + 10
+    views = objective_views(ObjectiveSpec("diffu_grpo"), ids, steps, B, 999)
+    noisy, targets = merge_rounds(*step_rounds(steps, B), 10**6)
+    assert torch.equal(views.noisy, noisy) and torch.equal(views.targets, targets)
+    assert torch.equal(views.context, ids)  # the clean stream is clean
+    assert torch.equal(views.noisy, block_one_step_views(ids, steps > 0).noisy)
+
+
+def test_d1_block_tokens_see_clean_earlier_blocks_and_nothing_of_their_own_block():
+    """Changing one response token of block b changes the d1 log-probs of later blocks (they read it
+    clean) and of no other token of blocks <= b (block b is read fully masked)."""
+    model, roll = _rollout(n=1)
+    M, B = roll.mask_token_id, roll.block_size
+    prompt = len(roll.prompt_ids[0])
+    ids = torch.tensor(roll.prompt_ids[0] + roll.response_ids[0])
+    steps = torch.tensor([0] * prompt + roll.step_map[0])
+    spec = ObjectiveSpec("diffu_grpo")
+    j = ((prompt + B - 1) // B) * B  # the first position of the first block that holds only response tokens
+    assert j + B < len(ids)  # a later block exists
+    other = ids.clone()
+    other[j] = (int(other[j]) + 1) % M
+    with torch.no_grad():
+        a, b = (rounds_logp(model, [v.context], [v.noisy], [v.targets], M, B, labels=[ids])
+                for v in (objective_views(spec, x, steps, B, M) for x in (ids, other)))
+    same = a.position // B <= j // B
+    assert torch.equal(a.position, b.position)
+    assert torch.equal(a.logp[same], b.logp[same])
+    assert not torch.equal(a.logp[~same], b.logp[~same])

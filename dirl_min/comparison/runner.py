@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dirl_min.settings.config import Config, EvalConfig, SettingsError, parse_config
-from dirl_min.core.estimates import OBJECTIVES  # the rl.objective values, in the order the table lists them
+from dirl_min.core.estimates import OBJECTIVES, RECORDS  # the compared rl.objective values, in the table's order
 from dirl_min.evaluation.benchmarks import load_benchmarks
 from dirl_min.evaluation.responses import load_eval_model
 from dirl_min.infra.errors import DirlError, EvalError
@@ -33,7 +33,7 @@ from dirl_min.evaluation.run import SAMPLES_FILE, finalize, prepare, read_record
 from dirl_min.settings.runs import OUTPUTS, config_differences
 from dirl_min.settings.checks import validate
 
-__all__ = ["OBJECTIVES", "TIME_FIELDS", "RUN_EVAL", "CompareError", "Tools", "Run", "plan_runs", "plan_actions",
+__all__ = ["OBJECTIVES", "RECORDS", "RECIPES", "recipe_argv", "TIME_FIELDS", "RUN_EVAL", "CompareError", "Tools", "Run", "plan_runs", "plan_actions",
            "execute", "checkpoints_of", "eval_argv", "evaluate_checkpoint", "rl_rows", "curve"]
 
 #: the per-step seconds of an RL row whose sum is a step's training time
@@ -47,6 +47,20 @@ RUN_EVAL = [x for k, v in {**dataclasses.asdict(EvalConfig()), "samples": 1, "ma
 #: every checkpoint is evaluated
 RESERVED = ("run.out", "run.seed", "run.stages", "run.resume", "run.overwrite", "run.save_every", "run.log_every",
             "run.keep_checkpoints", "rl.objective")
+
+
+#: ``--recipe``: shared = one set of optimisation settings for every objective (isolates the
+#: likelihood estimate); release = each objective with its release's clip, KL and its reference,
+#: advantage scaling, loss mean, group filter and passes (its record's ``release``; docs/method.md §4.7)
+RECIPES = ("shared", "release")
+
+
+def recipe_argv(objective: str, recipe: str) -> list[str]:
+    """The settings ``recipe`` gives ``objective``'s runs, before the given ones (which override them)."""
+    if recipe == "shared":
+        return []
+    return [x for k, v in RECORDS[objective].release.items()
+            for x in (f"--{k}", str(v).lower() if isinstance(v, bool) else str(v))]
 
 
 class CompareError(DirlError, ValueError):
@@ -98,13 +112,17 @@ def check_settings(settings: list[str]) -> Config:
     return cfg
 
 
-def plan_runs(out: Path, settings: list[str], objectives: list[str], seeds: list[int], cfg: Config) -> list[Run]:
-    """The SFT run, then one RL run per (objective, seed), in that order."""
+def plan_runs(out: Path, settings: list[str], objectives: list[str], seeds: list[int], cfg: Config,
+              recipe: str = "shared") -> list[Run]:
+    """The SFT run, then one RL run per (objective, seed), in that order; each RL run gets
+    :func:`recipe_argv` before the given settings (checked here: :class:`CompareError`)."""
+    for o in objectives:
+        check_settings([*recipe_argv(o, recipe), *settings])
     sft = Run("sft", out / "sft", (*settings, "--run.stages", "[sft]", *RUN_EVAL))
     start = str(out / "sft" / "checkpoints" / "sft-final")
     every = max(1, cfg.rl.steps // 4)
     rl = [Run(f"{o}/seed-{s}", out / o / f"seed-{s}",
-              (*settings, "--run.stages", "[rl]", "--rl.objective", o, "--run.seed", str(s), "--model.path", start,
+              (*recipe_argv(o, recipe), *settings, "--run.stages", "[rl]", "--rl.objective", o, "--run.seed", str(s), "--model.path", start,
                "--run.save_every", str(every), "--run.log_every", "1", *RUN_EVAL), "sft", o, s)
           for o in objectives for s in seeds]
     return [sft, *rl]

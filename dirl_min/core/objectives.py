@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_advantages", "filter_groups", "GROUP_FILTERS", "dipo_loss", "clipped_loss", "LOSS_MEANS", "loss_weights"]
+__all__ = ["group_advantages", "filter_groups", "GROUP_FILTERS", "ACCURACY_BAND", "dipo_loss", "clipped_loss",
+           "LOSS_MEANS", "loss_weights"]
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6) -> torch.Tensor:
-    """Group-normalised advantages ``(r - mean_G) / (std_G + eps)`` (population std).
+def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6, scale: bool = True) -> torch.Tensor:
+    """Group advantages ``(r - mean_G) / (std_G + eps)`` (population std; ``rl.scale_advantages``),
+    or ``r - mean_G`` with ``scale=False`` (d1 and DiffuCoder, which do not divide by the std).
 
     Args:
         rewards: float ``[num_groups · G]``, groups contiguous.
@@ -22,12 +24,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-
     std = r.std(dim=1, keepdim=True, unbiased=False)
     # "all equal" is tested directly: a rounded mean would leave std ≈ 1e-17, not 0
     spread = ~(r == r[:, :1]).all(dim=1, keepdim=True)
-    adv = torch.where(spread, (r - mean) / (std + eps), torch.zeros_like(r))
+    adv = torch.where(spread, (r - mean) / (std + eps) if scale else r - mean, torch.zeros_like(r))
     return adv.view(-1).float()
 
 
 #: ``rl.group_filter`` rules of :func:`filter_groups`.
-GROUP_FILTERS = ("reward_std", "accuracy")
+GROUP_FILTERS = ("reward_std", "accuracy", "accuracy_band", "none")
+#: ``accuracy_band`` keeps groups whose accuracy lies in this closed range (TraceRL's reward/rl_reward.py)
+ACCURACY_BAND = (0.2, 0.8)
 
 
 def filter_groups(rewards: torch.Tensor, group_size: int, *, correct: torch.Tensor | None = None,
@@ -38,13 +42,16 @@ def filter_groups(rewards: torch.Tensor, group_size: int, *, correct: torch.Tens
     whose rewards are not all equal, i.e. whose :func:`group_advantages` are not all zero.
     With the speed reward an all-correct group whose responses decoded at different speeds
     is kept: speed is all it can teach. ``accuracy`` (DAPO): keep groups whose accuracy is
-    neither all 0 nor all 1. The two agree when the reward is accuracy alone.
+    neither all 0 nor all 1. The two agree when the reward is accuracy alone. ``accuracy_band``
+    (TraceRL): keep groups whose accuracy is in :data:`ACCURACY_BAND`. ``none`` (d1, DiffuCoder):
+    keep every group (one whose rewards are all equal has zero advantages: it only adds to the
+    loss's denominator).
 
     Args:
         rewards: float ``[num_groups · G]``, groups contiguous.
         group_size: G.
         correct: float/bool ``[num_groups · G]`` (1 = correct), same order; needed by ``accuracy``.
-        rule: ``reward_std`` or ``accuracy``.
+        rule: one of :data:`GROUP_FILTERS`.
 
     Returns:
         bool ``[num_groups]``.
@@ -52,18 +59,23 @@ def filter_groups(rewards: torch.Tensor, group_size: int, *, correct: torch.Tens
     if rule == "reward_std":
         r = torch.as_tensor(rewards, dtype=torch.float64).view(-1, group_size)
         return ~(r == r[:, :1]).all(dim=1)  # the same "all equal" test as group_advantages
-    if rule == "accuracy":
+    if rule == "none":
+        return torch.ones(torch.as_tensor(rewards).numel() // group_size, dtype=torch.bool)
+    if rule in ("accuracy", "accuracy_band"):
         if correct is None:
-            raise ValueError("filter_groups(rule='accuracy') needs correct (0/1 per response)")
+            raise ValueError(f"filter_groups(rule={rule!r}) needs correct (0/1 per response)")
+        if rule == "accuracy_band":  # in float64, as TraceRL's Python floats: 4/5 is then exactly 0.8
+            acc = torch.as_tensor(correct, dtype=torch.float64).view(-1, group_size).mean(dim=1)
+            return (acc >= ACCURACY_BAND[0]) & (acc <= ACCURACY_BAND[1])
         acc = torch.as_tensor(correct, dtype=torch.float32).view(-1, group_size).mean(dim=1)
         return (acc > 0) & (acc < 1)
     raise ValueError(f"rl.group_filter must be one of {GROUP_FILTERS}, not {rule!r}")
 
 
-#: how each objective's loss averages over tokens: ``token`` = over all response tokens of the
-#: step (DAPO / DiRL / TraceRL), ``sequence`` = within each response, then over responses (GRPO:
-#: d1 eq. 3, DiffuCoder's coupled-GRPO).
-LOSS_MEANS = {"dipo": "token", "tracerl": "token", "diffu_grpo": "sequence", "coupled_grpo": "sequence"}
+#: ``rl.loss_mean`` values: ``token`` = over all response tokens of the step (DAPO / DiRL, and
+#: d1's and DiffuCoder's code: the micro-batch's token mean), ``sequence`` = within each response,
+#: then over responses (GRPO's paper form; TraceRL's code with one response per micro-batch)
+LOSS_MEANS = ("token", "sequence")
 
 
 def loss_weights(resp: torch.Tensor, lengths: torch.Tensor, mean: str, *, num_tokens: float,

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec, Views, objective_views, view_seed
+from dirl_min.core.estimates import ObjectiveSpec, Views, objective_views, record, view_seed
 from dirl_min.core.rounds import LayoutBatch, build_layout, round_queries, step_rounds
 from dirl_min.model.forward import SelectedLogits, attention_backend, layout_attention_mask, layout_logp_entropy
 from dirl_min.infra.sharding import fsdp_states
@@ -120,7 +120,7 @@ def rollout_views(rollout, i: int, spec: ObjectiveSpec, iteration: int = 0) -> t
     x0 = torch.tensor(rollout.prompt_ids[i] + rollout.response_ids[i], dtype=torch.long)
     full_steps = torch.tensor([0] * len(rollout.prompt_ids[i]) + rollout.step_map[i], dtype=torch.long)
     gen = None
-    if spec.name in RANDOM_VIEWS:
+    if record(spec.name).random:
         gen = torch.Generator().manual_seed(view_seed(rollout.seeds[i], iteration))
     return objective_views(spec, x0, full_steps, rollout.block_size, rollout.mask_token_id, gen), x0
 

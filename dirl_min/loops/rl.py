@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from dirl_min.core.estimates import RANDOM_VIEWS, ObjectiveSpec
+from dirl_min.core.estimates import record, spec_of
 from dirl_min.core.objectives import filter_groups, group_advantages
 from dirl_min.infra.data_parallel import all_ranks, backward_micro, equal_micro_batches
 from dirl_min.engine.rollouts import rollout_and_reward
@@ -58,7 +58,8 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
 
     Returns:
         ``(kept, rolls, n_kept)``: this process's kept groups as (rollout, response indices,
-        advantages [G]); its (rollout, rewards, correct) per round; the kept count over all processes.
+        advantages [G], the group's place among all processes' kept groups); its (rollout, rewards,
+        correct) per round; the kept count over all processes.
     """
     world, rank, G, P = accel.num_processes, accel.process_index, cfg.rl.group_size, cfg.rl.prompts_per_step
     kept, rolls, n_kept = [], [], 0
@@ -68,13 +69,13 @@ def _sample_groups(cfg, accel, wrapped, tok, sampler, gen, engine, times):
         roll, rewards, correct = _roll_out(cfg, accel, wrapped, tok, chosen, gen, engine, times)
         rolls.append((roll, rewards, correct))
         # 2. rewards and advantages: adv [n·G]; the filter's verdict per group, gathered in round order
-        adv = group_advantages(rewards, G)
+        adv = group_advantages(rewards, G, scale=cfg.rl.scale_advantages)
         keep = filter_groups(rewards, G, correct=correct, rule=cfg.rl.group_filter)
         mixed = all_ranks(accel, keep.tolist())  # per process, its groups in order
         for g in [g for g in range(len(chosen)) if mixed[g % world][g // world]][: P - n_kept]:
             if g % world == rank:
                 i = g // world
-                kept.append((roll, list(range(i * G, (i + 1) * G)), adv[i * G:(i + 1) * G]))
+                kept.append((roll, list(range(i * G, (i + 1) * G)), adv[i * G:(i + 1) * G], n_kept))
             n_kept += 1
         if n_kept >= P:
             break
@@ -102,8 +103,8 @@ def _micro_batches(cfg, accel, kept, rolls):
     the step's response tokens and responses over all processes; this process's real micro-batches."""
     micro = []
     for roll in {id(k[0]): k[0] for k in kept}.values():
-        idx = [i for r, ids, _ in kept if r is roll for i in ids]
-        adv = torch.cat([a for r, _, a in kept if r is roll])
+        idx = [i for r, ids, *_ in kept if r is roll for i in ids]
+        adv = torch.cat([a for r, _, a, *_ in kept if r is roll])
         size = cfg.rl.micro_batch or len(idx)
         micro += [(roll, idx[s:s + size], adv[s:s + size]) for s in range(0, len(idx), size)]
     counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx), len(micro),
@@ -114,10 +115,6 @@ def _micro_batches(cfg, accel, kept, rolls):
     filler = (last, [max(range(len(last)), key=lambda i: len(last.response_ids[i]))], torch.zeros(1))
     micro = equal_micro_batches(micro, max(c[1] for c in counts), filler)
     return micro, (n_tok, n_seq), sum(m[3] for m in micro)
-
-
-def _spec(cfg) -> ObjectiveSpec:
-    return ObjectiveSpec(cfg.rl.objective, cfg.rl.trace_shrinkage, cfg.rl.prompt_mask_prob)
 
 
 def _score_and_backward(cfg, accel, wrapped, micro, totals, n_real, ref_model, logp_old, it, times):
@@ -131,8 +128,8 @@ def _score_and_backward(cfg, accel, wrapped, micro, totals, n_real, ref_model, l
         t_score = time.perf_counter()
         loss, stats_k, logp = policy_step(
             wrapped, roll, idx, adv, num_tokens=totals[0], num_sequences=totals[1], eps_low=cfg.rl.eps_low,
-            eps_high=cfg.rl.eps_high, beta=cfg.rl.beta, ref_model=ref_model, logp_old=logp_old[k], spec=_spec(cfg),
-            iteration=it)
+            eps_high=cfg.rl.eps_high, beta=cfg.rl.beta, ref_model=ref_model, logp_old=logp_old[k], spec=spec_of(cfg.rl),
+            iteration=it, loss_mean=cfg.rl.loss_mean, kl_to_old=cfg.rl.kl_reference == "old")
         times["scoring"] += time.perf_counter() - t_score
         if it == 0 and cfg.rl.num_iterations > 1 and logp_old[k] is None:
             logp_old[k] = logp  # the sampling policy's log-probs, computed once and reused
@@ -149,7 +146,8 @@ def _fresh_logp_old(cfg, wrapped, micro, totals, it):
     under its own views, from the sampling policy: before the first update (d1's practice)."""
     with torch.no_grad():
         return [policy_step(wrapped, roll, idx, adv, num_tokens=totals[0], num_sequences=totals[1],
-                            eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high, spec=_spec(cfg), iteration=it)[2]
+                            eps_low=cfg.rl.eps_low, eps_high=cfg.rl.eps_high, spec=spec_of(cfg.rl), iteration=it,
+                            loss_mean=cfg.rl.loss_mean)[2]
                 for roll, idx, adv, _ in micro]
 
 
@@ -157,7 +155,7 @@ def _update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n
     """``rl.num_iterations`` optimizer steps on the step's micro-batches, then one scheduler step.
 
     Returns the row's ``lr`` (of these updates), ``loss``, ``grad_norm`` and stats (last pass)."""
-    fresh = cfg.rl.num_iterations > 1 and cfg.rl.objective in RANDOM_VIEWS
+    fresh = cfg.rl.num_iterations > 1 and record(cfg.rl.objective).random
     if fresh:  # one list per pass, read before any update
         olds = [_fresh_logp_old(cfg, wrapped, micro, totals, it) for it in range(cfg.rl.num_iterations)]
     else:  # one list, filled by the first pass and reused by the later ones
@@ -179,6 +177,13 @@ def _update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n
     return {"lr": lr, "loss": loss_total, "grad_norm": float(gnorm), "score_copies": copies, **stats}
 
 
+def _sync_reference(ref_model, wrapped) -> None:
+    """Copy the policy's weights into the KL reference (d1's and DiffuCoder's ``ref_model_sync_steps``)."""
+    with torch.no_grad(), full_parameters(wrapped):
+        for ref, p in zip(ref_model.parameters(), unwrap(wrapped).parameters()):
+            ref.copy_(p.detach().to(ref.dtype))
+
+
 def _setup(cfg, accel, policy, problems, state):
     """Optimizer, scheduler (DiRL: warm-up, then constant), wrapped model, reference model (β > 0),
     sampling generator and prompt sampler — resumed from ``state`` when it is an RL checkpoint's.
@@ -188,7 +193,7 @@ def _setup(cfg, accel, policy, problems, state):
     sched = make_scheduler(opt, cfg.rl.warmup_steps, cfg.rl.steps, 1.0)
     wrapped, opt = accel.prepare(SelectedLogits(policy), opt)
     ref_model = None
-    if cfg.rl.beta > 0:
+    if cfg.rl.beta > 0 and cfg.rl.kl_reference == "initial":
         ref_model = copy.deepcopy(unwrap(policy)).eval().requires_grad_(False)
     start = 0
     gen = torch.Generator().manual_seed(cfg.run.seed + 3)
@@ -224,11 +229,19 @@ def run_rl(cfg, accel, policy, tok, problems, log, state, progress, stop=None):
             engine.release()  # the update gets the rollout's GPU memory
         row = _rollout_metrics(accel, rolls, n_kept, cfg.rl.prompts_per_step)
         t = time.perf_counter()
-        # 3. score, 4. update: on micro-batches of the kept responses
-        micro, totals, n_real = _micro_batches(cfg, accel, kept, rolls)
+        # 3. score, 4. update: on micro-batches of the kept responses, in rl.updates_per_pass shares
         row["score_copies"] = 0.0  # no group kept: nothing scored, no update
-        if totals[0] > 0:
-            row.update(_update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n_real, times, step))
+        # share u: the kept groups whose place among all processes' is u mod U (the same shares on any world size)
+        U = cfg.rl.updates_per_pass
+        for share in ([k for k in kept if k[3] % U == u] for u in range(U)):
+            micro, totals, n_real = _micro_batches(cfg, accel, share, rolls)
+            if totals[0] > 0:
+                done = row["score_copies"]
+                row.update(_update(cfg, accel, wrapped, opt, sched, params, ref_model, micro, totals, n_real, times,
+                                   step))
+                row["score_copies"] += done
+        if ref_model is not None and cfg.rl.ref_sync_every and (step + 1) % cfg.rl.ref_sync_every == 0:
+            _sync_reference(ref_model, wrapped)
         times["update"] = time.perf_counter() - t - times["scoring"]  # backward + optimizer
         row.update({f"time_{k}": v for k, v in times.items()})
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kept=f"{row['kept_fraction']:.2f}")

@@ -1,9 +1,8 @@
 """One typed configuration for the whole pipeline: dataclasses, YAML files, dotted overrides.
 
-``python -m dirl_min.train --help`` lists every setting below with its meaning and
-default. Precedence: defaults < ``--config FILE.yaml`` < ``--section.name VALUE``.
-The other commands' settings (:mod:`dirl_min.settings.commands`) are parsed by the same
-:func:`parse_config`, each from its own dataclass of sections and table of short flags.
+``python -m dirl_min.train --help`` lists every setting below with its meaning and default. Precedence:
+defaults < ``--config FILE.yaml`` < ``--section.name VALUE``. The other commands' settings
+(:mod:`dirl_min.settings.commands`) are parsed by the same :func:`parse_config`.
 
 The block size and mask id are *not* settings here: they belong to the model
 (``config.json``), the single source of truth. ``model.block_size`` only builds the
@@ -16,6 +15,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +23,8 @@ import yaml
 
 from dirl_min.data.tasks import PLAIN_TEMPLATE
 from dirl_min.infra.errors import SettingsError
-from dirl_min.core.estimates import OBJECTIVES
-from dirl_min.core.objectives import GROUP_FILTERS
+from dirl_min.core.estimates import RECORDS
+from dirl_min.core.objectives import GROUP_FILTERS, LOSS_MEANS
 from dirl_min.core.unmask import STRATEGIES
 from dirl_min.data.tasks import RESPONSE_STYLES
 from dirl_min.settings.rules import (Check, at_least, betas, get_setting, levels, number, one_of, reward_weights,
@@ -43,6 +43,13 @@ def _f(default, help: str, *, rule: Check | None = None, hidden: bool = False):
 #: the parameter dtypes a command takes (auto: bfloat16 on GPU, float32 on CPU)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+
+
+def param_rule(setting: str) -> Check:
+    """The rule an objective's record declares for one of its parameters (:class:`~dirl_min.core.estimates.Param`)."""
+    p = next(p for o in RECORDS.values() for p in o.params if p.setting == setting)
+    return at_least(int(p.lo), p.why) if p.integer else number(p.lo, math.inf if p.hi is None else p.hi,
+                                                                hi_open=True, why=p.why)
 
 @dataclass
 class ModelConfig:
@@ -123,7 +130,7 @@ class RLConfig:
                           rule=at_least(0, "0 = all kept responses at once"))
     sampling_rounds: int = _f(1, "dynamic sampling: at most this many rounds of prompts to fill the batch with mixed groups",
                               rule=at_least(1))
-    group_filter: str = _f("reward_std", "dynamic sampling keeps groups whose rewards differ (reward_std, DiRL) or whose accuracy is neither all 0 nor all 1 (accuracy, DAPO); the same with accuracy-only rewards",
+    group_filter: str = _f("reward_std", "dynamic sampling keeps groups whose rewards differ (reward_std, DiRL) or whose accuracy is neither all 0 nor all 1 (accuracy, DAPO; the same with accuracy-only rewards), whose accuracy is in [0.2, 0.8] (accuracy_band, TraceRL), or every group (none)",
                            rule=one_of(*GROUP_FILTERS))
     rewards: dict = _f({"accuracy": 1.0}, "named rewards and weights: accuracy, speed, format, boxed, repetition, overlength, cosine",
                        rule=reward_weights())
@@ -133,12 +140,22 @@ class RLConfig:
     top_p: float = _f(1.0, "rollout top-p", rule=number(0, 1, lo_open=True))
     max_new_tokens: int = _f(16, "rollout length limit (whole blocks)", rule=at_least(1))
     reward_workers: int = _f(0, "processes for reward computation (0 = in-process)", rule=at_least(0))
-    objective: str = _f("dipo", "how the update reads each response's log-probabilities: dipo = every token in the context it was decoded in (DiRL); tracerl = rl.trace_shrinkage decoding steps merged per round (TraceRL); diffu_grpo = one forward, whole response masked, prompt masked at rl.prompt_mask_prob (d1); coupled_grpo = two complementary random masks of the response (DiffuCoder)",
-                        rule=one_of(*OBJECTIVES))
-    trace_shrinkage: int = _f(2, "tracerl: consecutive decoding steps merged into one training round (TraceRL's s; 1 = dipo exactly)",
-                              rule=at_least(1, "1 = the exact trace"))
-    prompt_mask_prob: float = _f(0.15, "diffu_grpo: probability of masking each prompt token, drawn afresh for every pass (d1: 0.15)",
-                                 rule=number(0.0, 1.0, hi_open=True))
+    objective: str = _f("dipo", "how the update reads each response's log-probabilities: dipo = every token in the context it was decoded in (DiRL); tracerl = rl.trace_shrinkage decoding steps merged per round (TraceRL; 1, what it runs on block models, reads as dipo, 2 is the shrinkage ablation); diffu_grpo = one copy, each block fully masked given the clean prompt and clean earlier blocks (d1 on a block model); coupled_grpo = two complementary random masks of the response (DiffuCoder); diffu_grpo_masked_context = ablation: d1's view with the response and rl.prompt_mask_prob of the prompt masked in the clean stream too (the old port)",
+                        rule=one_of(*RECORDS))
+    trace_shrinkage: int = _f(1, "tracerl: consecutive decoding steps merged into one training round (TraceRL's s; 1 = dipo exactly and TraceRL's setting on block models; 2 = the shrinkage ablation)",
+                              rule=param_rule("rl.trace_shrinkage"))
+    prompt_mask_prob: float = _f(0.15, "diffu_grpo_masked_context: probability of masking each prompt token, drawn afresh for every pass (d1: 0.15)",
+                                 rule=param_rule("rl.prompt_mask_prob"))
+    loss_mean: str = _f("token", "how the clipped loss averages: token = over all response tokens of the step (DAPO, DiRL; d1 and DiffuCoder per micro-batch); sequence = within each response, then over responses (TraceRL)",
+                        rule=one_of(*LOSS_MEANS))
+    scale_advantages: bool = _f(True, "divide each group's r - mean by its std (DiRL, TraceRL); false = r - mean (d1, DiffuCoder)",
+                                rule=Check(lambda v: isinstance(v, bool), "true or false"))
+    kl_reference: str = _f("initial", "the policy the k3 KL (rl.beta > 0) is taken to: initial = a frozen copy of the starting model (refreshed every rl.ref_sync_every steps); old = the sampling policy of the step (TraceRL)",
+                           rule=one_of("initial", "old"))
+    ref_sync_every: int = _f(0, "kl_reference initial: copy the policy into the reference every N steps (0 = never; d1, DiffuCoder: 64)",
+                             rule=at_least(0, "0 = never"))
+    updates_per_pass: int = _f(1, "optimizer steps per pass over a step's kept responses, each on an equal share of its micro-batches (TraceRL: several)",
+                               rule=at_least(1))
     rollout_backend: str = _f("native", "native = dirl_min's KV-cached decoder on the trained module; lmdeploy = LMDeploy's PyTorch engine (CUDA, lmdeploy 0.18; weights synced in memory each step)",
                               rule=one_of("native", "lmdeploy"))
 
