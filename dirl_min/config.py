@@ -56,8 +56,8 @@ class DataConfig:
     rl_data: str = _f("", "RL file (question + ground_truth_answer); empty = the embedded task's training split")
     eval_data: str = _f("", "evaluation file (question + ground_truth_answer); empty = the embedded held-out split")
     task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'")
-    task_max_operand: int = _f(20, "embedded task: operands run over 0..N")
-    held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together)")
+    task_max_operand: int = _f(30, "embedded task: operands run over 0..N (30: 1922 problems; see held_out)")
+    held_out: int = _f(400, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together). 400 makes the paired RL − SFT interval about ±2 points wide (measured: seed 0 +8.0 [+5.8, +10.0]; 88 problems gave about ±5)")
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
     prompt_template: str = _f("{question}", "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
     response_style: str = _f("answer", "embedded task SFT responses: answer = '\\boxed{7}'; worked = '3 + 4 = 7. \\boxed{7}' (longer, mostly predictable: room for faster decoding)")
@@ -66,7 +66,7 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = _f(2200, "optimizer steps (0 = skip SFT)")
+    steps: int = _f(4000, "optimizer steps (0 = skip SFT). On the default task (seed 0, 1 thread) 2200 steps gave SFT avg@16 14.9% and RL − SFT −2.6 to +3.2; 4000 gave 62.5% and +8.0")
     batch_size: int = _f(32, "examples per optimizer step (across processes and accumulation)")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(3e-3, "peak learning rate")
@@ -76,7 +76,7 @@ class SFTConfig:
     betas: list = _f([0.9, 0.98], "AdamW betas")
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)")
     t_min: float = _f(0.1, "lowest noise level t; the spec draws t from (0, 1]. Kept at 0.1: on the default (seed 0, "
-                                 "2200 steps) t_min 0 gave SFT avg@16 27.3%, greedy 23.9%; t_min 0.1 gave 42.8%, 62.5% "
+                                 "then operands 0..20, 2200 steps) t_min 0 gave SFT avg@16 27.3%, greedy 23.9%; t_min 0.1 gave 42.8%, 62.5% "
                                  "(the 1/p weights of small t make the gradient noisy)")
     eps: float = _f(1e-3, "mask probability floor: p = (1-eps) t + eps")
     max_seq_len: int = _f(2048, "examples longer than this (tokens) are skipped and counted")

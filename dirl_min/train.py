@@ -93,16 +93,19 @@ def _fitting_prompts(problems, tok, template, limit, what):
     return kept
 
 
-def run_eval(cfg, accel, model, tok, problems, name, seed_offset):
+def run_eval(cfg, accel, model, tok, problems, name):
     """Evaluation on every process: problems sharded, parameters gathered once (FSDP2), the
-    results gathered, so each process returns the 1-process numbers."""
+    results gathered, so each process returns the 1-process numbers.
+
+    Every stage is sampled with the same seed, so the paired RL − SFT difference is paired in
+    its samples as well as its problems (a model that did not change scores the same)."""
     from accelerate.utils import gather_object
 
     with full_parameters(model):
         return evaluate(
             _unwrap(model), tok, problems, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
             top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
-            decode_cfg=cfg.decode, prompt_template=cfg.data.prompt_template, seed=cfg.run.seed * 1000 + seed_offset,
+            decode_cfg=cfg.decode, prompt_template=cfg.data.prompt_template, seed=cfg.run.seed * 1000,
             batch_size=cfg.eval.batch_size, rank=accel.process_index, world=accel.num_processes, gather=gather_object,
         )
 
@@ -153,7 +156,7 @@ def main(argv=None) -> dict:
 
     done = set(state.get("done", []))
     if "base" not in summary:
-        summary["base"] = run_eval(cfg, accel, model, tok, eval_problems, "base", 0)
+        summary["base"] = run_eval(cfg, accel, model, tok, eval_problems, "base")
         if accel.is_main_process:
             print(f"base: {json.dumps({k: v for k, v in summary['base'].items() if k != 'per_problem'})}", file=sys.stderr)
     stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress),
@@ -169,7 +172,7 @@ def main(argv=None) -> dict:
             checkpoints.save(f"{stage}-{ck_state['step']:06d}", {**ck_state, "done": sorted(done)})
         done.add(stage)
         summary[f"{stage}_seconds"] = summary.get(f"{stage}_seconds", 0.0) + time.perf_counter() - t0
-        summary[stage] = run_eval(cfg, accel, model, tok, eval_problems, stage, len(done))
+        summary[stage] = run_eval(cfg, accel, model, tok, eval_problems, stage)
         if accel.is_main_process:
             print(f"{stage}: {json.dumps({k: v for k, v in summary[stage].items() if k != 'per_problem'})}", file=sys.stderr)
         checkpoints.save(f"{stage}-final", {"stage": f"{stage}-done", "step": steps, "done": sorted(done)})

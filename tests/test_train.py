@@ -194,13 +194,18 @@ def test_bad_sft_messages_get_a_clear_message(tmp_path):
         tasks.load_sft(f, tok)
 
 
-def test_embedded_split_is_disjoint_and_seeded():
-    probs = tasks.arithmetic_problems()
-    train, test = tasks.split_problems(probs, 88, seed=0)
-    assert len(test) == 88 and len(train) + len(test) == len(probs) == 882
+def test_default_split_is_large_disjoint_family_preserving_and_seeded():
+    """The main job's held-out set: at least 400 problems (a paired RL − SFT interval of about
+    ±2.5 points), exactly ``data.held_out`` of them, no question or operand pair also in training."""
+    d = Config().data
+    probs = tasks.arithmetic_problems(d.task_max_operand, tuple(d.task_levels))
+    train, test = tasks.split_problems(probs, d.held_out, seed=d.split_seed)
+    assert len(test) == d.held_out >= 400 and len(train) + len(test) == len(probs)
     assert not {p.question for p in train} & {p.question for p in test}
-    assert tasks.split_problems(probs, 88, seed=0)[1] == test
-    assert tasks.split_problems(probs, 88, seed=1)[1] != test
+    assert not {_operands(p.question) for p in train} & {_operands(p.question) for p in test}
+    assert {p.level for p in test} == set(d.task_levels)  # every kind of question is evaluated
+    assert tasks.split_problems(probs, d.held_out, seed=d.split_seed)[1] == test
+    assert tasks.split_problems(probs, d.held_out, seed=d.split_seed + 1)[1] != test
 
 
 def _operands(question: str) -> tuple[int, ...]:
