@@ -17,12 +17,12 @@
 #
 # `dirl_min.train.main(argv)` is the whole job — evaluate the base model, random-masking SFT (notebook
 # 01), evaluate, DiPO (notebooks 02–03), evaluate — and returns the summary dict. The embedded task is
-# arithmetic (`What is a + b?`, `What is a - b?`, operands 0..20, 88 problems held out for
+# arithmetic (`What is a + b?`, `What is a - b?`, operands 0..30, 400 problems held out for
 # evaluation); the model is the tiny Qwen3 from scratch, so it has to learn the answer format and the
 # arithmetic itself.
 #
 # Here it runs with small step counts to finish in well under a minute on a busy 2-core CPU. The full
-# default, `python -m dirl_min.train` (2200 SFT steps and 600 DiPO steps), takes several minutes.
+# default, `python -m dirl_min.train` (4000 SFT steps and 600 DiPO steps), takes several minutes.
 
 # %%
 import pathlib
@@ -46,9 +46,9 @@ transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" b
 
 RUN = pathlib.Path("runs") / "notebook04"  # relative to the notebook's folder (ignored by git)
 argv = [
-    "--sft.steps", "150", "--sft.batch_size", "16",            # default 2200 × 32
+    "--sft.steps", "150", "--sft.batch_size", "16",            # default 4000 × 32
     "--rl.steps", "20", "--rl.prompts_per_step", "8",          # default 600 × 16 (G = 8 responses each)
-    "--eval.max_problems", "24", "--eval.samples", "4",        # default 88 × 16
+    "--eval.max_problems", "24", "--eval.samples", "4",        # default 400 × 16
     "--run.log_every", "2", "--run.threads", "1", "--run.out", str(RUN),
     "--overwrite",                                             # running the notebook again replaces its run
 ]

@@ -546,3 +546,19 @@ def test_with_accuracy_rewards_both_group_filters_train_identically(tmp_path, mo
     kept = [[json.loads(l)["kept_fraction"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
             for r in ("reward_std", "accuracy")]
     assert kept[0] == kept[1] and max(kept[0]) > 0  # some groups were trained on
+
+
+def test_every_stage_is_evaluated_on_the_same_samples(tmp_path):
+    """RL − SFT is paired in its samples too: an RL stage that leaves the weights unchanged
+    (a learning rate far below float32 resolution) scores exactly what SFT scored, sample for sample."""
+    from dirl_min import train
+    from dirl_min.model import load_model
+
+    out = tmp_path / "run"
+    summary = train.main(_tiny_run_args(out, "--rl.lr", "1e-20", "--eval.max_problems", "6", "--eval.samples", "4"))
+    sft = load_model(out / "checkpoints" / "sft-final" / "model")[0].state_dict()
+    rl = _final_params(out)
+    assert all(torch.equal(sft[k], rl[k]) for k in sft)  # the premise: RL changed nothing
+    for key in ("per_problem", "tokens_per_step", "mean_length", "truncation_rate"):
+        assert summary["rl"][key] == summary["sft"][key], key
+    assert summary["rl_minus_sft"]["mean"] == 0.0

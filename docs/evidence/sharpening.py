@@ -13,6 +13,7 @@ over tokens; ``nll`` is the mean −log p of the sampled tokens (the decoder's r
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,11 +46,11 @@ def response_entropy(model, rollout, batch: int = 64) -> tuple[float, float]:
     return ent_sum / count, nll_sum / count
 
 
-def measure(run: Path) -> dict:
+def measure(run: Path, limit: int | None = None) -> dict:
     saved = json.loads((run / "config.json").read_text())
     d, e = saved["data"], saved["eval"]
     problems = tasks.arithmetic_problems(d["task_max_operand"], tuple(d["task_levels"]))
-    held = tasks.split_problems(problems, d["held_out"], d["split_seed"])[1]
+    held = tasks.split_problems(problems, d["held_out"], d["split_seed"])[1][:limit]
     decode = parse_config([]).decode
     for k, v in saved["decode"].items():
         setattr(decode, k, v)
@@ -74,4 +75,5 @@ def measure(run: Path) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(2)
-    print(json.dumps([measure(Path(r)) for r in sys.argv[1:]], indent=1))
+    limit = int(os.environ["LIMIT"]) if os.environ.get("LIMIT") else None  # fewer problems, for a quick look
+    print(json.dumps([measure(Path(r), limit) for r in sys.argv[1:]], indent=1))
