@@ -57,7 +57,7 @@ class DataConfig:
     eval_data: str = _f("", "evaluation file (question + ground_truth_answer); empty = the embedded held-out split")
     task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'")
     task_max_operand: int = _f(30, "embedded task: operands run over 0..N (30: 1922 problems; see held_out)")
-    held_out: int = _f(400, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together). 400 makes the paired RL − SFT interval about ±2 points wide (measured: seed 0 +8.0 [+5.8, +10.0]; 88 problems gave about ±5)")
+    held_out: int = _f(400, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together). 400 makes the paired RL − SFT interval 2.0–2.9 points wide each side (measured on seeds 0–4: RL − SFT +2.9 to +6.4, each interval above zero, +4.9 [+3.1, +6.7] across seeds; the earlier 88 gave about ±5)")
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
     prompt_template: str = _f("{question}", "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')")
     response_style: str = _f("answer", "embedded task SFT responses: answer = '\\boxed{7}'; worked = '3 + 4 = 7. \\boxed{7}' (longer, mostly predictable: room for faster decoding)")

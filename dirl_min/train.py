@@ -1,6 +1,6 @@
 """The main job: evaluate the base model, SFT, evaluate, DiPO, evaluate, print a table.
 
-    python -m dirl_min.train                      # the embedded default (tiny model, CPU, < 10 min)
+    python -m dirl_min.train                      # the embedded default (tiny model, CPU: 7 min on 2 free cores)
     python -m dirl_min.train --help               # every setting, its meaning and default
     python -m dirl_min.train --config configs/sdar-8b-dirl.yaml --model.path /ckpt/SDAR-8B-Chat
     accelerate launch --num_processes 8 -m dirl_min.train --config ...
