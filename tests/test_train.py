@@ -168,7 +168,7 @@ def test_help_lists_every_setting_with_its_default(capsys):
     out = capsys.readouterr().out
     for name in ("--sft.steps", "--rl.group_size", "--decode.threshold", "--run.out", "--model.path"):
         assert name in out
-    assert "default: 2200" in out
+    assert f"default: {Config().sft.steps})" in out and f"default: {Config().data.held_out})" in out
 
 
 @pytest.mark.parametrize("content,message", [
