@@ -1,6 +1,6 @@
 """The main job: evaluate the base model, SFT, evaluate, DiPO, evaluate, print a table.
 
-    python -m dirl_min.train                      # the embedded default (tiny model, CPU, < 10 min)
+    python -m dirl_min.train                      # the embedded default (tiny model, CPU: 7 min on 2 free cores)
     python -m dirl_min.train --help               # every setting, its meaning and default
     python -m dirl_min.train --config configs/sdar-8b-dirl.yaml --model.path /ckpt/SDAR-8B-Chat
     accelerate launch --num_processes 8 -m dirl_min.train --config ...
@@ -96,16 +96,19 @@ def _fitting_prompts(problems, tok, template, limit, what):
     return kept
 
 
-def run_eval(cfg, accel, model, tok, problems, name, seed_offset):
+def run_eval(cfg, accel, model, tok, problems, name):
     """Evaluation on every process: problems sharded, parameters gathered once (FSDP2), the
-    results gathered, so each process returns the 1-process numbers."""
+    results gathered, so each process returns the 1-process numbers.
+
+    Every stage is sampled with the same seed, so the paired RL − SFT difference is paired in
+    its samples as well as its problems (a model that did not change scores the same)."""
     from accelerate.utils import gather_object
 
     with full_parameters(model):
         return evaluate(
             unwrap(model), tok, problems, samples=cfg.eval.samples, temperature=cfg.eval.temperature,
             top_k=cfg.eval.top_k, top_p=cfg.eval.top_p, greedy=cfg.eval.greedy, max_new_tokens=cfg.eval.max_new_tokens,
-            decode_cfg=cfg.decode, prompt_template=cfg.data.prompt_template, seed=cfg.run.seed * 1000 + seed_offset,
+            decode_cfg=cfg.decode, prompt_template=cfg.data.prompt_template, seed=cfg.run.seed * 1000,
             batch_size=cfg.eval.batch_size, rank=accel.process_index, world=accel.num_processes, gather=gather_object,
         )
 
@@ -226,7 +229,7 @@ def _train(cfg, record, accel, out, built, state, stop, t_start) -> dict:
 
     done = set(state.get("done", []))
     if "base" not in summary:
-        _evaluated(cfg, accel, log, summary, "base", run_eval(cfg, accel, model, tok, eval_problems, "base", 0))
+        _evaluated(cfg, accel, log, summary, "base", run_eval(cfg, accel, model, tok, eval_problems, "base"))
     stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress, stop),
               "rl": lambda st: run_rl(cfg, accel, model, tok, rl_problems, log, st, progress, stop)}
     for stage in cfg.run.stages:
@@ -243,7 +246,7 @@ def _train(cfg, record, accel, out, built, state, stop, t_start) -> dict:
             _stop(stop, checkpoints, log)
         done.add(stage)
         seconds.stop(f"{stage}_seconds")
-        _evaluated(cfg, accel, log, summary, stage, run_eval(cfg, accel, model, tok, eval_problems, stage, len(done)))
+        _evaluated(cfg, accel, log, summary, stage, run_eval(cfg, accel, model, tok, eval_problems, stage))
         seconds.update()
         checkpoints.save(f"{stage}-final", {"stage": f"{stage}-done", "step": steps, "done": sorted(done)})
         if stage != cfg.run.stages[-1] and stop():  # after the last stage only the outputs remain: finish

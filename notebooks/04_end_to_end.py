@@ -17,13 +17,14 @@
 #
 # `dirl_min.train.main(argv)` is the whole job — evaluate the base model, random-masking SFT (notebook
 # 01), evaluate, DiPO (notebooks 02–03), evaluate — and returns the summary dict. The embedded task is
-# arithmetic (`What is a + b?`, `What is a - b?`, whole operand families held out for evaluation); the
-# model is the tiny Qwen3 from scratch, so it has to learn the answer format and the arithmetic itself.
+# arithmetic (`What is a + b?`, `What is a - b?`, operands 0..30, 400 problems held out for evaluation
+# in whole operand families); the model is the tiny Qwen3 from scratch, so it has to learn the answer
+# format and the arithmetic itself.
 #
 # To show learning in well under a minute on a CPU, this run shrinks the task to additions with
 # operands `0..9` (100 problems, 20 held out), trains 300 SFT steps at a higher learning rate (`1e-2`,
-# the default is `3e-3`) and only 20 DiPO steps. The full default, `python -m dirl_min.train` (the whole task, 2200 SFT
-# and 600 DiPO steps), takes several minutes; `--help` lists every setting.
+# the default is `3e-3`) and only 20 DiPO steps. The full default, `python -m dirl_min.train` (the whole
+# task, 4000 SFT and 600 DiPO steps), takes several minutes; `--help` lists every setting.
 
 # %%
 import pathlib
@@ -53,9 +54,9 @@ os.environ["DIRL_PROGRESS"] = "0"  # no progress bar or lines: the curves below 
 RUN = pathlib.Path("runs") / "notebook04"  # relative to the notebook's folder (ignored by git)
 argv = [
     "--data.task_levels", "1", "--data.task_max_operand", "9", "--data.held_out", "20",  # a + b, a, b ≤ 9
-    "--sft.steps", "300", "--sft.batch_size", "16", "--sft.lr", "1e-2",  # default 2200 × 32 at 3e-3
+    "--sft.steps", "300", "--sft.batch_size", "16", "--sft.lr", "1e-2",  # default 4000 × 32 at 3e-3
     "--rl.steps", "20", "--rl.prompts_per_step", "8",          # default 600 × 16 (G = 8 responses each)
-    "--eval.max_problems", "20", "--eval.samples", "4",        # default 88 × 16
+    "--eval.max_problems", "20", "--eval.samples", "4",        # default 400 × 16
     "--run.log_every", "2", "--run.threads", "1", "--run.out", str(RUN),
     "--overwrite",                                             # running the notebook again replaces its run
 ]

@@ -22,6 +22,7 @@ from dirl_min import eval as E
 from dirl_min.evaluation import benchmarks as EB, run as ER
 from dirl_min.infra.errors import EvalError
 from dirl_min import tasks
+from dirl_min.settings.config import Config
 from dirl_min.evaluation import responses as decode
 from dirl_min.evaluation.stats import avg_at_k, mean_pass_at_k, pass_at_k, pass_ks
 from dirl_min.model import build_tiny, save_model
@@ -478,7 +479,9 @@ def test_results_aggregate_the_per_sample_verdicts(tmp_path, monkeypatch):
         by_subsets = [sum(any(s) for s in itertools.combinations([1] * c + [0] * (4 - c), k))
                       / len(list(itertools.combinations(range(4), k))) for c in counts]
         assert run["pass@k"][str(k)] == pytest.approx(sum(by_subsets) / 6)
-    held = tasks.split_problems(tasks.arithmetic_problems(), 88, 0)[1][:6]
+    d = Config().data  # --task embedded splits as dirl_min.train does by default
+    held = tasks.split_problems(tasks.arithmetic_problems(d.task_max_operand, tuple(d.task_levels)),
+                                d.held_out, d.split_seed)[1][:6]
     assert [r["question"] for r in recs if r["sample"] == 0] == [p.question for p in held]
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dirl_min.evaluation.stats import bootstrap_ci, format_percent
+from dirl_min.evaluation.stats import bootstrap_ci, format_percent, seeds_problems_bootstrap_ci
 from dirl_min.evaluation.train_report import print_table, running_mean
 
 
@@ -96,3 +96,43 @@ def test_eval_table_uses_the_same_percent_format():
     row = E.summarize({"runs": [run]}).splitlines()[2].split()
     assert row[3:8] == ["41.4", "[35.0,", "48.0]", "90.9", "2.60"]
     assert row[9] == "1.2"
+
+
+def _exact_crossed_quantile(table, q):
+    """Brute force: every equally likely draw of S rows and n columns with replacement; the
+    q-quantile atom of the grand means, with the distance of the CDF from q."""
+    s, n = len(table), len(table[0])
+    means = sorted(sum(table[i][j] for i in rows for j in cols) / (s * n)
+                   for rows in itertools.product(range(s), repeat=s) for cols in itertools.product(range(n), repeat=n))
+    total = len(means)
+    for i, m in enumerate(means):
+        if (i + 1) / total >= q:
+            below, upto = sum(x < m for x in means) / total, sum(x <= m for x in means) / total
+            return m, min(abs(below - q), abs(upto - q))
+    raise AssertionError
+
+
+def test_seeds_problems_interval_matches_the_exact_crossed_bootstrap():
+    """Seeds and problems resampled independently: the percentile interval lands on the exact
+    quantiles of all S^S · n^n resamples (a resampler ignoring either factor would not)."""
+    table = [[0.0, 1.0, 0.5, 0.0], [1.0, 1.0, 0.75, 0.25], [0.25, 0.0, 0.0, 0.5]]
+    lo, hi = seeds_problems_bootstrap_ci(table, resamples=40000, seed=1)
+    for got, q in ((lo, 0.025), (hi, 0.975)):
+        atom, margin = _exact_crossed_quantile(table, q)
+        assert margin > 0.002
+        assert got == pytest.approx(atom, abs=1e-12)
+
+
+def test_seeds_problems_interval_includes_seed_to_seed_variation():
+    """Each seed constant over problems: only seeds vary, and the interval is the bootstrap over seeds;
+    one seed: the problem bootstrap's width (a resampler of problems alone would give zero width above)."""
+    shifts = [0.02, 0.09, 0.05, 0.07, 0.04]
+    table = [[c] * 50 for c in shifts]
+    assert seeds_problems_bootstrap_ci(table, resamples=3000, seed=2) == pytest.approx(
+        bootstrap_ci(shifts, resamples=3000, seed=2), abs=1e-12)
+    row = [0.0, 1.0, 0.5, 0.25] * 25
+    lo, hi = seeds_problems_bootstrap_ci([row], resamples=20000)
+    blo, bhi = bootstrap_ci(row, resamples=20000)
+    assert hi - lo == pytest.approx(bhi - blo, rel=0.05)
+    with pytest.raises(ValueError):
+        seeds_problems_bootstrap_ci([0.1, 0.2])

@@ -47,7 +47,7 @@ CASES = {
     "unknown backend": (["--rl.rollout_backend", "vllm"], {}, "rl.rollout_backend = 'vllm': expected one of native, lmdeploy"),
     "held out 5000": (["--data.held_out", "5000"], {},
                       "data.held_out = 5000: must be less than the number of problems; the embedded task (levels [1, 2], "
-                      "operands 0..20) has 882 problems"),
+                      "operands 0..30) has 1922 problems"),
     "level 7": (["--data.task_levels", "[7]"], {}, "data.task_levels = [7]: expected a non-empty list of distinct levels"),
     "invalid yaml": (["--config", "{tmp}/c.yaml"], {"c.yaml": "sft:\n  steps: 5\n   lr: 0.1\n"},
                      "c.yaml:3: invalid YAML (mapping values are not allowed here)"),

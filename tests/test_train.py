@@ -169,7 +169,7 @@ def test_help_lists_every_setting_with_its_default(capsys):
     out = capsys.readouterr().out
     for name in ("--sft.steps", "--rl.group_size", "--decode.threshold", "--run.out", "--model.path"):
         assert name in out
-    assert "default: 2200" in out
+    assert f"default: {Config().sft.steps})" in out and f"default: {Config().data.held_out})" in out
 
 
 @pytest.mark.parametrize("content,message", [
@@ -195,13 +195,18 @@ def test_bad_sft_messages_get_a_clear_message(tmp_path):
         tasks.load_sft(f, tok)
 
 
-def test_embedded_split_is_disjoint_and_seeded():
-    probs = tasks.arithmetic_problems()
-    train, test = tasks.split_problems(probs, 88, seed=0)
-    assert len(test) == 88 and len(train) + len(test) == len(probs) == 882
+def test_default_split_is_large_disjoint_family_preserving_and_seeded():
+    """The main job's held-out set: at least 400 problems (a paired RL − SFT interval of about
+    ±2.5 points), exactly ``data.held_out`` of them, no question or operand pair also in training."""
+    d = Config().data
+    probs = tasks.arithmetic_problems(d.task_max_operand, tuple(d.task_levels))
+    train, test = tasks.split_problems(probs, d.held_out, seed=d.split_seed)
+    assert len(test) == d.held_out >= 400 and len(train) + len(test) == len(probs)
     assert not {p.question for p in train} & {p.question for p in test}
-    assert tasks.split_problems(probs, 88, seed=0)[1] == test
-    assert tasks.split_problems(probs, 88, seed=1)[1] != test
+    assert not {_operands(p.question) for p in train} & {_operands(p.question) for p in test}
+    assert {p.level for p in test} == set(d.task_levels)  # every kind of question is evaluated
+    assert tasks.split_problems(probs, d.held_out, seed=d.split_seed)[1] == test
+    assert tasks.split_problems(probs, d.held_out, seed=d.split_seed + 1)[1] != test
 
 
 def _operands(question: str) -> tuple[int, ...]:
@@ -565,3 +570,19 @@ def test_with_accuracy_rewards_both_group_filters_train_identically(tmp_path, mo
     kept = [[json.loads(l)["kept_fraction"] for l in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
             for r in ("reward_std", "accuracy")]
     assert kept[0] == kept[1] and max(kept[0]) > 0  # some groups were trained on
+
+
+def test_every_stage_is_evaluated_on_the_same_samples(tmp_path):
+    """RL − SFT is paired in its samples too: an RL stage that leaves the weights unchanged
+    (a learning rate far below float32 resolution) scores exactly what SFT scored, sample for sample."""
+    from dirl_min import train
+    from dirl_min.model import load_model
+
+    out = tmp_path / "run"
+    summary = train.main(_tiny_run_args(out, "--rl.lr", "1e-20", "--eval.max_problems", "6", "--eval.samples", "4"))
+    sft = load_model(out / "checkpoints" / "sft-final" / "model")[0].state_dict()
+    rl = _final_params(out)
+    assert all(torch.equal(sft[k], rl[k]) for k in sft)  # the premise: RL changed nothing
+    for key in ("per_problem", "tokens_per_step", "mean_length", "truncation_rate"):
+        assert summary["rl"][key] == summary["sft"][key], key
+    assert summary["rl_minus_sft"]["mean"] == 0.0

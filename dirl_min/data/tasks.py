@@ -33,9 +33,10 @@ def arithmetic_problems(max_operand: int = 20, levels: tuple[int, ...] = (1, 2))
     Levels: 1 ``What is a + b?``; 2 ``What is a - b?`` (negative answers allowed);
     3 ``Solve: If x + a = c, what is x?``. Operands run over ``0..max_operand``.
 
-    The default (levels 1–2, operands to 20: 882 problems) was chosen by measurement: a
-    tiny model learns it in a few CPU minutes of SFT, yet leaves many problems solved
-    sometimes but not always, which is where RL can gain (README, "Run the main job").
+    The default (levels 1–2, operands to 30: 1922 problems, 400 held out) was chosen by
+    measurement: a tiny model learns it in a few CPU minutes of SFT, yet leaves many problems
+    solved sometimes but not always, which is where RL can gain, and 400 held-out problems
+    make the paired RL − SFT interval about ±2 points wide (README, "Run the main job").
     """
     out = []
     rng = range(max_operand + 1)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["pass_at_k", "mean_pass_at_k", "avg_at_k", "pass_ks", "bootstrap_ci", "format_percent"]
+__all__ = ["pass_at_k", "mean_pass_at_k", "avg_at_k", "pass_ks", "bootstrap_ci", "seeds_problems_bootstrap_ci", "format_percent"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -86,6 +86,40 @@ def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, resamples: int
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(x), (resamples, len(x)), generator=gen)  # [R, n]
     means = x[idx].mean(dim=1)  # [R]
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(means, q).tolist()
+    return lo, hi
+
+
+def seeds_problems_bootstrap_ci(values, *, level: float = 0.95, resamples: int = 4000,
+                                seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the grand mean of ``values[s, p]`` over runs and problems.
+
+    For several training seeds evaluated on the same problems (seeds and problems crossed):
+    each resample draws ``S`` seeds and, independently, ``n`` problems with replacement and
+    averages ``values`` over the drawn rows and columns, so the interval includes seed-to-seed
+    variation as well as the finite problem set. The seed indices are drawn first, exactly as
+    :func:`bootstrap_ci` draws its indices (rows constant over problems give its interval).
+
+    Args:
+        values: float ``[S, n]``, e.g. each seed's paired per-problem RL − SFT differences.
+
+    Returns:
+        ``(lo, hi)``.
+    """
+    x = torch.as_tensor(values, dtype=torch.float64)
+    if x.dim() != 2 or x.numel() < 1:
+        raise ValueError(f"seeds_problems_bootstrap_ci: need a non-empty [seeds, problems] table, got shape {tuple(x.shape)}")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"seeds_problems_bootstrap_ci: need 0 < level < 1 and resamples >= 1; got {level}, {resamples}")
+    s, n = x.shape
+    gen = torch.Generator().manual_seed(seed)
+    seed_idx = torch.randint(0, s, (resamples, s), generator=gen)  # [R, S]
+    prob_idx = torch.randint(0, n, (resamples, n), generator=gen)  # [R, n]
+    # how often each seed / problem is drawn: the resample mean is w_s · x · w_p / (S n)
+    w_s = torch.zeros(resamples, s, dtype=torch.float64).scatter_add_(1, seed_idx, torch.ones(resamples, s, dtype=torch.float64))
+    w_p = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, prob_idx, torch.ones(resamples, n, dtype=torch.float64))
+    means = ((w_s @ x) * w_p).sum(dim=1) / (s * n)  # [R]
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     lo, hi = torch.quantile(means, q).tolist()
     return lo, hi

@@ -76,8 +76,8 @@ class DataConfig:
     rl_data: str = _f("", "RL file (question + ground_truth_answer); empty = the embedded task's training split")
     eval_data: str = _f("", "evaluation file (question + ground_truth_answer); empty = the embedded held-out split")
     task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'", rule=levels())
-    task_max_operand: int = _f(20, "embedded task: operands run over 0..N", rule=at_least(0))
-    held_out: int = _f(88, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together)",
+    task_max_operand: int = _f(30, "embedded task: operands run over 0..N (30: 1922 problems; see held_out)", rule=at_least(0))
+    held_out: int = _f(400, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together). 400 makes the paired RL − SFT interval 2.0–2.9 points wide each side (measured on seeds 0–4: RL − SFT +2.9 to +6.4, each interval above zero, +4.9 [+3.1, +6.7] across seeds; the earlier 88 gave about ±5)",
                        rule=at_least(1, "the embedded task's evaluation problems"))
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
     prompt_template: str = _f(PLAIN_TEMPLATE, "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')",
@@ -89,7 +89,8 @@ class DataConfig:
 
 @dataclass
 class SFTConfig:
-    steps: int = _f(2200, "optimizer steps (0 = skip SFT)", rule=at_least(0, "0 = skip SFT"))
+    steps: int = _f(4000, "optimizer steps (0 = skip SFT). On the default task (seed 0, 1 thread) 2200 steps gave SFT avg@16 14.9% and RL − SFT −2.6 to +3.2; 4000 gave 62.5% and +8.0",
+                     rule=at_least(0, "0 = skip SFT"))
     batch_size: int = _f(32, "examples per optimizer step (across processes and accumulation)", rule=at_least(1))
     grad_accum: int = _f(1, "micro-batches per optimizer step", rule=at_least(1, "micro-batches per optimizer step"))
     lr: float = _f(3e-3, "peak learning rate", rule=number(0, lo_open=True))
@@ -99,9 +100,8 @@ class SFTConfig:
     betas: list = _f([0.9, 0.98], "AdamW betas", rule=betas())
     grad_clip: float = _f(1.0, "gradient-norm clip (0 = off)", rule=number(0, why="0 = off"))
     t_min: float = _f(0.1, "lowest noise level t; the spec draws t from (0, 1]. Kept at 0.1: on the default (seed 0, "
-                                 "2200 steps) t_min 0 gave SFT avg@16 27.3%, greedy 23.9%; t_min 0.1 gave 42.8%, 62.5% "
-                                 "(the 1/p weights of small t make the gradient noisy)",
-                      rule=number(0, 1, hi_open=True))
+                                 "then operands 0..20, 2200 steps) t_min 0 gave SFT avg@16 27.3%, greedy 23.9%; t_min 0.1 gave 42.8%, 62.5% "
+                                 "(the 1/p weights of small t make the gradient noisy)", rule=number(0, 1, hi_open=True))
     eps: float = _f(1e-3, "mask probability floor: p = (1-eps) t + eps",
                     rule=number(0, 1, lo_open=True, hi_open=True))
     max_seq_len: int = _f(2048, "examples longer than this (tokens) are skipped and counted", rule=at_least(1))
