@@ -120,7 +120,8 @@ MUTANTS = [
     Mutant("accuracy filter keeps all-correct groups", "dirl_min/core/objectives.py", "return (acc > 0) & (acc < 1)",
            "return acc > 0", (CORE,)),
     Mutant("dynamic sampling keeps more than P groups", "dirl_min/loops/dipo.py", "if mixed[g % world][g // world]][: P - n_kept]",
-           "if mixed[g % world][g // world]]", ("tests/test_train.py::test_rl_group_filter_setting_picks_the_groups_trained_on",)),
+           "if mixed[g % world][g // world]]", (f"{OBJ}::test_dynamic_sampling_keeps_exactly_the_first_p_groups_that_pass_the_filter",
+            "tests/test_train.py::test_rl_group_filter_setting_picks_the_groups_trained_on")),
     # ------------------------------------------------------------ each objective's views
     Mutant("tracerl reads after the last merged step", "dirl_min/core/estimates.py",
            "return noisy[::shrinkage].clone()", "return noisy[shrinkage - 1::shrinkage].clone()", (OBJ,)),

@@ -299,6 +299,8 @@ def test_each_objective_takes_the_asked_mean_in_the_rl_step(name, mean):
     else:
         want = -sum(adv.tolist()) / n_seq
     assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+
+
 @FAST
 @given(case=step_maps())
 def test_d1_block_view_is_the_merged_trace_with_every_step_of_a_block_in_one_round(case):
@@ -337,3 +339,25 @@ def test_d1_block_tokens_see_clean_earlier_blocks_and_nothing_of_their_own_block
     assert torch.equal(a.position, b.position)
     assert torch.equal(a.logp[same], b.logp[same])
     assert not torch.equal(a.logp[~same], b.logp[~same])
+
+
+def test_dynamic_sampling_keeps_exactly_the_first_p_groups_that_pass_the_filter(monkeypatch):
+    """Rounds of P = 2 groups of G = 2 until 2 groups pass ``reward_std``: round 1 keeps its second
+    group only, round 2 passes both but only its first is needed, and no third round is drawn."""
+    from types import SimpleNamespace
+
+    from dirl_min.loops import rl as loops_dipo
+
+    rolls = [object(), object(), object()]
+    rewards = iter([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+    monkeypatch.setattr(loops_dipo, "_roll_out", lambda *a: (rolls.pop(0), torch.tensor(r := next(rewards)),
+                                                             torch.tensor(r)))
+    first, second = rolls[0], rolls[1]
+    cfg = SimpleNamespace(rl=SimpleNamespace(sampling_rounds=3, prompts_per_step=2, group_size=2,
+                                             group_filter="reward_std"))
+    accel = SimpleNamespace(num_processes=1, process_index=0)
+    sampler = SimpleNamespace(take=lambda n: list(range(n)))
+    kept, sampled, n_kept = loops_dipo._sample_groups(cfg, accel, None, None, sampler, None, None, {})
+    assert n_kept == 2 and len(sampled) == 2
+    assert [(r, idx) for r, idx, _ in kept] == [(first, [2, 3]), (second, [0, 1])]
+    assert [a.tolist() for _, _, a in kept] == [pytest.approx([-1.0, 1.0], abs=1e-5), pytest.approx([1.0, -1.0], abs=1e-5)]
