@@ -354,7 +354,7 @@ def test_dynamic_sampling_keeps_exactly_the_first_p_groups_that_pass_the_filter(
                                                              torch.tensor(r)))
     first, second = rolls[0], rolls[1]
     cfg = SimpleNamespace(rl=SimpleNamespace(sampling_rounds=3, prompts_per_step=2, group_size=2,
-                                             group_filter="reward_std"))
+                                             group_filter="reward_std", scale_advantages=True))
     accel = SimpleNamespace(num_processes=1, process_index=0)
     sampler = SimpleNamespace(take=lambda n: list(range(n)))
     kept, sampled, n_kept = loops_dipo._sample_groups(cfg, accel, None, None, sampler, None, None, {})
