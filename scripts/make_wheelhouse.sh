@@ -44,7 +44,10 @@ for extra in filter(None, sys.argv[1].split(",")):
     print(*p["optional-dependencies"][extra], sep="\n")
 PY
 )
-"$py" -m pip install -q --dry-run --report "$work/report.json" "${reqs[@]}"
+# the node's torch, transformers and accelerate stay as they are: never upgraded to suit an extra
+"$py" -c 'from importlib.metadata import version as v
+for n in ("torch", "transformers", "accelerate"): print(f"{n}=={v(n)}")' > "$work/keep.txt"
+"$py" -m pip install -q --dry-run --report "$work/report.json" -c "$work/keep.txt" "${reqs[@]}"
 "$py" - "$work/report.json" "$dir/requirements.txt" <<'PY'
 import json, sys
 new = sorted((i["metadata"]["name"], i["metadata"]["version"]) for i in json.load(open(sys.argv[1]))["install"])

@@ -213,9 +213,9 @@ def _metrics(rec: dict) -> str:
 
 def table(records: list[dict]) -> str:
     """One line per stage: name, status, seconds of its limit, headline numbers."""
-    rows = [f"{'stage':<18} {'status':<8} {'seconds':>15}  result"]
+    rows = [f"{'stage':<20} {'status':<8} {'seconds':>15}  result"]
     for r in records:
-        rows.append(f"{r['stage']:<18} {r['status']:<8} {r['seconds']:>7.1f} / {r['limit_s']:>5.0f}  {_metrics(r)}")
+        rows.append(f"{r['stage']:<20} {r['status']:<8} {r['seconds']:>7.1f} / {r['limit_s']:>5.0f}  {_metrics(r)}")
     return "\n".join(rows)
 
 
