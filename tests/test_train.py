@@ -339,7 +339,7 @@ def test_main_job_writes_its_outputs(tmp_path):
     from PIL import Image
 
     img = Image.open(out / "curves.png").convert("RGB")
-    assert img.size == (2420, 418)  # five panels, 22 x 3.8 inches at 110 dpi
+    assert img.size == (1650, 935)  # a 2 x 3 grid of panels, 15 x 8.5 inches at 110 dpi
     assert dict((c, n) for n, c in img.getcolors(maxcolors=1 << 22)).get((0x1F, 0x77, 0xB4), 0) > 100  # curves (C0)
     import importlib.util
 
