@@ -57,7 +57,7 @@ def full_parameters(model):
         raise RuntimeError("full_parameters: FSDP2 has not initialised these units yet; pass the outermost "
                            "(prepared) module, whose first use makes it the root")
     states = list(states[0]._state_ctx.all_states)  # the root's units (embedding, norm) included
-    groups = [g for st in states for g in st._fsdp_param_groups]
+    groups = [g for st in states for g in _param_groups(st)]
     saved = [g.post_forward_mesh_info for g in groups]
     for g in groups:
         g.post_forward_mesh_info = None  # no reshard after each forward (the documented eval setting)
@@ -71,6 +71,13 @@ def full_parameters(model):
         for g, info in zip(groups, saved):
             g.reshard()
             g.post_forward_mesh_info = info
+
+
+def _param_groups(state) -> list:
+    """An FSDP2 unit's parameter groups: a list from torch 2.12 on, one group (or None) before."""
+    if hasattr(state, "_fsdp_param_groups"):
+        return list(state._fsdp_param_groups)
+    return [] if state._fsdp_param_group is None else [state._fsdp_param_group]
 
 
 def full_state_dict(model) -> dict | None:
