@@ -66,6 +66,7 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
             # a dense mask (decoding: a few queries against the cache) runs on SDPA
             config._attn_implementation = "sdpa"
     layers = _keep_cache_under_checkpointing(model, cache)
+    plain = _plain_without_grad(model)
     try:
         out = model.model(
             input_ids=input_ids,
@@ -80,7 +81,24 @@ def backbone_hidden(model, input_ids, position_ids, attention_mask, cache=None) 
         config._attn_implementation = backend
         for layer in layers:
             del layer._can_checkpoint_with_cache  # back to the class's default (drop writer caches)
+        for layer in plain:
+            layer.gradient_checkpointing = True
     return out.last_hidden_state
+
+
+def _plain_without_grad(model) -> list:
+    """Checkpointed decoder layers run plainly while gradients are off (decoding, scoring without
+    grad), as recent transformers does by itself; up to 5.17 a layer in train mode was checkpointed
+    even then, and so dropped the decoder's cache. Returns the layers to switch back."""
+    if torch.is_grad_enabled():
+        return []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.model.modules()
+              if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing and m.training]
+    for m in layers:
+        m.gradient_checkpointing = False
+    return layers
 
 
 @functools.lru_cache(maxsize=None)
