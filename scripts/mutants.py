@@ -3,8 +3,9 @@
 Each mutant replaces one snippet of one file (``old`` → ``new``) in a temporary copy of
 the working tree and runs only the tests that should notice (``tests``, files or node
 ids), with ``-x``. A mutant is *caught* when those tests fail. A snippet that is not found
-exactly once makes the whole check stop before running anything: a stale mutant (after a
-refactor) is visible, never silently skipped — re-point it and run again.
+exactly once, or a test node id whose function the file no longer defines, makes the whole
+check stop before running anything: a stale mutant (after a refactor or a renamed test) is
+visible, never silently skipped — re-point it and run again.
 
 Usage (from the repository root; about 10–20 minutes on 2 cores)::
 
@@ -51,7 +52,7 @@ ENGINE = tuple(f"tests/test_engine.py::test_{t}" for t in (
 OBJ = "tests/test_objectives.py"
 #: the RL step's normalisers and means first, then the rest of the file
 NORM = (f"{OBJ}::test_the_rl_step_normalises_by_the_kept_responses_tokens_and_count",
-        f"{OBJ}::test_each_objective_takes_its_documented_mean_in_the_rl_step", OBJ)
+        f"{OBJ}::test_each_objective_takes_the_asked_mean_in_the_rl_step", OBJ)
 CORE = "tests/test_dipo_core.py"
 
 MUTANTS = [
@@ -102,15 +103,22 @@ MUTANTS = [
            "rank = (distinct[:, None, :] & (s[:, None, :] < s[:, :, None])).sum(dim=2)",
            "rank = ((s[:, None, :] > 0) & (s[:, None, :] < s[:, :, None])).sum(dim=2)", (CORE,)),
     # ------------------------------------------------------------ RL loss, normaliser, filters
-    Mutant("token mean over the kept responses' count", "dirl_min/loops/dipo.py",
+    Mutant("token mean over the kept responses' count", "dirl_min/loops/rl.py",
            "n_tok = float(sum(c[0] for c in counts))", "n_tok = float(sum(c[2] for c in counts))", NORM),
-    Mutant("token mean over every sampled response", "dirl_min/loops/dipo.py",
+    Mutant("token mean over every sampled response", "dirl_min/loops/rl.py",
            "counts = all_ranks(accel, (sum(len(roll.response_ids[i]) for roll, idx, _ in micro for i in idx)",
            "counts = all_ranks(accel, (sum(len(r) for roll, _, _ in rolls for r in roll.response_ids)", NORM),
-    Mutant("dipo takes the sequence mean", "dirl_min/core/objectives.py", 'LOSS_MEANS = {"dipo": "token"',
-           'LOSS_MEANS = {"dipo": "sequence"', NORM),
-    Mutant("coupled takes the token mean", "dirl_min/core/objectives.py", '"coupled_grpo": "sequence"}',
-           '"coupled_grpo": "token"}', NORM),
+    # the loss mean is the setting rl.loss_mean (default token, DiRL's), not a property of the objective
+    Mutant("default loss mean is the sequence mean", "dirl_min/settings/config.py",
+           'loss_mean: str = _f("token",', 'loss_mean: str = _f("sequence",',
+           ("tests/test_recipes.py::test_the_default_loss_mean_is_the_default_objectives_release_mean",)),
+    Mutant("the RL step's mean follows the objective, not rl.loss_mean", "dirl_min/loops/policy.py",
+           '    if loss_mean == "token":', '    if spec.name != "tracerl":',
+           (f"{OBJ}::test_each_objective_takes_the_asked_mean_in_the_rl_step",)),
+    Mutant("the RL loop passes the objective's release mean, not rl.loss_mean", "dirl_min/loops/rl.py",
+           "iteration=it, loss_mean=cfg.rl.loss_mean, kl_to_old=",
+           "iteration=it, loss_mean=record(cfg.rl.objective).loss_mean, kl_to_old=",
+           ("tests/test_recipes.py::test_recipe_settings_reach_the_rl_loop",)),
     Mutant("clip range uses eps_low twice", "dirl_min/core/objectives.py",
            "ratio.clamp(1.0 - eps_low, 1.0 + eps_high)", "ratio.clamp(1.0 - eps_low, 1.0 + eps_low)", (CORE,)),
     Mutant("advantages: sample std", "dirl_min/core/objectives.py", "std = r.std(dim=1, keepdim=True, unbiased=False)",
@@ -119,16 +127,31 @@ MUTANTS = [
            "return ~(r == r[:, :1]).all(dim=1)  #", "return (r == r[:, :1]).all(dim=1)  #", (CORE,)),
     Mutant("accuracy filter keeps all-correct groups", "dirl_min/core/objectives.py", "return (acc > 0) & (acc < 1)",
            "return acc > 0", (CORE,)),
-    Mutant("dynamic sampling keeps more than P groups", "dirl_min/loops/dipo.py", "if mixed[g % world][g // world]][: P - n_kept]",
+    Mutant("dynamic sampling keeps more than P groups", "dirl_min/loops/rl.py", "if mixed[g % world][g // world]][: P - n_kept]",
            "if mixed[g % world][g // world]]", (f"{OBJ}::test_dynamic_sampling_keeps_exactly_the_first_p_groups_that_pass_the_filter",
             "tests/test_train.py::test_rl_group_filter_setting_picks_the_groups_trained_on")),
     # ------------------------------------------------------------ each objective's views
     Mutant("tracerl reads after the last merged step", "dirl_min/core/estimates.py",
            "return noisy[::shrinkage].clone()", "return noisy[shrinkage - 1::shrinkage].clone()", (OBJ,)),
-    Mutant("d1 context keeps the response", "dirl_min/core/estimates.py",
-           "ids.masked_fill(response | drawn, mask_token_id)", "ids.masked_fill(drawn, mask_token_id)", (OBJ,)),
-    Mutant("d1 prompt mask not drawn", "dirl_min/core/estimates.py",
-           "ids.masked_fill(response | drawn, mask_token_id)", "ids.masked_fill(response, mask_token_id)", (OBJ,)),
+    # d1 on a block model (diffu_grpo): each block fully masked given the clean prompt and clean earlier blocks
+    Mutant("d1 block view masks the response in the clean stream", "dirl_min/core/estimates.py",
+           "return block_one_step_views(ids, step_map > 0)",
+           "return block_one_step_views(ids.masked_fill(step_map > 0, mask_token_id), step_map > 0)",
+           (f"{OBJ}::test_d1_block_view_is_the_merged_trace_with_every_step_of_a_block_in_one_round",
+            f"{OBJ}::test_d1_block_tokens_see_clean_earlier_blocks_and_nothing_of_their_own_block", OBJ)),
+    Mutant("d1 block view reads step by step, not the whole block masked", "dirl_min/core/estimates.py",
+           'Objective("diffu_grpo", _one_step,', 'Objective("diffu_grpo", _exact,',
+           (f"{OBJ}::test_d1_block_view_is_the_merged_trace_with_every_step_of_a_block_in_one_round",
+            f"{OBJ}::test_d1_block_tokens_see_clean_earlier_blocks_and_nothing_of_their_own_block", OBJ)),
+    # the old d1 port, now the ablation diffu_grpo_masked_context: response and drawn prompt masked in the context row
+    Mutant("masked-context ablation: context keeps the response", "dirl_min/core/estimates.py",
+           "ids.masked_fill(response | drawn, mask_token_id)", "ids.masked_fill(drawn, mask_token_id)",
+           (f"{OBJ}::test_the_masked_context_ablation_sees_no_response_token",
+            f"{OBJ}::test_d1_view_masks_exactly_the_response_and_the_drawn_prompt_positions", OBJ)),
+    Mutant("masked-context ablation: prompt mask not drawn", "dirl_min/core/estimates.py",
+           "ids.masked_fill(response | drawn, mask_token_id)", "ids.masked_fill(response, mask_token_id)",
+           (f"{OBJ}::test_d1_view_masks_exactly_the_response_and_the_drawn_prompt_positions",
+            f"{OBJ}::test_d1_prompt_mask_rate_and_a_fresh_draw_every_pass", OBJ)),
     Mutant("coupled pair overlaps the prompt", "dirl_min/core/estimates.py",
            "pair = torch.stack([first, response & ~first])", "pair = torch.stack([first, ~first])", (OBJ,)),
     Mutant("coupled ratio outside DiffuCoder's range", "dirl_min/core/estimates.py",
@@ -138,7 +161,7 @@ MUTANTS = [
 
 
 def check_snippets(mutants: list[Mutant], root: Path) -> list[str]:
-    """The problems with ``mutants`` in ``root``: a missing file, or an ``old`` not found exactly once."""
+    """The problems with ``mutants`` in ``root``: a missing file or test, or an ``old`` not found exactly once."""
     problems = []
     for m in mutants:
         path = root / m.path
@@ -149,8 +172,14 @@ def check_snippets(mutants: list[Mutant], root: Path) -> list[str]:
         if n != 1:
             problems.append(f"{m.name}: {m.path} holds {n} copies of {m.old!r} (need exactly 1)")
         for t in m.tests:
-            if not (root / t.split("::")[0]).is_file():
-                problems.append(f"{m.name}: test file {t.split('::')[0]} does not exist")
+            test_file, *names = t.split("::")
+            if not (root / test_file).is_file():
+                problems.append(f"{m.name}: test file {test_file} does not exist")
+                continue
+            func = names[-1].split("[")[0] if names else ""  # a renamed test would select nothing
+            if func and not re.search(rf"^\s*def {re.escape(func)}\(", (root / test_file).read_text(encoding="utf-8"),
+                                      flags=re.M):
+                problems.append(f"{m.name}: {test_file} defines no {func}")
     return problems
 
 

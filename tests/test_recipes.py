@@ -59,6 +59,16 @@ def test_loss_mean_token_and_sequence_at_ratio_one():
         _step(model, roll, adv, loss_mean="response")
 
 
+def test_the_default_loss_mean_is_the_default_objectives_release_mean():
+    """The main job without settings trains DiPO with DiRL's token mean: ``rl.loss_mean``'s default is
+    the default objective's release mean (a sequence-mean default would change every default run)."""
+    from dirl_min.core.estimates import record
+    from dirl_min.settings.config import parse_config
+
+    rl = parse_config([]).rl
+    assert rl.objective == "dipo" and rl.loss_mean == record("dipo").loss_mean == "token"
+
+
 def test_kl_to_the_old_policy_uses_logp_old_and_no_reference_model():
     model, roll = _rollout(n=3)
     adv = torch.randn(len(roll), generator=torch.Generator().manual_seed(4))
