@@ -363,5 +363,5 @@ def test_dynamic_sampling_keeps_exactly_the_first_p_groups_that_pass_the_filter(
     stage = SimpleNamespace(sampler=sampler, wrapped=None, gen=None)
     kept, sampled, n_kept = loops_dipo._sample_groups(cfg, accel, stage, None, None, {})
     assert n_kept == 2 and len(sampled) == 2
-    assert [(r, idx, place) for r, idx, _, place in kept] == [(first, [2, 3], 0), (second, [0, 1], 1)]
-    assert [a.tolist() for _, _, a, _ in kept] == [pytest.approx([-1.0, 1.0], abs=1e-5), pytest.approx([1.0, -1.0], abs=1e-5)]
+    assert [(k.rollout, k.indices, k.place) for k in kept] == [(first, [2, 3], 0), (second, [0, 1], 1)]
+    assert [k.advantages.tolist() for k in kept] == [pytest.approx([-1.0, 1.0], abs=1e-5), pytest.approx([1.0, -1.0], abs=1e-5)]
