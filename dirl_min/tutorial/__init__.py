@@ -77,7 +77,8 @@ def trained_tiny(steps: int = 150, batch_size: int = 16, seed: int = 0, block_si
     for _ in range(steps):
         batch = sampler.take(batch_size)
         n_resp = sum(len(e.ids) - e.prompt_len for e in batch)
-        loss, _ = sft_loss(model, batch, M, B, sft_noise(batch, M, t_min=0.1, generator=noise), num_response_tokens=n_resp)
+        drawn = sft_noise(batch, M, t_min=0.1, generator=noise)
+        loss, _ = sft_loss(model, batch, M, B, drawn, num_response_tokens=n_resp)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
