@@ -33,7 +33,7 @@ from dirl_min import data
 from dirl_min.settings import runs
 from dirl_min.loops.rl import run_rl
 from dirl_min.loops.sft import run_sft
-from dirl_min.loops.state import Checkpoints, Interrupts, MetricsLog, resume, seed_everything as _seed_everything
+from dirl_min.loops.state import Checkpoints, Interrupts, Job, MetricsLog, resume, seed_everything as _seed_everything
 from dirl_min.infra.progress import progress_mode
 from dirl_min.settings.checks import check_launch, launch_of, validate
 from dirl_min.infra.sharding import full_parameters
@@ -225,13 +225,15 @@ def _train(cfg, record, accel, out, built, state, stop, t_start) -> dict:
     mode = progress_mode(sys.stderr.isatty(), os.environ.get("DIRL_PROGRESS"))
     progress = mode == "bar"
     log = MetricsLog(out, accel.is_main_process, lines=mode == "lines", summary=summary if state else None)
-    checkpoints = Checkpoints(out, cfg, accel, model, tok, summary, state.get("ckpt_index", 0), record=record)
+    checkpoints = Checkpoints(out, cfg, accel, model, tok, summary, record=record)
+    checkpoints.index = state.get("ckpt_index", 0)  # a resumed run numbers on from its checkpoint
 
     done = set(state.get("done", []))
     if "base" not in summary:
         _evaluated(cfg, accel, log, summary, "base", run_eval(cfg, accel, model, tok, eval_problems, "base"))
-    stages = {"sft": lambda st: run_sft(cfg, accel, model, tok, sft_data, log, st, progress, stop),
-              "rl": lambda st: run_rl(cfg, accel, model, tok, rl_problems, log, st, progress, stop)}
+    job = Job(cfg, accel, log, progress, stop)
+    stages = {"sft": lambda st: run_sft(job, model, tok, sft_data, st),
+              "rl": lambda st: run_rl(job, model, tok, rl_problems, st)}
     for stage in cfg.run.stages:
         steps = getattr(cfg, stage).steps
         if stage in done or steps <= 0:

@@ -7,9 +7,9 @@ objectives' step), :mod:`dirl_min.loops.state` (the learning-rate schedule),
 
 from dirl_min.engine.rollouts import rollout_and_reward
 from dirl_min.evaluation.protocol import evaluate
-from dirl_min.loops.policy import dipo_step, policy_step
-from dirl_min.loops.sft import SFTExample, sft_loss, sft_noise, tokenize_sft
+from dirl_min.loops.policy import MicroBatch, PolicySettings, StepTotals, dipo_step, policy_step
+from dirl_min.loops.sft import SFTExample, SFTNoise, sft_loss, sft_noise, tokenize_sft
 from dirl_min.loops.state import make_scheduler
 
-__all__ = ["SFTExample", "tokenize_sft", "sft_noise", "sft_loss", "make_scheduler", "rollout_and_reward",
-           "policy_step", "dipo_step", "evaluate"]
+__all__ = ["SFTExample", "SFTNoise", "tokenize_sft", "sft_noise", "sft_loss", "make_scheduler", "rollout_and_reward",
+           "MicroBatch", "StepTotals", "PolicySettings", "policy_step", "dipo_step", "evaluate"]

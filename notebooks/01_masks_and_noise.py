@@ -277,7 +277,7 @@ for lo, hi in zip(edges[:-1], edges[1:]):
 
 # %%
 from dirl_min.data import arithmetic_problems, sft_records
-from dirl_min.loops.sft import sft_loss, tokenize_sft
+from dirl_min.loops.sft import SFTNoise, sft_loss, tokenize_sft
 from dirl_min.tutorial import trained_tiny
 
 sft_model, _ = trained_tiny()
@@ -291,8 +291,8 @@ with torch.no_grad():
         for e, mk in zip(examples, masks):
             mk[e.prompt_len] |= not mk.any()  # at least one masked position, as add_noise forces
         n_resp = sum(len(e.ids) - e.prompt_len for e in examples)
-        loss, _ = sft_loss(sft_model, examples, M, B, num_response_tokens=n_resp, masks=masks,
-                           p=torch.full((len(examples),), lev))
+        noise = SFTNoise(masks, torch.full((len(examples),), lev))
+        loss, _ = sft_loss(sft_model, examples, M, B, noise, num_response_tokens=n_resp)
         real_loss.append(float(loss))
 
 # %%

@@ -178,7 +178,7 @@ print("coupled masks complementary:", coupled_complementary)
 
 # %%
 from dirl_min.engine.score import rounds_logp
-from dirl_min.loops.policy import policy_step
+from dirl_min.loops.policy import MicroBatch, PolicySettings, StepTotals, policy_step
 
 recorded = [torch.tensor(lp) for lp in roll.logp]
 n_tokens = sum(len(r) for r in roll.response_ids)
@@ -188,8 +188,8 @@ with torch.no_grad():
         views, labels = zip(*(rollout_views(roll, i, spec) for i in range(N)))
         context, noisy, targets = zip(*views)
         out = rounds_logp(model, context, noisy, targets, M, B, labels=labels)
-        _, stats, trainer_logp = policy_step(model, roll, list(range(N)), torch.zeros(N), num_tokens=n_tokens,
-                                             num_sequences=N, eps_low=0.2, eps_high=0.28, spec=spec)
+        _, stats, trainer_logp = policy_step(model, MicroBatch(roll, list(range(N)), torch.zeros(N)),
+                                             StepTotals(n_tokens, N), PolicySettings(eps_low=0.2, eps_high=0.28, spec=spec))
         SAME_AS_TRAINER[name] = torch.equal(trainer_logp, out.logp)
         COPIES[name] = int(stats["copies"])
         per_response = [torch.full((len(r),), float("nan")) for r in roll.response_ids]

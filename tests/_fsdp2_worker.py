@@ -49,7 +49,8 @@ def main(out: Path):
     from dirl_min.decoding import generate
     from dirl_min.model import build_tiny, save_model
     from dirl_min.infra.sharding import full_parameters, full_state_dict
-    from dirl_min.trainer import dipo_step, evaluate, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
+    from dirl_min.trainer import (MicroBatch, PolicySettings, StepTotals, dipo_step, evaluate, rollout_and_reward,
+                                  sft_loss, sft_noise, tokenize_sft)
 
     state = PartialState(cpu=True)
     rank, world = state.process_index, state.num_processes
@@ -73,12 +74,12 @@ def main(out: Path):
 
     # 2. One SFT step and one DiPO step, each rank on its share of the global batch.
     examples, _ = tokenize_sft(tasks.sft_records(tasks.arithmetic_problems()[:4], tok), tok, 4, 256)
-    masks, p = sft_noise(examples, tok.mask_token_id, generator=torch.Generator().manual_seed(1))
+    noise = sft_noise(examples, tok.mask_token_id, generator=torch.Generator().manual_seed(1))
     n_resp = sum(len(e.ids) - e.prompt_len for e in examples)
 
     def sft(ids):
-        return lambda m: sft_loss(m, [examples[i] for i in ids], tok.mask_token_id, 4, num_response_tokens=n_resp,
-                                  masks=[masks[i] for i in ids], p=p[ids])[0]
+        return lambda m: sft_loss(m, [examples[i] for i in ids], tok.mask_token_id, 4, noise.take(ids),
+                                  num_response_tokens=n_resp)[0]
 
     mine_ids = list(range(rank, len(examples), world))
     update(net, list(net.parameters()), sft(mine_ids), world)
@@ -91,7 +92,8 @@ def main(out: Path):
     n_tok = sum(len(r) for r in roll.response_ids)
 
     def dipo(ids):
-        return lambda m: dipo_step(m, roll, ids, adv[ids], num_tokens=n_tok, eps_low=0.2, eps_high=0.28)[0]
+        return lambda m: dipo_step(m, MicroBatch(roll, ids, adv[ids]), StepTotals(n_tok),
+                                   PolicySettings(eps_low=0.2, eps_high=0.28))[0]
 
     update(net, list(net.parameters()), dipo(mine_ids), world)
     update(ref, list(ref.parameters()), dipo([0, 1, 2, 3]), 1)

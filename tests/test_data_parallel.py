@@ -27,6 +27,7 @@ from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedOptimize
 from dirl_min import train
 from dirl_min.settings import checks as settings
 from dirl_min.loops import rl as loops_dipo
+from dirl_min.loops.state import Job
 from dirl_min.settings.config import SettingsError, parse_config
 from tests.fixtures.tree import assert_env_imports_tree, tree_env
 
@@ -99,7 +100,7 @@ def _deepspeed_updates(tmp_path, stage, gas, *args):
     accel = DeepSpeedPath(gas)
     try:
         run = train.run_sft if stage == "sft" else train.run_rl
-        list(run(cfg, accel, model, tok, sft if stage == "sft" else rl, train.MetricsLog(tmp_path, False), {}, False))
+        list(run(Job(cfg, accel, train.MetricsLog(tmp_path, False)), model, tok, sft if stage == "sft" else rl, {}))
     finally:
         accel.gradient_accumulation_steps = 1  # Accelerate's gradient state is shared by every Accelerator
     return accel.engine.updates

@@ -6,7 +6,8 @@ or a documented public shim (:data:`SHIMS`, re-exports for users). Every import 
 inside a function or a string handed to ``importlib.import_module``. Checked here: the import
 direction; no module imports a shim; no circle between modules; no file over 400 lines and no
 function over 80; one file name per concept (no two modules share a name, except ``__init__.py``
-and the shims); the top level holds only the faces, the shims and ``__init__``.
+and the shims); the top level holds only the faces, the shims and ``__init__``; no function of the
+training loops (``dirl_min/loops/``) takes more than 7 parameters (their state travels in named types).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ TOP_MAY_IMPORT = {"shim": ("core", "model", "data", "engine", "loops", "evaluati
                   "face": (*MAY_IMPORT, *FACES)}
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 80
+#: the most parameters a function in :data:`FEW_PARAMETERS` may take (self and cls not counted)
+MAX_PARAMETERS = 7
+FEW_PARAMETERS = ("loops",)
 
 
 def _module_name(path: Path) -> str:
@@ -257,3 +261,35 @@ def test_long_function_count():
     assert long_functions(f"def ok():\n{body}") == []
     source = f"class C:\n  def m(self):\n{body}    y = 0\n"
     assert long_functions(source) == [("m", 2, MAX_FUNCTION_LINES + 1)]
+
+
+def parameter_counts(source: str) -> list[tuple[str, int, int]]:
+    """(name, line, parameters) of every function or method: positional, keyword-only, and ``*args``
+    and ``**kwargs`` as one each; a leading ``self`` or ``cls`` is not counted."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            names = [p.arg for p in (*a.posonlyargs, *a.args)]
+            if names and names[0] in ("self", "cls"):
+                names = names[1:]
+            out.append((node.name, node.lineno, len(names) + len(a.kwonlyargs) + (a.vararg is not None)
+                        + (a.kwarg is not None)))
+    return out
+
+
+def test_loop_functions_take_at_most_seven_parameters():
+    bad = []
+    for package in FEW_PARAMETERS:
+        for path in _files(ROOT / package):
+            rel = path.relative_to(ROOT.parent)
+            bad += [f"{rel}:{line} {fn}() takes {n} parameters (at most {MAX_PARAMETERS})"
+                    for fn, line, n in parameter_counts(path.read_text()) if n > MAX_PARAMETERS]
+    assert not bad, "\n".join(bad)
+
+
+def test_parameter_count():
+    source = ("def f(a, /, b, c=1, *args, d, e=2, **kw): pass\n"
+              "class C:\n  def m(self, a): pass\n  @classmethod\n  def k(cls, *, a): pass\n"
+              "def g(x, self): pass\n")
+    assert parameter_counts(source) == [("f", 1, 7), ("g", 6, 2), ("m", 3, 1), ("k", 5, 1)]

@@ -18,7 +18,7 @@ from dirl_min.decoding import generate
 from dirl_min.engine.score import rounds_logp
 from dirl_min.model.forward import SelectedLogits
 from dirl_min.model import build_tiny
-from dirl_min.trainer import policy_step
+from dirl_min.trainer import MicroBatch, PolicySettings, StepTotals, policy_step
 from reference import objectives as ref
 from test_dipo_core import step_maps
 
@@ -106,10 +106,14 @@ def _rollout(block_size=4, n=6, seed=0):
     return model, roll
 
 
-def _loss_and_grads(model, roll, spec, adv, **kw):
+def _whole(roll, adv) -> MicroBatch:
+    return MicroBatch(roll, list(range(len(roll))), adv)
+
+
+def _loss_and_grads(model, roll, spec, adv, ref_model=None, **kw):
     model.zero_grad()
-    loss, stats, logp = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
-                                    num_sequences=len(roll), eps_low=0.2, eps_high=0.28, spec=spec, **kw)
+    loss, stats, logp = policy_step(SelectedLogits(model), _whole(roll, adv), StepTotals(40.0, len(roll)),
+                                    PolicySettings(eps_low=0.2, eps_high=0.28, spec=spec, **kw), ref_model=ref_model)
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in model.parameters()], logp, stats
 
@@ -228,11 +232,10 @@ def test_random_views_are_the_same_for_old_new_and_reference_log_probs():
         loss, _, logp, stats = _loss_and_grads(model, roll, ObjectiveSpec(name), adv, beta=0.1,
                                                ref_model=copy.deepcopy(model))
         assert stats["kl_ref"] == 0.0 and stats["ratio_mean"] == 1.0
-        again = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
-                            num_sequences=4, eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name))[2]
+        settings = PolicySettings(eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name))
+        again = policy_step(SelectedLogits(model), _whole(roll, adv), StepTotals(40.0, 4), settings)[2]
         assert torch.equal(again, logp)  # same pass, same views
-        later = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
-                            num_sequences=4, eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name), iteration=1)[2]
+        later = policy_step(SelectedLogits(model), _whole(roll, adv), StepTotals(40.0, 4), settings, iteration=1)[2]
         assert not torch.equal(later, logp)  # the next pass draws new masks
 
 
@@ -269,7 +272,7 @@ def test_the_rl_step_normalises_by_the_kept_responses_tokens_and_count():
     _, b = _rollout(n=4, seed=1)
     assert len({len(r) for r in a.response_ids + b.response_ids}) > 1  # counts differ from tokens
     adv = torch.arange(4.0)
-    kept = [(a, [2, 3], adv[2:]), (b, [0, 1], adv[:2]), (b, [2, 3], adv[2:])]
+    kept = [MicroBatch(a, [2, 3], adv[2:]), MicroBatch(b, [0, 1], adv[:2]), MicroBatch(b, [2, 3], adv[2:])]
     rolls = [(a, None, None), (b, None, None)]
     cfg = SimpleNamespace(rl=SimpleNamespace(micro_batch=3))
     accel = SimpleNamespace(num_processes=1, process_index=0)
@@ -291,8 +294,8 @@ def test_each_objective_takes_the_asked_mean_in_the_rl_step(name, mean):
     model, roll = _rollout(n=4)
     adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
     n_tok, n_seq = 77.0, 9.0
-    loss, _, _ = policy_step(SelectedLogits(model), roll, list(range(4)), adv, num_tokens=n_tok, num_sequences=n_seq,
-                             eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name), loss_mean=mean)
+    loss, _, _ = policy_step(SelectedLogits(model), _whole(roll, adv), StepTotals(n_tok, n_seq),
+                             PolicySettings(eps_low=0.2, eps_high=0.28, spec=ObjectiveSpec(name), loss_mean=mean))
     lengths = [len(r) for r in roll.response_ids]
     if mean == "token":
         want = -sum(a * n for a, n in zip(adv.tolist(), lengths)) / n_tok
@@ -357,7 +360,8 @@ def test_dynamic_sampling_keeps_exactly_the_first_p_groups_that_pass_the_filter(
                                              group_filter="reward_std", scale_advantages=True))
     accel = SimpleNamespace(num_processes=1, process_index=0)
     sampler = SimpleNamespace(take=lambda n: list(range(n)))
-    kept, sampled, n_kept = loops_dipo._sample_groups(cfg, accel, None, None, sampler, None, None, {})
+    stage = SimpleNamespace(sampler=sampler, wrapped=None, gen=None)
+    kept, sampled, n_kept = loops_dipo._sample_groups(cfg, accel, stage, None, None, {})
     assert n_kept == 2 and len(sampled) == 2
-    assert [(r, idx, place) for r, idx, _, place in kept] == [(first, [2, 3], 0), (second, [0, 1], 1)]
-    assert [a.tolist() for _, _, a, _ in kept] == [pytest.approx([-1.0, 1.0], abs=1e-5), pytest.approx([1.0, -1.0], abs=1e-5)]
+    assert [(k.rollout, k.indices, k.place) for k in kept] == [(first, [2, 3], 0), (second, [0, 1], 1)]
+    assert [k.advantages.tolist() for k in kept] == [pytest.approx([-1.0, 1.0], abs=1e-5), pytest.approx([1.0, -1.0], abs=1e-5)]

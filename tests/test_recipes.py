@@ -13,7 +13,7 @@ import torch
 from dirl_min.core.estimates import ObjectiveSpec
 from dirl_min.core.objectives import ACCURACY_BAND, filter_groups, group_advantages
 from dirl_min.loops import rl as loops_dipo
-from dirl_min.loops.policy import policy_step
+from dirl_min.loops.policy import MicroBatch, PolicySettings, StepTotals, policy_step
 from dirl_min.model.forward import SelectedLogits
 from test_objectives import _rollout
 
@@ -39,10 +39,11 @@ def test_accuracy_band_and_no_filter():
     assert filter_groups(torch.zeros(8), 4, rule="none").tolist() == [True, True]
 
 
-def _step(model, roll, adv, **kw):
+def _step(model, roll, adv, ref_model=None, logp_old=None, **kw):
     model.zero_grad()
-    loss, stats, logp = policy_step(SelectedLogits(model), roll, list(range(len(roll))), adv, num_tokens=40.0,
-                                    num_sequences=float(len(roll)), eps_low=0.2, eps_high=0.28, **kw)
+    loss, stats, logp = policy_step(SelectedLogits(model), MicroBatch(roll, list(range(len(roll))), adv),
+                                    StepTotals(40.0, float(len(roll))), PolicySettings(eps_low=0.2, eps_high=0.28, **kw),
+                                    ref_model=ref_model, logp_old=logp_old)
     return loss.detach(), stats, logp
 
 
@@ -102,8 +103,8 @@ def test_recipe_settings_reach_the_rl_loop(tmp_path, monkeypatch):
         return real_adv(*a, **k)
 
     def step(*a, **k):
-        seen["loss_mean"].add(k["loss_mean"])
-        seen["kl_to_old"].add(k.get("kl_to_old"))
+        seen["loss_mean"].add(k["settings"].loss_mean)
+        seen["kl_to_old"].add(k["settings"].kl_to_old)
         return real_step(*a, **k)
 
     def update(*a, **k):

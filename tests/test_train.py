@@ -17,7 +17,8 @@ from dirl_min.dipo import group_advantages
 from dirl_min.model.forward import SelectedLogits
 from dirl_min.model import build_tiny
 from dirl_min.loops import rl as loops_dipo, sft as loops_sft, state as loops_state
-from dirl_min.trainer import dipo_step, rollout_and_reward, sft_loss, sft_noise, tokenize_sft
+from dirl_min.trainer import (MicroBatch, PolicySettings, StepTotals, dipo_step, rollout_and_reward, sft_loss, sft_noise,
+                              tokenize_sft)
 from tests.fixtures.tree import assert_env_imports_tree, tree_env
 
 
@@ -46,13 +47,14 @@ def test_a_few_sft_steps_lower_the_loss_on_a_fixed_batch():
 
     def loss_at_fixed_noise():
         with torch.no_grad():
-            return float(sft_loss(w, ex, model.config.mask_token_id, 4, num_response_tokens=n_resp, t_min=0.5,
-                                  generator=torch.Generator().manual_seed(123))[0])
+            noise = sft_noise(ex, model.config.mask_token_id, t_min=0.5, generator=torch.Generator().manual_seed(123))
+            return float(sft_loss(w, ex, model.config.mask_token_id, 4, noise, num_response_tokens=n_resp)[0])
 
     before = loss_at_fixed_noise()
     gen = torch.Generator().manual_seed(0)
     for _ in range(30):
-        loss, _ = sft_loss(w, ex, model.config.mask_token_id, 4, num_response_tokens=n_resp, t_min=0.1, generator=gen)
+        noise = sft_noise(ex, model.config.mask_token_id, t_min=0.1, generator=gen)
+        loss, _ = sft_loss(w, ex, model.config.mask_token_id, 4, noise, num_response_tokens=n_resp)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -67,19 +69,19 @@ def _sft_runner(seed: int, n: int):
     w = SelectedLogits(model)
     M = model.config.mask_token_id
     n_resp = sum(len(e.ids) - e.prompt_len for e in ex)
-    masks, p = sft_noise(ex, M, t_min=0.1, generator=torch.Generator().manual_seed(seed))
+    noise = sft_noise(ex, M, t_min=0.1, generator=torch.Generator().manual_seed(seed))
 
     def run(splits, pack=0):
         model.zero_grad()
         total = 0.0
         for idx in splits:
-            loss, _ = sft_loss(w, [ex[i] for i in idx], M, 4, num_response_tokens=n_resp,
-                               masks=[masks[i] for i in idx], p=p[idx], pack_tokens=pack)
+            loss, _ = sft_loss(w, [ex[i] for i in idx], M, 4, noise.take(idx), num_response_tokens=n_resp,
+                               pack_tokens=pack)
             loss.backward()
             total += float(loss.detach())
         return total, [q.grad.clone() for q in model.parameters()]
 
-    return ex, masks, M, run
+    return ex, noise.masks, M, run
 
 
 def _assert_same(a, b):
@@ -117,7 +119,8 @@ def test_a_few_dipo_steps_raise_the_mean_reward_on_a_toy_reward():
         roll, reward = sample()
         adv = group_advantages(reward, 8)
         n_tok = sum(len(x) for x in roll.response_ids)
-        loss, stats, _ = dipo_step(w, roll, list(range(len(roll))), adv, num_tokens=n_tok, eps_low=0.2, eps_high=0.28)
+        loss, stats, _ = dipo_step(w, MicroBatch(roll, list(range(len(roll))), adv), StepTotals(n_tok),
+                                   PolicySettings(eps_low=0.2, eps_high=0.28))
         loss.backward()
         opt.step()
         opt.zero_grad()

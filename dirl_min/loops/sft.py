@@ -12,14 +12,15 @@ import sys
 import time
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from dirl_min.core.masks import add_noise
 from dirl_min.infra.data_parallel import backward_micro
 from dirl_min.engine.score import build_layout, layout_logp, rounds_logp
-from dirl_min.model.forward import SelectedLogits, unwrap
-from dirl_min.loops.state import EpochSampler, IntervalMean, make_scheduler
+from dirl_min.model.forward import unwrap
+from dirl_min.loops.state import IntervalMean, Job, start_stage
 from dirl_min.model import diffusion_settings
 
 
@@ -50,8 +51,19 @@ def tokenize_sft(records: list[dict], tokenizer, block_size: int, max_len: int) 
     return out, skipped
 
 
+class SFTNoise(NamedTuple):
+    """The SFT noise of a batch of N examples (SPEC §2)."""
+
+    masks: list  #: per example, bool [L_i]: the masked response positions
+    p: torch.Tensor  #: float [N]: the masking probabilities
+
+    def take(self, idx: list[int]) -> SFTNoise:
+        """The noise of examples ``idx`` (a micro-batch's)."""
+        return SFTNoise([self.masks[i] for i in idx], self.p[idx])
+
+
 def sft_noise(examples: list[SFTExample], mask_token_id: int, *, t_min: float = 0.0, eps: float = 1e-3,
-              generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+              generator: torch.Generator | None = None) -> SFTNoise:
     """Draw the SFT noise (SPEC §2) for a batch: per example a bool ``[L_i]`` mask of the
     masked response positions, and the masking probabilities ``p``, float ``[N]``."""
     width = max(len(e.ids) for e in examples)
@@ -61,26 +73,24 @@ def sft_noise(examples: list[SFTExample], mask_token_id: int, *, t_min: float = 
         ids[i, : len(e.ids)] = e.ids
         loss_mask[i, e.prompt_len: len(e.ids)] = True
     _, is_masked, p = add_noise(ids, loss_mask, mask_token_id, eps=eps, t_min=t_min, generator=generator)
-    return [is_masked[i, : len(e.ids)] for i, e in enumerate(examples)], p
+    return SFTNoise([is_masked[i, : len(e.ids)] for i, e in enumerate(examples)], p)
 
 
-def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: int, *, num_response_tokens: float,
-             masks: list[torch.Tensor] | None = None, p: torch.Tensor | None = None,
-             t_min: float = 0.0, eps: float = 1e-3, generator: torch.Generator | None = None, pack_tokens: int = 0):
+def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: int, noise: SFTNoise, *,
+             num_response_tokens: float, pack_tokens: int = 0):
     """The random-masking loss of SPEC §2 on a micro-batch.
 
     ``L = (1 / N_resp) Σ_{masked i} −log p(x0_i | x_t ; x_0) / p``, with ``N_resp`` the
     response tokens of the whole optimizer step (``num_response_tokens``), so the
-    micro-batch losses of one step add up to the step's loss. The noise is drawn here
-    unless ``masks`` and ``p`` (from :func:`sft_noise`) are given. ``pack_tokens > 0`` packs
+    micro-batch losses of one step add up to the step's loss. ``noise`` is the examples'
+    (:func:`sft_noise`). ``pack_tokens > 0`` packs
     several examples into one row (see :func:`dirl_min.core.rounds.build_layout`).
 
     Returns:
         ``(loss, stats)``: scalar tensor (with grad) and floats ``masked`` (count) and
         ``nll`` (mean per masked token, unweighted).
     """
-    if masks is None:
-        masks, p = sft_noise(examples, mask_token_id, t_min=t_min, eps=eps, generator=generator)
+    masks, p = noise
     ids, rounds = [e.ids for e in examples], [m[None] for m in masks]
     if pack_tokens:
         batch = build_layout(ids, rounds, rounds, mask_token_id, block_size, pack_tokens=pack_tokens)
@@ -94,86 +104,66 @@ def sft_loss(model, examples: list[SFTExample], mask_token_id: int, block_size: 
     return loss, {"masked": float(len(owner)), "nll": float(-logp.detach().mean())}
 
 
-def _setup(cfg, accel, policy, examples, state):
-    """Optimizer, scheduler, wrapped model, noise generator and sampler — resumed from ``state``
-    when it is an SFT checkpoint's. Returns ``(params, opt, sched, wrapped, gen, sampler, start)``."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.sft.lr, betas=tuple(cfg.sft.betas), weight_decay=cfg.sft.weight_decay)
-    sched = make_scheduler(opt, cfg.sft.warmup_steps, cfg.sft.steps, cfg.sft.min_lr_ratio)
-    wrapped, opt = accel.prepare(SelectedLogits(policy), opt)
-    start = 0
-    if state.get("stage") == "sft":
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start = state["step"]
-    gen = torch.Generator().manual_seed(cfg.run.seed + 1)
-    sampler = EpochSampler(examples, cfg.run.seed + 2)
-    if state.get("stage") == "sft":
-        gen.set_state(state["noise_rng"])
-        sampler.load_state_dict(state["sampler"])
-    return params, opt, sched, wrapped, gen, sampler, start
-
-
-def _accumulate(cfg, accel, wrapped, batch, masks, p, n_resp, M, B) -> float:
-    """Backward of this process's share of ``batch`` in ``sft.grad_accum`` micro-batches;
-    returns the step's loss summed over all processes."""
+def _accumulate(cfg, accel, wrapped, batch, noise: SFTNoise, n_resp: int) -> float:
+    """Backward of this process's share of ``batch`` in ``sft.grad_accum`` micro-batches, each loss
+    normalised by ``n_resp``, the whole step's response tokens; returns the step's loss summed over all processes."""
     world, rank = accel.num_processes, accel.process_index
+    B, M = diffusion_settings(unwrap(wrapped))
     mine = list(range(rank, len(batch), world))
     micro = [mine[i::cfg.sft.grad_accum] for i in range(cfg.sft.grad_accum)]
     total_loss = torch.zeros((), device=accel.device)
     for k, idx in enumerate(micro):
         # losses are normalised by the step's global token count, so gradients add up to the full batch's
-        loss, _ = sft_loss(wrapped, [batch[i] for i in idx], M, B, num_response_tokens=n_resp,
-                           masks=[masks[i] for i in idx], p=p[idx], pack_tokens=cfg.sft.pack_tokens)
+        loss, _ = sft_loss(wrapped, [batch[i] for i in idx], M, B, noise.take(idx), num_response_tokens=n_resp,
+                           pack_tokens=cfg.sft.pack_tokens)
         backward_micro(accel, wrapped, loss, last=k == len(micro) - 1)
         total_loss += loss.detach()
     return float(accel.reduce(total_loss, "sum")) if world > 1 else float(total_loss)
 
 
-def run_sft(cfg, accel, policy, tok, records, log, state, progress, stop=None):
+def run_sft(job: Job, policy, tok, records, state):
     """Random-masking SFT (SPEC §2) for ``cfg.sft.steps`` optimizer steps.
 
     A generator: yields ``("checkpoint", trainer_state)`` every ``run.save_every`` steps, and after the
-    step at which ``stop()`` (:class:`~dirl_min.loops.state.Interrupts`) first says to stop; then it ends."""
+    step at which ``job.stop()`` (:class:`~dirl_min.loops.state.Interrupts`) first says to stop; then it ends."""
     from tqdm.auto import tqdm
 
+    cfg, accel = job.cfg, job.accel
     B, M = diffusion_settings(unwrap(policy))
     examples, skipped = tokenize_sft(records, tok, B, cfg.sft.max_seq_len)
     if not examples:
         raise ValueError(f"no SFT example fits sft.max_seq_len={cfg.sft.max_seq_len} ({skipped} skipped)")
-    params, opt, sched, wrapped, gen, sampler, start = _setup(cfg, accel, policy, examples, state)
+    st = start_stage("sft", job, policy, examples, state, cfg.sft.min_lr_ratio)
     world, rank = accel.num_processes, accel.process_index
-    bar = tqdm(range(start, cfg.sft.steps), desc="SFT", disable=not progress or not accel.is_main_process,
-               initial=start, total=cfg.sft.steps)
+    bar = tqdm(range(st.start, cfg.sft.steps), desc="SFT", disable=not job.progress or not accel.is_main_process,
+               initial=st.start, total=cfg.sft.steps)
     t0, tokens = time.perf_counter(), 0
     interval = IntervalMean(state.get("log_interval") if state.get("stage") == "sft" else None)
     for step in bar:
         # 1. batch: N examples, ids [L_i] each; n_resp, the whole step's response tokens
-        batch = sampler.take(cfg.sft.batch_size)
+        batch = st.sampler.take(cfg.sft.batch_size)
         n_resp = sum(len(e.ids) - e.prompt_len for e in batch)
         # 2. noise: masks [L_i], p [N], drawn for the whole global batch on every process, then
         #    sliced: the update is then the same whatever the number of processes and micro-batches
-        masks, p = sft_noise(batch, M, t_min=cfg.sft.t_min, eps=cfg.sft.eps, generator=gen)
+        noise = sft_noise(batch, M, t_min=cfg.sft.t_min, eps=cfg.sft.eps, generator=st.gen)
         # 3. loss and backward, micro-batch by micro-batch
-        total_loss = _accumulate(cfg, accel, wrapped, batch, masks, p, n_resp, M, B)
+        total_loss = _accumulate(cfg, accel, st.wrapped, batch, noise, n_resp)
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"SFT step {step}: the loss is {total_loss}; lower sft.lr or raise sft.t_min")
         # 4. update
-        gnorm = accel.clip_grad_norm_(params, cfg.sft.grad_clip) if cfg.sft.grad_clip > 0 else torch.tensor(0.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        gnorm = accel.clip_grad_norm_(st.params, cfg.sft.grad_clip) if cfg.sft.grad_clip > 0 else torch.tensor(0.0)
+        st.opt.step()
+        st.sched.step()
+        st.opt.zero_grad(set_to_none=True)
         tokens += sum(len(batch[i].ids) * 2 for i in range(rank, len(batch), world))
         tps = tokens / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:.0f}")
-        interval.add({"loss": total_loss, "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm), "tokens_per_s": tps})
+        interval.add({"loss": total_loss, "lr": st.sched.get_last_lr()[0], "grad_norm": float(gnorm), "tokens_per_s": tps})
         if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.sft.steps:
-            log.write("sft", step + 1, interval.take())  # the mean over the steps since the last row
-        stop_now = stop is not None and stop()
+            job.log.write("sft", step + 1, interval.take())  # the mean over the steps since the last row
+        stop_now = job.stop is not None and job.stop()
         if stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.steps):
-            yield "checkpoint", {"stage": "sft", "step": step + 1, "optimizer": opt.state_dict(),
-                                 "scheduler": sched.state_dict(), "noise_rng": gen.get_state(),
-                                 "sampler": sampler.state_dict(), "log_interval": interval.state_dict()}
+            yield "checkpoint", st.checkpoint(step + 1, interval)
         if stop_now:
             return
     if skipped:

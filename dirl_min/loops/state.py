@@ -10,12 +10,14 @@ import shutil
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from dirl_min.infra.atomic import atomic_dir, atomic_write, is_temporary
-from dirl_min.model.forward import unwrap
+from dirl_min.model.forward import SelectedLogits, unwrap
 from dirl_min.model import TRAIN_CHECKPOINT_MODEL_DIR, TRAINER_STATE_FILE, save_model
 from dirl_min.infra.progress import ProgressLines
 from dirl_min.infra.sharding import full_state_dict
@@ -226,9 +228,10 @@ class Checkpoints:
     ``record``, what each checkpoint records as the run's settings (``runs.run_record``: with the
     data files' hashes; default ``cfg.to_dict()``)."""
 
-    def __init__(self, out: Path, cfg, accel, model, tok, summary: dict, index: int = 0, record: dict | None = None):
+    def __init__(self, out: Path, cfg, accel, model, tok, summary: dict, record: dict | None = None):
         self.out, self.cfg, self.accel, self.model, self.tok = out, cfg, accel, model, tok
-        self.summary, self.index, self.record = summary, index, record if record is not None else cfg.to_dict()
+        self.summary, self.record = summary, record if record is not None else cfg.to_dict()
+        self.index = 0  # the last checkpoint's number: a resumed run sets its checkpoint's ``ckpt_index``
         self.last: Path | None = None
 
     def save(self, name: str, st: dict) -> None:
@@ -283,3 +286,59 @@ def make_scheduler(optimizer, warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Job:
+    """What a training loop gets from the job around it."""
+
+    cfg: object  #: the run's :class:`~dirl_min.settings.config.Config`
+    accel: object  #: the Accelerator
+    log: MetricsLog
+    progress: bool = False  #: show a tqdm bar (main process only)
+    stop: Callable[[], bool] | None = None  #: says when to stop after a step (:class:`Interrupts`)
+
+
+#: per stage: (the seed offsets of its generator and its sampler, the checkpoint key of the generator)
+_STAGE_RNG = {"sft": (1, 2, "noise_rng"), "rl": (3, 4, "sample_rng")}
+
+
+@dataclass
+class StageState:
+    """A training stage's state (SFT or RL): what it updates, draws with and resumes from."""
+
+    name: str  #: ``sft`` or ``rl``
+    params: list  #: the trained parameters
+    opt: object  #: the optimizer (prepared by the Accelerator)
+    sched: object  #: the learning-rate scheduler
+    wrapped: object  #: the policy as :class:`SelectedLogits`, prepared for distribution
+    gen: torch.Generator  #: SFT's noise or RL's sampling seeds
+    sampler: EpochSampler  #: the examples (SFT) or prompts (RL)
+    start: int = 0  #: the first step to run (a resumed checkpoint's step)
+    ref_model: object = None  #: RL's KL reference (beta > 0, ``rl.kl_reference: initial``)
+
+    def checkpoint(self, step: int, interval: IntervalMean) -> dict:
+        """The trainer state a checkpoint after ``step`` saves (:func:`start_stage` resumes it)."""
+        return {"stage": self.name, "step": step, "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), _STAGE_RNG[self.name][2]: self.gen.get_state(),
+                "sampler": self.sampler.state_dict(), "log_interval": interval.state_dict()}
+
+
+def start_stage(name: str, job: Job, policy, items: list, state: dict, min_lr_ratio: float) -> StageState:
+    """AdamW and the scheduler (warm-up, then cosine to ``min_lr_ratio``) from the stage's settings
+    section, the wrapped model, the generator and the sampler — resumed from ``state`` when it is
+    this stage's checkpoint's."""
+    section, (gen_seed, sampler_seed, rng_key) = getattr(job.cfg, name), _STAGE_RNG[name]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=section.lr, betas=tuple(section.betas), weight_decay=section.weight_decay)
+    sched = make_scheduler(opt, section.warmup_steps, section.steps, min_lr_ratio)
+    wrapped, opt = job.accel.prepare(SelectedLogits(policy), opt)
+    st = StageState(name, params, opt, sched, wrapped, torch.Generator().manual_seed(job.cfg.run.seed + gen_seed),
+                    EpochSampler(items, job.cfg.run.seed + sampler_seed))
+    if state.get("stage") == name:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        st.start = state["step"]
+        st.gen.set_state(state[rng_key])
+        st.sampler.load_state_dict(state["sampler"])
+    return st

@@ -97,8 +97,8 @@ def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: boo
     seconds, memory and model FLOPs of this process."""
     from dirl_min.model.forward import SelectedLogits
     from dirl_min.model import resolve_dtype
-    from dirl_min.loops.policy import dipo_step
-    from dirl_min.loops.sft import sft_loss
+    from dirl_min.loops.policy import MicroBatch, PolicySettings, StepTotals, dipo_step
+    from dirl_min.loops.sft import sft_loss, sft_noise
 
     model, tok = build_shaped(shape, layers, resolve_dtype(dtype))
     model.to(device).train()
@@ -121,12 +121,12 @@ def run_step(shape: str, layers: int, dtype: str, stage: str, checkpointing: boo
             return None, _rollout(model, tok, roll, response_tokens, engine_path)
         if stage == "sft":
             n_resp = sum(len(e.ids) - e.prompt_len for e in sft)
-            loss, _ = sft_loss(net, sft, tok.mask_token_id, BLOCK, num_response_tokens=n_resp,
-                               generator=torch.Generator().manual_seed(0))
+            noise = sft_noise(sft, tok.mask_token_id, generator=torch.Generator().manual_seed(0))
+            loss, _ = sft_loss(net, sft, tok.mask_token_id, BLOCK, noise, num_response_tokens=n_resp)
         else:
             n_resp = responses * response_tokens
-            loss, _, _ = dipo_step(net, roll, list(range(responses)), torch.linspace(-1, 1, responses),
-                                   num_tokens=n_resp, eps_low=0.2, eps_high=0.28)
+            batch = MicroBatch(roll, list(range(responses)), torch.linspace(-1, 1, responses))
+            loss, _, _ = dipo_step(net, batch, StepTotals(n_resp), PolicySettings(eps_low=0.2, eps_high=0.28))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

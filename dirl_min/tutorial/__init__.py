@@ -57,7 +57,7 @@ def trained_tiny(steps: int = 150, batch_size: int = 16, seed: int = 0, block_si
     import torch
 
     from dirl_min.data import arithmetic_problems, sft_records
-    from dirl_min.loops.sft import sft_loss, tokenize_sft
+    from dirl_min.loops.sft import sft_loss, sft_noise, tokenize_sft
     from dirl_min.loops.state import EpochSampler, make_scheduler
     from dirl_min.model import build_tiny
 
@@ -77,7 +77,8 @@ def trained_tiny(steps: int = 150, batch_size: int = 16, seed: int = 0, block_si
     for _ in range(steps):
         batch = sampler.take(batch_size)
         n_resp = sum(len(e.ids) - e.prompt_len for e in batch)
-        loss, _ = sft_loss(model, batch, M, B, num_response_tokens=n_resp, t_min=0.1, generator=noise)
+        drawn = sft_noise(batch, M, t_min=0.1, generator=noise)
+        loss, _ = sft_loss(model, batch, M, B, drawn, num_response_tokens=n_resp)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
