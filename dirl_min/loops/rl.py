@@ -233,10 +233,8 @@ def run_rl(job: Job, policy, tok, problems, state):
         row.update({f"time_{k}": v for k, v in times.items()})
         bar.set_postfix(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}", kept=f"{row['kept_fraction']:.2f}")
         interval.add(row)
-        if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.rl.steps:
-            job.log.write("rl", step + 1, interval.take())  # the mean over the steps since the last row
-        stop_now = job.stop is not None and job.stop()
-        if stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.rl.steps):
+        save, stop_now = job.end_step("rl", step, cfg.rl.steps, interval)
+        if save:
             yield "checkpoint", st.checkpoint(step + 1, interval)
         if stop_now:
             return

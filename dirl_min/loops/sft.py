@@ -159,10 +159,8 @@ def run_sft(job: Job, policy, tok, records, state):
         tps = tokens / (time.perf_counter() - t0)
         bar.set_postfix(loss=f"{total_loss:.3f}", tok_s=f"{tps:.0f}")
         interval.add({"loss": total_loss, "lr": st.sched.get_last_lr()[0], "grad_norm": float(gnorm), "tokens_per_s": tps})
-        if (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.sft.steps:
-            job.log.write("sft", step + 1, interval.take())  # the mean over the steps since the last row
-        stop_now = job.stop is not None and job.stop()
-        if stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.sft.steps):
+        save, stop_now = job.end_step("sft", step, cfg.sft.steps, interval)
+        if save:
             yield "checkpoint", st.checkpoint(step + 1, interval)
         if stop_now:
             return

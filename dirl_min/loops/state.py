@@ -298,6 +298,16 @@ class Job:
     progress: bool = False  #: show a tqdm bar (main process only)
     stop: Callable[[], bool] | None = None  #: says when to stop after a step (:class:`Interrupts`)
 
+    def end_step(self, stage: str, step: int, steps: int, interval: IntervalMean) -> tuple[bool, bool]:
+        """After 0-based ``step`` of ``steps``: the log row when one is due (the interval's mean),
+        then ``(save, stop)``: whether to checkpoint here, and whether the loop ends after it.
+        ``stop()`` is asked on every process at every step (it is a collective)."""
+        run, done = self.cfg.run, step + 1
+        if done % run.log_every == 0 or done == steps:
+            self.log.write(stage, done, interval.take())  # the mean over the steps since the last row
+        stop = self.stop is not None and self.stop()
+        return stop or bool(run.save_every and done % run.save_every == 0 and done < steps), stop
+
 
 #: per stage: (the seed offsets of its generator and its sampler, the checkpoint key of the generator)
 _STAGE_RNG = {"sft": (1, 2, "noise_rng"), "rl": (3, 4, "sample_rng")}
