@@ -295,6 +295,35 @@ for n, (missing, future) in MISMATCH.items():
     print(f"{n:<14} tokens missing part of their decoding context: {missing:5.0%}   "
           f"seeing a later token: {future:5.0%}")
 
+# %% [markdown]
+# ## How far each estimate is from the exact likelihood, and where its gradient points
+#
+# Because `dipo`'s log-probabilities are exact, every other estimate's bias can be measured on the same
+# responses. `dirl_min.comparison.diagnose.diagnose` scores the batch with each objective (and the named
+# ablations: TraceRL's shrinkage `s = 2`, the old d1 port with and without prompt masking) and reports
+# the mean `|log-prob − exact|` overall and by position in the block, the cosine between the objective's
+# policy gradient and the exact one, and for random views the spread of that cosine over independent
+# draws. Both gradients use the same advantages and the same token-mean weighting, so only the
+# likelihood estimate differs. Any advantages serve for that; here they alternate `+1, −1` over the
+# eight responses. `python -m dirl_min.compare --diagnose --model CKPT` runs the same function on a
+# checkpoint's own RL batch, with group advantages; the README has its table for the main job's SFT model.
+
+# %%
+from dirl_min.comparison.diagnose import diagnose, text_table
+
+ADV = torch.tensor([1.0, -1.0] * (len(roll) // 2))
+DIAG, DIAG_INFO = diagnose(model, roll, ADV, draws=4)
+print(text_table(DIAG))
+print(f"{DIAG_INFO['tokens']} response tokens; the exact reference agrees with the decoder's recorded "
+      f"log-probs to {DIAG_INFO['decoder_gap']:.1e}")
+
+# %% [markdown]
+# `dipo` and `tracerl` at `s = 1` sit on the exact values (gap at rounding, cosine 1). Every other
+# estimate pays for its fewer or cheaper copies with a bias, and the old d1 port, which puts mask tokens
+# into the clean past that a block model never sees, is by far the largest: its gradient barely points
+# the way the exact one does. On this small model the numbers show the kinds of error, not their sizes for
+# a real model.
+
 # %% tags=["checks"] jupyter={"source_hidden": true}
 # Checks: this notebook's claims, asserted (tests/test_notebooks.py reads CHECKS back).
 CHECKS = {
@@ -313,6 +342,7 @@ CHECKS = {
     "mean_diff": {n: float(DIFF[n].mean()) for n in OBJECTIVES},
     "tracerl_s2_exact_fraction": float((DIFF["tracerl"] < 1e-4).float().mean()),
     "mismatch": MISMATCH,
+    "diagnosis": {n: {"logp_gap": r["logp_gap"], "grad_cosine": r["grad_cosine"]} for n, r in DIAG.items()},
     "seconds": time.perf_counter() - T_START,
 }
 assert CHECKS["read_once"] and CHECKS["scored_every_token"] and CHECKS["same_as_trainer"]
@@ -324,5 +354,8 @@ assert all(CHECKS["max_diff"][n] > 1e-2 for n in ("tracerl", "diffu_grpo_masked_
 assert 0 < CHECKS["tracerl_s2_exact_fraction"] < 1
 assert max(CHECKS["mean_diff"], key=CHECKS["mean_diff"].get) == "diffu_grpo_masked_context"
 assert CHECKS["mismatch"]["dipo"] == (0.0, 0.0) and CHECKS["mismatch"]["tracerl"][1] == 0.0
+assert CHECKS["diagnosis"]["dipo"]["logp_gap"] <= 1e-5 and CHECKS["diagnosis"]["dipo"]["grad_cosine"] >= 0.9999
+assert CHECKS["diagnosis"]["tracerl"] == CHECKS["diagnosis"]["dipo"], "tracerl at s = 1 is dipo"
+assert max(CHECKS["diagnosis"], key=lambda n: CHECKS["diagnosis"][n]["logp_gap"]).startswith("diffu_grpo_masked_context")
 assert CHECKS["mismatch"]["coupled_grpo"][1] > 0 and CHECKS["mismatch"]["diffu_grpo_masked_context"][0] > 0
 print(CHECKS)

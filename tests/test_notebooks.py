@@ -230,6 +230,11 @@ def _check_05(c):
     assert c["max_diff"]["dipo"] < 1e-4, "consistency invariant: dipo's views != recorded logp"
     assert min(c["max_diff"][n] for n in ("tracerl", "diffu_grpo_masked_context", "coupled_grpo")) > 1e-2
     assert c["mismatch"]["dipo"] == [0.0, 0.0] and c["mismatch"]["tracerl"][1] == 0.0
+    d = c["diagnosis"]  # the exact core's own row, and the estimates' biases against it
+    assert d["dipo"]["logp_gap"] <= 1e-5 and d["dipo"]["grad_cosine"] >= 0.9999
+    assert d["tracerl"] == d["dipo"], "tracerl at s = 1 reads as dipo"
+    assert all(d[n]["logp_gap"] > 1e-3 and d[n]["grad_cosine"] < 0.9999
+               for n in ("tracerl_s2", "diffu_grpo", "coupled_grpo", "diffu_grpo_masked_context"))
 
 
 CHECKERS = {"01": (_check_01, 4), "02": (_check_02, 2), "03": (_check_03, 3), "04": (_check_04, 1),
