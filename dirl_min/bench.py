@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -45,7 +45,10 @@ from dirl_min.infra.atomic import atomic_write
 from dirl_min.speed import shapes
 from dirl_min.speed.rows import bench_size
 
-__all__ = ["build_parser", "parse_args", "main", "shape_build_parser", "shape_parse_args", "shape_main", "failed_checks", "cli"]
+if TYPE_CHECKING:
+    from dirl_min.settings.commands import BenchCommand, ShapeCommand
+
+__all__ = ["build_parser", "parse_args", "json_args", "main", "shape_build_parser", "shape_parse_args", "shape_main", "failed_checks", "cli"]
 
 
 def _print_table(result: dict[str, Any]) -> None:
@@ -87,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     return config_parser(**_parser_kw())
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The checked settings (:data:`dirl_min.settings.checks.BENCH_RULES`) under the flags' names; ``--quick``
-    replaces the defaults of :data:`~dirl_min.settings.commands.BENCH_QUICK`, not settings given explicitly."""
-    from dirl_min.settings.commands import BENCH_ALIASES, BENCH_QUICK, BenchCommand, parse_command
-    from dirl_min.settings.config import _apply as apply_setting, flat
+def parse_args(argv=None) -> BenchCommand:
+    """The checked settings (:data:`dirl_min.settings.checks.BENCH_RULES`); ``--quick`` replaces the defaults
+    of :data:`~dirl_min.settings.commands.BENCH_QUICK`, not settings given explicitly."""
+    from dirl_min.settings.commands import BENCH_QUICK, BenchCommand, parse_command
+    from dirl_min.settings.config import _apply as apply_setting
     from dirl_min.settings.checks import BENCH_RULES
 
     cfg = parse_command(argv, BENCH_RULES, **_parser_kw())
@@ -100,19 +103,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         for dotted, value in BENCH_QUICK.items():
             apply_setting(base, dotted, value, "--quick")
         cfg = parse_command(argv, BENCH_RULES, base=base, **_parser_kw())
-    args = flat(cfg, BENCH_ALIASES)
-    args.size_list = list(cfg.model.sizes)
-    args.json = args.json or None
-    return args
+    return cfg
+
+
+def json_args(cfg: BenchCommand) -> dict[str, Any]:
+    """``meta.args`` of the ``--json`` file: the file's format, each setting under its flag's name (those
+    taking a value first, then the true/false ones; no file is ``null``)."""
+    m, d, ref, rs, run = cfg.model, cfg.decode, cfg.reference, cfg.rescore, cfg.run
+    return {"sizes": m.sizes, "block_size": m.block_size, "sharpen": m.sharpen, "seed": m.seed,
+            "new_tokens": d.new_tokens, "batch": d.batch, "threshold": d.threshold, "temperature": d.temperature,
+            "top_k": d.top_k, "ref_max_seconds": ref.max_seconds, "ref_tokens": ref.tokens,
+            "rescore_batch": rs.batch, "rescore_new_tokens": rs.new_tokens, "repeats": run.repeats,
+            "threads": run.threads, "clock": run.clock, "json": run.json or None,
+            "no_reference": ref.skip, "quick": run.quick, "quiet": run.quiet}
 
 
 def main(argv=None) -> dict[str, Any] | list[dict]:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a == "--shape" or a.startswith("--shape=") for a in argv):
         return shape_main(argv)  # real-shape training steps: a separate benchmark
-    args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    cfg = parse_args(argv)
+    d, run = cfg.decode, cfg.run
+    if run.threads > 0:
+        torch.set_num_threads(run.threads)
     warnings.filterwarnings("ignore")
     try:
         from transformers.utils import logging as hf_logging
@@ -129,19 +142,19 @@ def main(argv=None) -> dict[str, Any] | list[dict]:
         "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
-        "args": {k: v for k, v in vars(args).items() if k != "size_list"},
+        "args": json_args(cfg),
     }
     print(f"dirl_min bench — device cpu, float32, torch {torch.__version__}, "
-          f"torch threads {torch.get_num_threads()} (of {os.cpu_count()} CPUs), repeats {args.repeats} (median, "
-          f"after a warm-up), clock {'wall (perf_counter)' if args.clock == 'wall' else 'CPU (process_time)'}, "
-          f"{args.new_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
-    print(f"models: random weights, untied lm_head ×{args.sharpen:g} (sharpened so that confidences spread "
-          f"over (0,1)); {'greedy' if args.temperature <= 0 else f'temperature {args.temperature}'}; "
+          f"torch threads {torch.get_num_threads()} (of {os.cpu_count()} CPUs), repeats {run.repeats} (median, "
+          f"after a warm-up), clock {'wall (perf_counter)' if run.clock == 'wall' else 'CPU (process_time)'}, "
+          f"{d.new_tokens} new tokens, load average {os.getloadavg()[0]:.1f}")
+    print(f"models: random weights, untied lm_head ×{cfg.model.sharpen:g} (sharpened so that confidences spread "
+          f"over (0,1)); {'greedy' if d.temperature <= 0 else f'temperature {d.temperature}'}; "
           f"decoding runs to max_new_tokens with no stop tokens, so every run decodes the same number of blocks; "
           f"rows 1-3 and 5 use batch 1")
     results = []
-    for size in args.size_list:
-        res = bench_size(size, args)
+    for size in cfg.model.sizes:
+        res = bench_size(size, cfg)
         _print_table(res)
         results.append(res)
     total = time.perf_counter() - t_start
@@ -150,8 +163,8 @@ def main(argv=None) -> dict[str, Any] | list[dict]:
     out = {"meta": {**meta, "wall_s": total}, "results": results, "failed_checks": failed_checks(results)}
     print("correctness checks: " + ("all MET" if not out["failed_checks"] else
                                     "NOT MET: " + "; ".join(out["failed_checks"]) + " (exit status 1)"))
-    if args.json:
-        path = Path(args.json)
+    if run.json:
+        path = Path(run.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(out, indent=2, default=str) + "\n")
         print(f"results written to {path}")
@@ -172,51 +185,57 @@ def shape_build_parser() -> argparse.ArgumentParser:
     return config_parser(**_shape_parser_kw())
 
 
-def shape_parse_args(argv=None) -> argparse.Namespace:
-    """The checked settings (:data:`dirl_min.settings.checks.SHAPE_RULES`) under the flags' names."""
-    from dirl_min.settings.commands import SHAPE_ALIASES, parse_command
-    from dirl_min.settings.config import flat
+def shape_parse_args(argv=None) -> ShapeCommand:
+    """The checked settings (:data:`dirl_min.settings.checks.SHAPE_RULES`)."""
+    from dirl_min.settings.commands import parse_command
     from dirl_min.settings.checks import SHAPE_RULES
 
-    return flat(parse_command(argv, SHAPE_RULES, **_shape_parser_kw()), SHAPE_ALIASES)
+    return parse_command(argv, SHAPE_RULES, **_shape_parser_kw())
+
+
+def _worker_argv(cfg: ShapeCommand, stage: str, ckpt: str) -> list[str]:
+    """The command line of the child process that measures one configuration (``--worker stage:on|off``)."""
+    m, st = cfg.model, cfg.step
+    opts = {"--shape": m.shape, "--layers": m.layers, "--dtype": m.dtype, "--responses": st.responses,
+            "--response-tokens": st.response_tokens, "--threads": cfg.run.threads, "--device": m.device,
+            "--attn": m.attn, "--peak-tflops": st.peak_tflops, "--lmdeploy": st.lmdeploy}
+    return [sys.executable, "-m", "dirl_min.bench", "--worker", f"{stage}:{ckpt}",
+            *[x for flag, value in opts.items() for x in (flag, str(value))]]
 
 
 def shape_main(argv=None) -> list[dict]:
-    args = shape_parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.worker:  # a child: one configuration, one JSON line
-        stage, ckpt = args.worker.split(":")
-        res = shapes.run_step(args.shape, args.layers, args.dtype, stage, ckpt == "on", args.responses,
-                       args.response_tokens, args.device, args.attn, args.peak_tflops, args.lmdeploy)
+    cfg = shape_parse_args(argv)
+    m, st, run = cfg.model, cfg.step, cfg.run
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.worker:  # a child: one configuration, one JSON line
+        stage, ckpt = run.worker.split(":")
+        res = shapes.run_step(m.shape, m.layers, m.dtype, stage, ckpt == "on", st.responses,
+                              st.response_tokens, m.device, m.attn, st.peak_tflops, st.lmdeploy)
         print("RESULT " + json.dumps(res))
         return [res]
-    if args.save:
+    if run.save:
         from dirl_min.model import resolve_dtype, save_model
 
-        model, tok = shapes.build_shaped(args.shape, args.layers, resolve_dtype(args.dtype))
-        save_model(model, tok, args.save)
-        print(f"saved a random {args.shape}-shaped model to {args.save}")
+        model, tok = shapes.build_shaped(m.shape, m.layers, resolve_dtype(m.dtype))
+        save_model(model, tok, run.save)
+        print(f"saved a random {m.shape}-shaped model to {run.save}")
         return []
-    if args.lmdeploy:
+    if st.lmdeploy:
         from dirl_min.engine.lmdeploy_engine import require_lmdeploy
 
         require_lmdeploy("dirl_min.bench --shape --lmdeploy")  # here, not in each child process
-    depth = shapes.SHAPES[args.shape]["num_hidden_layers"]
-    layers = min(args.layers or depth, depth)
-    print(f"{args.shape} shape (hidden {shapes.SHAPES[args.shape]['hidden_size']}, vocab {shapes.VOCAB}, Qwen tokenizer), "
-          f"{layers} of its {depth} layers{' (REDUCED DEPTH)' if layers < depth else ''}, {args.dtype}, "
-          f"{args.device}, {args.attn}; {args.responses} responses × {args.response_tokens} tokens; "
-          f"torch threads {args.threads or torch.get_num_threads()}; one optimizer step per child process", flush=True)
+    depth = shapes.SHAPES[m.shape]["num_hidden_layers"]
+    layers = min(m.layers or depth, depth)
+    print(f"{m.shape} shape (hidden {shapes.SHAPES[m.shape]['hidden_size']}, vocab {shapes.VOCAB}, Qwen tokenizer), "
+          f"{layers} of its {depth} layers{' (REDUCED DEPTH)' if layers < depth else ''}, {m.dtype}, "
+          f"{m.device}, {m.attn}; {st.responses} responses × {st.response_tokens} tokens; "
+          f"torch threads {run.threads or torch.get_num_threads()}; one optimizer step per child process", flush=True)
     rows = []
-    for stage in args.stages:
-        cks = args.checkpointing
+    for stage in st.stages:
+        cks = st.checkpointing
         for ckpt in cks[:1] if stage == "rollout" else cks:  # decoding never checkpoints (no gradient)
-            cmd = [sys.executable, "-m", "dirl_min.bench", "--worker", f"{stage}:{ckpt}",
-                   *[x for k in ("shape", "layers", "dtype", "responses", "response_tokens", "threads", "device", "attn",
-                               "peak_tflops", "lmdeploy")
-                     for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            done = subprocess.run(_worker_argv(cfg, stage, ckpt), capture_output=True, text=True)
             lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
             if done.returncode or not lines:
                 print(f"{stage} checkpointing {ckpt}: FAILED (exit {done.returncode})\n{done.stderr[-2000:]}")
@@ -229,10 +248,12 @@ def shape_main(argv=None) -> list[dict]:
             print(f"{stage:>4}  checkpointing {ckpt:>3}: {r['seconds']:8.1f} s/step ({r['cpu_seconds']:.0f} s CPU), "
                   f"{r['trained_tokens'] / r['seconds']:8.1f} {'generated' if stage == 'rollout' else 'trained'} tokens/s, peak RSS {r['peak_rss_gib']:6.2f} GiB "
                   f"(model alone {r['rss_after_build_gib']:.2f} GiB){cuda}; {r['params'] / 1e6:.0f} M params", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+    if run.json:
+        with open(run.json, "w") as f:
             json.dump(rows, f, indent=2)
     return rows
+
+
 def failed_checks(results: list[dict]) -> list[str]:
     """The correctness checks that failed (``"size row n: name"``): same tokens as the reference decoder
     (row 1), fused commit saving one forward per block with the same tokens (row 2), packed rescoring

@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from dirl_min.settings.commands import CheckCommand
 
 DEFAULT_PROMPTS = [
     "Solve: If x + 5 = 12, what is x?",
@@ -96,52 +100,53 @@ def build_parser() -> argparse.ArgumentParser:
     return config_parser(**_parser_kw())
 
 
-def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    """The options (checked: :data:`dirl_min.settings.checks.CHECK_RULES`) and the prompts; errors exit with status 2."""
-    from dirl_min.settings.commands import CHECK_ALIASES, parse_command
-    from dirl_min.settings.config import flat
+def parse_args(argv=None) -> tuple[CheckCommand, list[str]]:
+    """The settings (:class:`dirl_min.settings.commands.CheckCommand`, checked by
+    :data:`dirl_min.settings.checks.CHECK_RULES`) and the prompts; errors exit with status 2."""
+    from dirl_min.settings.commands import parse_command
     from dirl_min.settings.checks import CHECK_CROSS_RULES, CHECK_RULES
     from dirl_min.data import DataError, read_text
 
-    args = flat(parse_command(argv, CHECK_RULES, CHECK_CROSS_RULES, **_parser_kw()), CHECK_ALIASES)
+    cfg = parse_command(argv, CHECK_RULES, CHECK_CROSS_RULES, **_parser_kw())
     parser = build_parser()
-    if args.lmdeploy:
+    if cfg.check.lmdeploy:
         from dirl_min.engine.lmdeploy_engine import lmdeploy_missing
 
         if why := lmdeploy_missing():  # before the model is loaded
             parser.error(f"--lmdeploy {why}")
 
     prompts = DEFAULT_PROMPTS
-    if args.prompts:
+    if path := cfg.rollout.prompts:
         try:
-            prompts = [line for line in read_text(args.prompts).splitlines() if line.strip()]
+            prompts = [line for line in read_text(path).splitlines() if line.strip()]
         except DataError as e:
             parser.error(f"--prompts: {e}")
         if not prompts:
-            parser.error(f"--prompts: {args.prompts} holds no prompt")
-    return args, prompts
+            parser.error(f"--prompts: {path} holds no prompt")
+    return cfg, prompts
 
 
 def main(argv=None) -> dict:
-    args, prompts = parse_args(argv)
+    cfg, prompts = parse_args(argv)
     from dirl_min.infra.errors import about, one_line_errors
     from dirl_min.model import build_tiny, load_model, resolve_dtype
 
-    dtype = resolve_dtype(args.dtype)
-    if args.model:
+    path, ro = cfg.model.path, cfg.rollout
+    dtype = resolve_dtype(cfg.model.dtype)
+    if path:
         with one_line_errors("check"), about("--model"):
-            model, tok = load_model(args.model, dtype=dtype)
+            model, tok = load_model(path, dtype=dtype)
     else:
         model, tok = build_tiny(dtype=dtype)
     if torch.cuda.is_available():
         model.cuda()
-    result = consistency(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         threshold=args.threshold, seed=args.seed)
-    if args.lmdeploy:
-        result["lmdeploy_agreement"] = lmdeploy_agreement(model, tok, args.model, prompts, threshold=args.threshold,
-                                                          max_new_tokens=args.max_new_tokens)
-    tolerance = args.tolerance or (1e-4 if dtype == torch.float32 else 0.1)
-    result.update(model=args.model or "tiny", dtype=str(dtype).replace("torch.", ""), tolerance=tolerance,
+    result = consistency(model, tok, prompts, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                         threshold=ro.threshold, seed=ro.seed)
+    if cfg.check.lmdeploy:
+        result["lmdeploy_agreement"] = lmdeploy_agreement(model, tok, path, prompts, threshold=ro.threshold,
+                                                          max_new_tokens=ro.max_new_tokens)
+    tolerance = cfg.check.tolerance or (1e-4 if dtype == torch.float32 else 0.1)
+    result.update(model=path or "tiny", dtype=str(dtype).replace("torch.", ""), tolerance=tolerance,
                   ok=result["max_abs_diff"] <= tolerance)
     print(json.dumps(result, indent=2))
     if not result["ok"]:

@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
         return diagnose(args)
     from dirl_min import eval as eval_face, train
 
-    tools = cmp.Tools(train=lambda a: train.main(a), eval_args=eval_face.parse_args)
+    tools = cmp.Tools(train=lambda a: train.main(a), eval_config=eval_face.parse_config)
     with ExitStack() as stack:  # one comparison per --out: its lock is held until the outputs are written
         try:
             result = compare(args, settings, tools, stack)

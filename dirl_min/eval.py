@@ -38,7 +38,7 @@ from dirl_min.infra.errors import EvalError, one_line_errors
 from dirl_min.evaluation.report import summarize
 from dirl_min.evaluation.run import RESULTS_FILE, finalize, prepare, remove_outputs, run_shard
 
-__all__ = ["build_parser", "parse_config", "parse_args", "evaluate_main", "main"]
+__all__ = ["build_parser", "parse_config", "evaluate_main", "main"]
 
 
 EPILOG = ("Outputs in --out: samples.jsonl (one record per sample, appended as batches finish), "
@@ -84,43 +84,28 @@ def parse_config(argv=None):
     return parse_command(argv, EVAL_RULES, EVAL_CROSS_RULES, **_parser_kw())
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The checked settings under the flags' names (``args.top_k``), as :mod:`dirl_min.evaluation` reads them;
-    ``thresholds`` always a list (``[threshold]`` without a sweep), unset texts ``None``."""
-    from dirl_min.settings.commands import EVAL_ALIASES
-    from dirl_min.settings.config import flat
-
-    cfg = parse_config(argv)
-    args = flat(cfg, EVAL_ALIASES)
-    args.thresholds = [float(t) for t in (cfg.decode.thresholds or [cfg.decode.threshold])]
-    args.task_levels = ",".join(map(str, cfg.data.task_levels))
-    for name in ("benchmarks", "data_dir", "task", "prompt_template"):
-        setattr(args, name, getattr(args, name) or None)  # '' = not given
-    return args
-
-
-def evaluate_main(args) -> dict | None:
-    """The whole evaluation for parsed ``args``; returns the results on the main process."""
-    if args.backend == "lmdeploy":
+def evaluate_main(cfg) -> dict | None:
+    """The whole evaluation for the settings ``cfg`` (:func:`parse_config`); returns the results on the main process."""
+    if cfg.model.backend == "lmdeploy":
         from dirl_min.engine.lmdeploy_engine import require_lmdeploy
 
         require_lmdeploy("dirl_min.eval: --backend lmdeploy", "Use --backend native (the default).")
     t0 = time.perf_counter()
-    benches = load_benchmarks(args)  # data errors before the (slow) model load
+    benches = load_benchmarks(cfg)  # data errors before the (slow) model load
     import torch
     from accelerate import PartialState
 
     # cpu=True lets a CPU-only machine run several processes (gloo) under accelerate launch / torchrun.
     state = PartialState(cpu=not torch.cuda.is_available())
-    model, tok, identity = load_eval_model(args.model, dtype=args.dtype, device=state.device)
+    model, tok, identity = load_eval_model(cfg.model.path, dtype=cfg.model.dtype, device=state.device)
     with ExitStack() as stack:
-        _lock(Path(args.out), state, stack)
-        if args.overwrite and state.is_main_process:
-            remove_outputs(Path(args.out))
+        _lock(Path(cfg.run.out), state, stack)
+        if cfg.run.overwrite and state.is_main_process:
+            remove_outputs(Path(cfg.run.out))
         state.wait_for_everyone()
-        run = prepare(args, model, tok, identity, benches, is_main=state.is_main_process)
+        run = prepare(cfg, model, tok, identity, benches, is_main=state.is_main_process)
         state.wait_for_everyone()
-        return _run(args, run, model, tok, state, t0)
+        return _run(cfg, run, model, tok, state, t0)
 
 
 def _lock(out: Path, state, stack: ExitStack) -> None:
@@ -141,15 +126,15 @@ def _lock(out: Path, state, stack: ExitStack) -> None:
         raise EvalError(busy)
 
 
-def _run(args, run, model, tok, state, t0) -> dict | None:
+def _run(cfg, run, model, tok, state, t0) -> dict | None:
     """Decode this process's shard; the main process merges and reports."""
     rank, world = state.process_index, state.num_processes
     if state.is_main_process:
-        total = sum(len(b.problems) for b in run.benchmarks) * args.samples * len(args.thresholds)
+        total = sum(len(b.problems) for b in run.benchmarks) * cfg.eval.samples * len(cfg.decode.evaluated)
         print(f"dirl_min.eval: model {run.identity['path'] or run.identity['model']} ({run.identity['dtype']}), "
               f"{len(run.benchmarks)} benchmark(s), {total} samples, {world} process(es) -> {run.out}",
               file=sys.stderr)
-    run_shard(run, model, tok, rank, world, progress=not args.no_progress)
+    run_shard(run, model, tok, rank, world, progress=cfg.run.progress)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
@@ -160,9 +145,9 @@ def _run(args, run, model, tok, state, t0) -> dict | None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    cfg = parse_config(argv)
     with one_line_errors("eval"):
-        evaluate_main(args)
+        evaluate_main(cfg)
     return 0
 
 

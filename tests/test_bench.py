@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dirl_min.bench import parse_args
+from dirl_min.bench import json_args, parse_args
 from dirl_min.speed.measures import (
     _layout_tokens,
     _subset,
@@ -159,8 +159,19 @@ def test_time_cases_warms_up_first_then_interleaves_in_rotated_order():
 
 
 def test_quick_replaces_defaults_but_not_explicit_options():
-    args = parse_args(["--quick", "--new-tokens", "128"])
-    assert args.new_tokens == 128 and args.repeats == 1 and args.rescore_batch == 4
-    assert parse_args([]).new_tokens == 256 and parse_args(["--sizes", "mid"]).size_list == ["mid"]
+    cfg = parse_args(["--quick", "--new-tokens", "128"])
+    assert cfg.decode.new_tokens == 128 and cfg.run.repeats == 1 and cfg.rescore.batch == 4
+    assert parse_args([]).decode.new_tokens == 256 and parse_args(["--sizes", "mid"]).model.sizes == ["mid"]
     with pytest.raises(SystemExit):
         parse_args(["--sizes", "huge"])
+
+
+def test_json_meta_args_hold_every_setting_under_its_flags_name():
+    """The --json file's ``meta.args``: one key per flag (``--no-reference`` -> ``no_reference``) holding its setting."""
+    from dirl_min.settings.commands import BENCH_ALIASES
+    from dirl_min.settings.rules import get_setting
+
+    cfg = parse_args(["--json", "r.json", "--no-reference", "--sizes", "mid", "--top-k", "5", "--clock", "cpu"])
+    assert json_args(cfg) == {f.lstrip("-").replace("-", "_"): get_setting(cfg, dotted)
+                              for f, dotted in BENCH_ALIASES.items()}
+    assert json_args(parse_args([]))["json"] is None  # no file: null

@@ -54,10 +54,10 @@ def test_help_lists_every_setting_with_its_default(name):
 def test_eval_settings_come_from_a_yaml_file_under_the_flags(tmp_path):
     y = tmp_path / "eval.yaml"
     y.write_text("eval:\n  samples: 3\n  top_k: 7\ndecode:\n  thresholds: [0.8, 0.9]\nrun:\n  progress: false\n")
-    args = E.parse_args(["--config", str(y), "--top-k", "5"])
-    assert (args.samples, args.top_k, args.thresholds, args.no_progress) == (3, 5, [0.8, 0.9], True)
-    assert E.parse_args(["--eval.samples", "4"]).samples == E.parse_args(["--samples", "4"]).samples == 4
-    assert E.parse_args([]).no_progress is False and E.parse_args(["--no-progress"]).no_progress is True
+    cfg = E.parse_config(["--config", str(y), "--top-k", "5"])
+    assert (cfg.eval.samples, cfg.eval.top_k, cfg.decode.evaluated, cfg.run.progress) == (3, 5, [0.8, 0.9], False)
+    assert E.parse_config(["--eval.samples", "4"]).eval.samples == E.parse_config(["--samples", "4"]).eval.samples == 4
+    assert E.parse_config([]).run.progress is True and E.parse_config(["--no-progress"]).run.progress is False
 
 
 def test_a_bad_yaml_file_exits_with_the_commands_usage(tmp_path, capsys):
@@ -72,11 +72,11 @@ def test_a_bad_yaml_file_exits_with_the_commands_usage(tmp_path, capsys):
 def test_quick_keeps_the_settings_of_a_yaml_file(tmp_path):
     y = tmp_path / "b.yaml"
     y.write_text("run:\n  repeats: 3\n")
-    args = bench.parse_args(["--config", str(y), "--quick"])
-    assert (args.repeats, args.new_tokens, args.rescore_batch) == (3, 64, 4)
+    cfg = bench.parse_args(["--config", str(y), "--quick"])
+    assert (cfg.run.repeats, cfg.decode.new_tokens, cfg.rescore.batch) == (3, 64, 4)
 
 
 def test_comma_lists_keep_words_as_words():
     """YAML would read off as false: --checkpointing off is the list ['off']."""
-    assert bench.shape_parse_args(["--checkpointing", "off", "--stages", "sft"]).checkpointing == ["off"]
-    assert E.parse_args(["--task-levels", "1,3", "--task", "embedded"]).task_levels == "1,3"
+    assert bench.shape_parse_args(["--checkpointing", "off", "--stages", "sft"]).step.checkpointing == ["off"]
+    assert E.parse_config(["--task-levels", "1,3", "--task", "embedded"]).data.task_levels == [1, 3]

@@ -216,9 +216,9 @@ def test_render_prompt_replaces_only_the_question():
 
 
 def test_help_states_dirl_defaults():
-    args = E.parse_args([])
-    assert (args.samples, args.temperature, args.top_k, args.top_p, args.strategy, args.thresholds,
-            args.max_new_tokens) == (16, 1.0, 50, 1.0, "low_confidence_dynamic", [0.9], 8192)
+    cfg = E.parse_config([])
+    assert (cfg.eval.samples, cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p, cfg.decode.strategy,
+            cfg.decode.evaluated, cfg.eval.max_new_tokens) == (16, 1.0, 50, 1.0, "low_confidence_dynamic", [0.9], 8192)
     text = " ".join(E.build_parser().format_help().split())  # unwrap argparse's line breaks
     for needle in ["default: 16", "default: 50", "default: 8192", "default: 0.9", "Please reason step by step"]:
         assert needle in text
@@ -417,9 +417,9 @@ def test_single_run_writes_consistent_records_and_results(single_run):
 
 def test_two_shards_give_the_same_results_as_one_process(single_run, tmp_path):
     out = tmp_path / "sharded"
-    args = E.parse_args([*TINY[:-3], "--batch-size", "2", "--no-progress", "--out", str(out)])  # other batching too
+    cfg = E.parse_config([*TINY[:-3], "--batch-size", "2", "--no-progress", "--out", str(out)])  # other batching too
     model, tok, ident = decode.load_eval_model("tiny")
-    run = E.prepare(args, model, tok, ident)
+    run = E.prepare(cfg, model, tok, ident)
     assert E.run_shard(run, model, tok, rank=1, world=2, progress=False) == 2 * 2 * 3  # problems 1, 3
     assert E.run_shard(run, model, tok, rank=0, world=2, progress=False) == 2 * 3 * 3  # problems 0, 2, 4
     assert sorted(p.name for p in out.glob("samples.rank*.jsonl")) == ["samples.rank0.jsonl", "samples.rank1.jsonl"]
@@ -437,9 +437,9 @@ def test_resume_after_an_interruption_gives_identical_results(single_run, tmp_pa
     keep = len(lines) // 2
     # half the records, then a write cut short in the middle of a line
     (out / "samples.jsonl").write_text("".join(lines[:keep]) + lines[keep][: len(lines[keep]) // 2])
-    args = E.parse_args([*TINY, "--out", str(out)])
+    cfg = E.parse_config([*TINY, "--out", str(out)])
     model, tok, ident = decode.load_eval_model("tiny")
-    run = E.prepare(args, model, tok, ident)
+    run = E.prepare(cfg, model, tok, ident)
     assert E.run_shard(run, model, tok, progress=False) == len(lines) - keep  # only the missing samples
     E.finalize(run)
     assert _samples(out / "samples.jsonl") == _samples(single_run / "samples.jsonl")

@@ -81,10 +81,10 @@ def test_eval_cli_shares_the_main_jobs_evaluation_defaults():
     from dirl_min import eval as E
     from dirl_min.settings.config import Config
 
-    args, cfg = E.parse_args([]), Config()
-    assert (args.samples, args.temperature, args.top_k, args.top_p) == (
+    ev, cfg = E.parse_config([]), Config()
+    assert (ev.eval.samples, ev.eval.temperature, ev.eval.top_k, ev.eval.top_p) == (
         cfg.eval.samples, cfg.eval.temperature, cfg.eval.top_k, cfg.eval.top_p)
-    assert (args.strategy, args.thresholds) == (cfg.decode.strategy, [cfg.decode.threshold])
+    assert (ev.decode.strategy, ev.decode.evaluated) == (cfg.decode.strategy, [cfg.decode.threshold])
 
 
 def test_eval_table_uses_the_same_percent_format():

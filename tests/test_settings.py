@@ -126,7 +126,7 @@ def test_eval_options_use_the_same_rules(argv, message, capsys):
     from dirl_min import eval as E
 
     with pytest.raises(SystemExit):
-        E.parse_args(argv)
+        E.parse_config(argv)
     assert message in capsys.readouterr().err
 
 

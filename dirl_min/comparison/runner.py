@@ -13,7 +13,6 @@ below the faces (``dirl_min.train``, ``dirl_min.eval``).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -23,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dirl_min.settings.commands import EvalCommand
 from dirl_min.settings.config import Config, EvalConfig, SettingsError, parse_config
 from dirl_min.core.estimates import OBJECTIVES, RECORDS  # the compared rl.objective values, in the table's order
 from dirl_min.evaluation.benchmarks import load_benchmarks
@@ -70,10 +70,10 @@ class CompareError(DirlError, ValueError):
 @dataclass(frozen=True)
 class Tools:
     """The faces' functions: ``train(argv) -> summary`` (dirl_min.train.main) and
-    ``eval_args(argv) -> Namespace`` (dirl_min.eval.parse_args)."""
+    ``eval_config(argv) -> EvalCommand`` (dirl_min.eval.parse_config)."""
 
     train: Callable[[list[str]], dict]
-    eval_args: Callable[[list[str]], argparse.Namespace]
+    eval_config: Callable[[list[str]], EvalCommand]
 
 
 @dataclass(frozen=True)
@@ -230,21 +230,21 @@ def evaluate_checkpoint(ckpt: Path, folder: Path, cfg: Config, tools: Tools, *, 
     model = tok = identity = None
     out = {"greedy": None}
     for kind in ("sampled", "greedy") if cfg.eval.greedy else ("sampled",):
-        args = tools.eval_args(eval_argv(cfg, ckpt, folder / kind, greedy=kind == "greedy", seed=seed))
+        ev = tools.eval_config(eval_argv(cfg, ckpt, folder / kind, greedy=kind == "greedy", seed=seed))
         if model is None:
-            model, tok, identity = load_eval_model(str(ckpt), dtype=args.dtype, device=device)
-        benches = load_benchmarks(args)
+            model, tok, identity = load_eval_model(str(ckpt), dtype=ev.model.dtype, device=device)
+        benches = load_benchmarks(ev)
         try:
-            run = prepare(args, model, tok, identity, benches)
+            run = prepare(ev, model, tok, identity, benches)
         except EvalError:
             if not overwrite:
                 raise
-            remove_outputs(Path(args.out))
-            run = prepare(args, model, tok, identity, benches)
+            remove_outputs(Path(ev.run.out))
+            run = prepare(ev, model, tok, identity, benches)
         run_shard(run, model, tok, progress=False)
         out[kind] = finalize(run, plot=False)["runs"][0]
         if kind == "sampled":
-            out["per_problem"] = _per_problem(Path(args.out), out[kind])
+            out["per_problem"] = _per_problem(Path(ev.run.out), out[kind])
     return out
 
 

@@ -307,8 +307,9 @@ def resolve_benchmarks(spec: str, data_dir: Path | None) -> list[tuple[str, Path
     return out
 
 
-def load_benchmarks(args) -> list[Benchmark]:
-    """The benchmarks selected by the command line, with problems loaded and ``--limit`` applied.
+def load_benchmarks(cfg) -> list[Benchmark]:
+    """The benchmarks selected by the settings ``cfg`` (:class:`dirl_min.settings.commands.EvalCommand`; its
+    ``data`` section), with problems loaded and ``--limit`` applied. '' means not given.
 
     Raises:
         DataError: a malformed data file (the message names file, line and field).
@@ -316,35 +317,34 @@ def load_benchmarks(args) -> list[Benchmark]:
     """
     from dirl_min import data
 
+    d = cfg.data
     benches: list[Benchmark] = []
-    spec = args.benchmarks
-    if spec is None and not args.task:
-        spec = ",".join(BENCHMARKS)
+    spec = d.benchmarks or ("" if d.task else ",".join(BENCHMARKS))
     if spec:
-        if args.hub:
+        if d.hub:
             try:
                 got = fetch([s.strip() for s in spec.split(",") if s.strip()])
             except HubError as e:
                 raise EvalError(str(e)) from None
             files, sources = [(n, p) for n, p, _ in got], [src for _, _, src in got]
         else:
-            data_dir = Path(args.data_dir) if args.data_dir else None
+            data_dir = Path(d.data_dir) if d.data_dir else None
             files = resolve_benchmarks(spec, data_dir)
             sources = [str(p.resolve()) for _, p in files]
-        template = args.prompt_template if args.prompt_template is not None else DIRL_PROMPT
+        template = d.prompt_template or DIRL_PROMPT
         for (name, path), source in zip(files, sources):
             benches.append(Benchmark(name, source, data.load_problems(path), template))
-    if args.task == "embedded":
-        levels = tuple(int(x) for x in str(args.task_levels).split(",") if x.strip())
-        problems = data.arithmetic_problems(args.task_max_operand, levels)
-        _, held = data.split_problems(problems, args.held_out, args.split_seed)
-        template = args.prompt_template if args.prompt_template is not None else PLAIN_TEMPLATE
-        source = (f"embedded arithmetic task, levels {list(levels)}, operands 0..{args.task_max_operand}, "
-                  f"held-out {args.held_out} (split seed {args.split_seed})")
+    if d.task == "embedded":
+        levels = tuple(d.task_levels)
+        problems = data.arithmetic_problems(d.task_max_operand, levels)
+        _, held = data.split_problems(problems, d.held_out, d.split_seed)
+        template = d.prompt_template or PLAIN_TEMPLATE
+        source = (f"embedded arithmetic task, levels {list(levels)}, operands 0..{d.task_max_operand}, "
+                  f"held-out {d.held_out} (split seed {d.split_seed})")
         if any(b.name == "embedded" for b in benches):
             raise EvalError("--task embedded: a benchmark file is already called 'embedded'; rename it")
         benches.append(Benchmark("embedded", source, held, template))
-    if args.limit:
+    if d.limit:
         for b in benches:
-            b.problems = b.problems[: args.limit]
+            b.problems = b.problems[: d.limit]
     return benches

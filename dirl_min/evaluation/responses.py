@@ -89,15 +89,16 @@ def load_eval_model(spec: str, *, dtype: str = "auto", device=None):
 # --------------------------------------------------------------------------------------
 
 
-def decoder(args, model):
-    """The generate function of ``--backend``: :func:`dirl_min.decoding.generate` on ``model``
-    (native), or that of an LMDeploy engine on ``--model`` (one threshold per engine: the
-    settings allow one with ``--backend lmdeploy``); both take the same arguments and return a Rollout."""
-    if args.backend == "lmdeploy":
+def decoder(cfg, model):
+    """The generate function of ``--backend`` (``cfg``: :class:`dirl_min.settings.commands.EvalCommand`):
+    :func:`dirl_min.decoding.generate` on ``model`` (native), or that of an LMDeploy engine on ``--model``
+    (one threshold per engine: the settings allow one with ``--backend lmdeploy``); both take the same
+    arguments and return a Rollout."""
+    if cfg.model.backend == "lmdeploy":
         from dirl_min.engine.lmdeploy_engine import make_engine
 
-        return make_engine(args.model, model, strategy=args.strategy, threshold=args.thresholds[0],
-                           steps=args.steps).generate
+        return make_engine(cfg.model.path, model, strategy=cfg.decode.strategy, threshold=cfg.decode.evaluated[0],
+                           steps=cfg.decode.steps).generate
     from dirl_min.engine.decode import generate
 
     return partial(generate, model)
@@ -153,17 +154,18 @@ def _records(b: Benchmark, thr: float, items: list[tuple[int, int, int]], roll, 
     return recs
 
 
-def decode_batch(decode, args, tok, b: Benchmark, thr: float, items: list[tuple[int, int, int]],
+def decode_batch(decode, cfg, tok, b: Benchmark, thr: float, items: list[tuple[int, int, int]],
                  stop_ids: list[int]) -> list[dict]:
     """Decode and score the samples ``items`` (``(problem, sample, seed)`` each) of benchmark ``b``
-    at threshold ``thr`` with ``decode`` (:func:`decoder`); one per-sample record per item."""
+    at threshold ``thr`` with ``decode`` (:func:`decoder`) and the settings ``cfg``; one per-sample record per item."""
     t0 = time.perf_counter()
+    ev = cfg.eval
     roll = decode(
         [b.prompts[i] for i, _, _ in items], seeds=[s for _, _, s in items],
-        max_new_tokens=args.max_new_tokens, strategy=args.strategy, threshold=thr,
-        steps=args.steps or None, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=ev.max_new_tokens, strategy=cfg.decode.strategy, threshold=thr,
+        steps=cfg.decode.steps or None, temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p,
         stop_token_ids=stop_ids, tokenizer=tok)
     seconds = time.perf_counter() - t0
     scores = score_responses(roll.text, [b.problems[i].answer for i, _, _ in items], roll.truncated,
-                             timeout=args.verify_timeout, num_workers=args.verify_workers)
+                             timeout=cfg.verify.timeout, num_workers=cfg.verify.workers)
     return _records(b, thr, items, roll, scores, stop_ids, seconds)

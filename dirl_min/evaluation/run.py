@@ -12,12 +12,12 @@ them (:func:`merge_shards`) and writes the results (:func:`finalize`).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dirl_min.infra.atomic import atomic_write
 from dirl_min.evaluation.benchmarks import Benchmark, load_benchmarks
@@ -161,31 +161,32 @@ def remove_outputs(out: Path) -> None:
 class EvalRun:
     """Everything a process needs to decode its shard and the main process needs to merge."""
 
-    args: argparse.Namespace
+    cfg: Any  # dirl_min.settings.commands.EvalCommand
     benchmarks: list[Benchmark]
     identity: dict
     settings: dict
     out: Path
 
 
-def _settings(args, identity: dict, model, stop_ids: list[int]) -> dict:
-    """The settings that determine every sample (checked against an existing --out)."""
+def _settings(cfg, identity: dict, model, stop_ids: list[int]) -> dict:
+    """The settings that determine every sample (checked against an existing --out): the format of
+    ``eval_config.json``."""
     from dirl_min.model import diffusion_settings
 
     block, mask = diffusion_settings(model)
     return {
         "model": identity,
-        "backend": args.backend,
+        "backend": cfg.model.backend,
         "block_size": block,
         "mask_token_id": mask,
         "stop_token_ids": stop_ids,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "strategy": args.strategy,
-        "steps": args.steps,
-        "max_new_tokens": args.max_new_tokens,
-        "seed": args.seed,
+        "temperature": cfg.eval.temperature,
+        "top_k": cfg.eval.top_k,
+        "top_p": cfg.eval.top_p,
+        "strategy": cfg.decode.strategy,
+        "steps": cfg.decode.steps,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "seed": cfg.eval.seed,
     }
 
 
@@ -196,18 +197,19 @@ def _fingerprint(settings: dict) -> dict:
     return {**settings, "model": {"digest": model.get("digest"), "dtype": model.get("dtype")}}
 
 
-def prepare(args, model, tok, identity: dict, benchmarks: list[Benchmark] | None = None, *,
+def prepare(cfg, model, tok, identity: dict, benchmarks: list[Benchmark] | None = None, *,
             is_main: bool = True) -> EvalRun:
     """Render the prompts of the benchmarks (loaded here unless given), and check (main
-    process: record) the settings of ``--out`` so that a resumed run never mixes settings."""
+    process: record) the settings of ``--out`` so that a resumed run never mixes settings. ``cfg``: the
+    command's settings (:class:`dirl_min.settings.commands.EvalCommand`)."""
     from dirl_min.model import chat_prompt_ids
 
-    benches = load_benchmarks(args) if benchmarks is None else benchmarks
+    benches = load_benchmarks(cfg) if benchmarks is None else benchmarks
     for b in benches:
         b.prompts = [chat_prompt_ids(tok, render_prompt(b.template, p.question)) for p in b.problems]
         b.prompt_texts = [tok.decode(ids, skip_special_tokens=False) for ids in b.prompts]
-    out = Path(args.out)
-    settings = _settings(args, identity, model, stop_token_ids(tok))
+    out = Path(cfg.run.out)
+    settings = _settings(cfg, identity, model, stop_token_ids(tok))
     cfg_path = out / CONFIG_FILE
     if cfg_path.is_file():
         old, new = _fingerprint(json.loads(cfg_path.read_text())), _fingerprint(settings)
@@ -219,7 +221,7 @@ def prepare(args, model, tok, identity: dict, benchmarks: list[Benchmark] | None
     elif is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(cfg_path, json.dumps(settings, indent=2) + "\n")
-    return EvalRun(args, benches, identity, settings, out)
+    return EvalRun(cfg, benches, identity, settings, out)
 
 
 def _existing(out: Path) -> dict[tuple, dict]:
@@ -240,20 +242,20 @@ def _pending(run: EvalRun, done: dict[tuple, dict], rank: int, world: int
     """This process's unfinished samples in batches ``(benchmark, threshold, [(problem, sample,
     seed)])`` of at most ``--batch-size``. Finished ones (``done``) must be of the same problems
     (else :class:`EvalError`)."""
-    args = run.args
+    ev = run.cfg.eval
     todo: list[tuple[Benchmark, float, list[tuple[int, int, int]]]] = []
     for b in run.benchmarks:
-        for thr in args.thresholds:
+        for thr in run.cfg.decode.evaluated:
             items = []
             for i in shard_indices(len(b.problems), rank, world):
-                for j in range(args.samples):
+                for j in range(ev.samples):
                     rec = done.get((b.name, thr, i, j))
                     if rec is not None:
                         _check_reused(rec, b, i)
                     else:
-                        items.append((i, j, sample_seed(args.seed, b.name, i, j)))
-            for s in range(0, len(items), args.batch_size):
-                todo.append((b, thr, items[s:s + args.batch_size]))
+                        items.append((i, j, sample_seed(ev.seed, b.name, i, j)))
+            for s in range(0, len(items), ev.batch_size):
+                todo.append((b, thr, items[s:s + ev.batch_size]))
     return todo
 
 
@@ -266,7 +268,7 @@ def run_shard(run: EvalRun, model, tok, rank: int = 0, world: int = 1, *, progre
     """
     from tqdm.auto import tqdm
 
-    args, out = run.args, run.out
+    out = run.out
     out.mkdir(parents=True, exist_ok=True)
     todo = _pending(run, _existing(out), rank, world)
     total = sum(len(items) for _, _, items in todo)
@@ -279,12 +281,12 @@ def run_shard(run: EvalRun, model, tok, rank: int = 0, world: int = 1, *, progre
     bar = tqdm(total=total, desc=f"eval[{rank}]" if world > 1 else "eval", unit="sample", dynamic_ncols=True,
                disable=not progress or rank != 0)
     model.eval()
-    decode = decoder(args, model)
+    decode = decoder(run.cfg, model)
     try:
         with open(own, "a", encoding="utf-8") as f:
             for b, thr, items in todo:
                 bar.set_description(f"{b.name} t={thr:g}")
-                recs = decode_batch(decode, args, tok, b, thr, items, stop_ids)
+                recs = decode_batch(decode, run.cfg, tok, b, thr, items, stop_ids)
                 f.write(_jsonl(recs))
                 f.flush()
                 n_done += len(recs)
@@ -307,7 +309,7 @@ def finalize(run: EvalRun, *, wall_seconds: float | None = None, world: int = 1,
     Raises:
         EvalError: a requested sample is missing (a process failed).
     """
-    out, args = run.out, run.args
+    out, samples, thresholds = run.out, run.cfg.eval.samples, run.cfg.decode.evaluated
     files = _sample_files(out)
     merged = merge_shards(read_records(p) for p in files)
     atomic_write(out / SAMPLES_FILE, _jsonl(merged))
@@ -316,19 +318,19 @@ def finalize(run: EvalRun, *, wall_seconds: float | None = None, world: int = 1,
     by_key = {record_key(r): r for r in merged}
     runs = []
     for b in run.benchmarks:
-        for thr in args.thresholds:
-            keys = [(b.name, thr, i, j) for i in range(len(b.problems)) for j in range(args.samples)]
+        for thr in thresholds:
+            keys = [(b.name, thr, i, j) for i in range(len(b.problems)) for j in range(samples)]
             missing = [k for k in keys if k not in by_key]
             if missing:
                 raise EvalError(f"{len(missing)} samples of {b.name} (threshold {thr:g}) are missing, e.g. {missing[0]}; "
                                 "a process did not finish — rerun the same command to complete them")
-            runs.append(run_metrics(b, thr, [by_key[k] for k in keys], args.samples))
-    results = {
-        "settings": {**run.settings, "samples": args.samples, "limit": args.limit, "thresholds": args.thresholds},
+            runs.append(run_metrics(b, thr, [by_key[k] for k in keys], samples))
+    results = {  # the format of results.json
+        "settings": {**run.settings, "samples": samples, "limit": run.cfg.data.limit, "thresholds": thresholds},
         "runs": runs,
-        "runtime": {"wall_seconds": wall_seconds, "processes": world, "batch_size": args.batch_size},
+        "runtime": {"wall_seconds": wall_seconds, "processes": world, "batch_size": run.cfg.eval.batch_size},
     }
     atomic_write(out / RESULTS_FILE, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    if plot and len(args.thresholds) > 1:
+    if plot and len(thresholds) > 1:
         plot_sweep(runs, out / PLOT_FILE)
     return results

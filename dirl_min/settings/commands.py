@@ -92,6 +92,11 @@ class Sweep(Unmasking):
                               "a plot of accuracy against tokens per step; [] = off)",
                           rule=Check(lambda v: isinstance(v, list) and all(is_number(t) and 0 <= t <= 1 for t in v) and len(set(v)) == len(v), "distinct numbers in [0, 1]"))
 
+    @property
+    def evaluated(self) -> list[float]:
+        """The thresholds evaluated, in order: the sweep's, else ``[threshold]``."""
+        return [float(t) for t in (self.thresholds or [self.threshold])]
+
 
 @dataclass
 class Verify:

@@ -27,8 +27,7 @@ from dirl_min.core.estimates import RECORDS
 from dirl_min.core.objectives import GROUP_FILTERS, LOSS_MEANS
 from dirl_min.core.unmask import STRATEGIES
 from dirl_min.data.tasks import RESPONSE_STYLES
-from dirl_min.settings.rules import (Check, at_least, betas, get_setting, levels, number, one_of, reward_weights,
-                                     template)
+from dirl_min.settings.rules import Check, at_least, betas, levels, number, one_of, reward_weights, template
 
 
 def _f(default, help: str, *, rule: Check | None = None, hidden: bool = False):
@@ -385,16 +384,3 @@ def parse_config(argv=None, description: str = "dirl_min", prog: str | None = No
             parser.error(str(e))
     return cfg
 
-
-def flat(cfg, aliases: dict) -> argparse.Namespace:
-    """``cfg``'s settings under their short flags' names (``--top-k`` -> ``top_k``): the namespace
-    that a command's parts read. A flag that sets a value (``--no-progress``) is true when the
-    setting holds it."""
-    valued, const = _flags(type(cfg), aliases)
-    out = {}
-    for dotted, flags in valued.items():
-        out.update({f.lstrip("-").replace("-", "_"): get_setting(cfg, dotted) for f in flags})
-    for flag, (dotted, value) in const.items():
-        current = get_setting(cfg, dotted)
-        out[flag.lstrip("-").replace("-", "_")] = current == _parse_value(value, current, f"--{dotted}")
-    return argparse.Namespace(**out)

@@ -28,11 +28,11 @@ def _log(msg: str, quiet: bool = False) -> None:
 
 @dataclass
 class Bench:
-    """One model size under test: its model and tokenizer, the prompts, the parsed options and
-    the decoding options of rows 1-5 (``dec``)."""
+    """One model size under test: its model and tokenizer, the prompts, the command's settings
+    (``cfg``: :class:`dirl_min.settings.commands.BenchCommand`) and the decoding options of rows 1-5 (``dec``)."""
 
     size: str
-    args: Any
+    cfg: Any
     model: Any
     tok: Any
     prompts: list[list[int]]
@@ -40,7 +40,7 @@ class Bench:
 
     @property
     def B(self) -> int:
-        return self.args.block_size
+        return self.cfg.model.block_size
 
     @property
     def p0(self) -> list[int]:
@@ -48,14 +48,14 @@ class Bench:
 
     @property
     def n_new(self) -> int:
-        return self.args.new_tokens
+        return self.cfg.decode.new_tokens
 
     @property
     def warm_new(self) -> int:
         return 2 * self.B  # warm-ups decode two blocks
 
     def log(self, m: str) -> None:
-        _log(f"[{self.size}] {m}", self.args.quiet)
+        _log(f"[{self.size}] {m}", self.cfg.run.quiet)
 
     def gen(self, prompt_list, n, **kw):
         """A closure decoding ``prompt_list`` to ``n`` new tokens with ``dec`` updated by ``kw``."""

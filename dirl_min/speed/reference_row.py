@@ -84,34 +84,35 @@ def _skipped_row(no_reference: bool) -> dict[str, Any]:
 
 def row_reference(bench: Bench, c: dict[str, Case]) -> dict[str, Any]:
     """Row 1; ``c`` holds the timed decoding cases (``c["cached"]`` at ``--new-tokens``)."""
-    args, B, p0, n_new, cfg = bench.args, bench.B, bench.p0, bench.n_new, bench.model.config
+    ref_cfg, run = bench.cfg.reference, bench.cfg.run
+    B, p0, n_new, cfg = bench.B, bench.p0, bench.n_new, bench.model.config
     base = c["cached"].result
-    ref_mod = None if args.no_reference else _import_reference()
+    ref_mod = None if ref_cfg.skip else _import_reference()
     if ref_mod is None:
-        return _skipped_row(args.no_reference)
+        return _skipped_row(ref_cfg.skip)
     denoise = dense_denoiser(bench.model)
     spb = steps_per_block(base)  # the reference runs the same steps (same tokens, tested)
     estimate = _reference_estimate(bench, ref_mod, denoise, spb)
 
-    if args.ref_tokens:
-        n_ref = args.ref_tokens
+    if ref_cfg.tokens:
+        n_ref = ref_cfg.tokens
         why = "set by --ref-tokens"
     else:
-        n_ref = choose_reference_tokens(n_new, B, estimate, args.ref_max_seconds)
-        why = (f"estimated {estimate(n_new):.0f} s at {n_new} > {args.ref_max_seconds:.0f} s budget"
+        n_ref = choose_reference_tokens(n_new, B, estimate, ref_cfg.max_seconds)
+        why = (f"estimated {estimate(n_new):.0f} s at {n_new} > {ref_cfg.max_seconds:.0f} s budget"
                if n_ref < n_new else "full length")
     bench.log(f"reference decoder at {n_ref} new tokens ({why}; estimated {estimate(n_ref):.1f} s), one run")
     t0, c0 = time.perf_counter(), time.process_time()
     ref = ref_mod.decode(denoise, p0, block_size=B, mask_token_id=cfg.mask_token_id, max_new_tokens=n_ref,
                          seed=0, **bench.dec)
     t_ref_wall, t_ref_cpu = time.perf_counter() - t0, time.process_time() - c0
-    t_ref = t_ref_cpu if args.clock == "cpu" else t_ref_wall
+    t_ref = t_ref_cpu if run.clock == "cpu" else t_ref_wall
     if n_ref == n_new:
         cached_case, cached_ro = c["cached"], base
     else:
-        bench.log(f"timing the cached decoder at {n_ref} new tokens × {args.repeats} repeat(s)")
+        bench.log(f"timing the cached decoder at {n_ref} new tokens × {run.repeats} repeat(s)")
         cached_case = time_cases([Case("cached_ref_len", bench.gen([p0], n_ref), bench.gen([p0], bench.warm_new),
-                                       args.clock)], args.repeats)[0]
+                                       run.clock)], run.repeats)[0]
         cached_ro = cached_case.result
     same = ref["response_ids"] == cached_ro.response_ids[0] and ref["step_map"] == cached_ro.step_map[0]
     r_cached = len(cached_ro.response_ids[0]) / cached_case.median

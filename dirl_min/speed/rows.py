@@ -34,7 +34,7 @@ def time_decoding(bench: Bench) -> tuple[dict[str, Case], dict[str, float], int]
     Returns:
         (the timed cases by name, tokens/s by case name, tokens the HF AR baseline generated).
     """
-    model, tok, args, B = bench.model, bench.tok, bench.args, bench.B
+    model, tok, run, B = bench.model, bench.tok, bench.cfg.run, bench.B
     p0, n_new, warm_new, gen = bench.p0, bench.n_new, bench.warm_new, bench.gen
     prompts = bench.prompts
     ids0 = torch.tensor([p0])
@@ -54,13 +54,13 @@ def time_decoding(bench: Bench) -> tuple[dict[str, Case], dict[str, float], int]
         Case("unfused", gen([p0], n_new, fused_commit=False), gen([p0], warm_new, fused_commit=False)),
         Case("static", gen([p0], n_new, strategy="low_confidence_static", steps=B),
              gen([p0], warm_new, strategy="low_confidence_static", steps=B)),
-        Case(f"batch{args.batch}", gen(prompts, n_new), gen(prompts, warm_new)),
+        Case(f"batch{bench.cfg.decode.batch}", gen(prompts, n_new), gen(prompts, warm_new)),
         Case("hf_ar", hf(n_new), hf(warm_new)),
     ]
     for case in cases:
-        case.clock = args.clock
-    bench.log(f"timing {len(cases)} decoding configurations × {args.repeats} repeat(s) at {n_new} new tokens")
-    time_cases(cases, args.repeats)
+        case.clock = run.clock
+    bench.log(f"timing {len(cases)} decoding configurations × {run.repeats} repeat(s) at {n_new} new tokens")
+    time_cases(cases, run.repeats)
     c = {case.name: case for case in cases}
     rate = {k: _n_tokens(v.result) / v.median for k, v in c.items() if k != "hf_ar"}
     hf_tokens = c["hf_ar"].result.shape[1] - len(p0)
@@ -129,9 +129,9 @@ def row_hf(rate: dict[str, float], hf_tokens: int) -> dict[str, Any]:
 
 def row_rescore(bench: Bench) -> dict[str, Any]:
     """Row 6: packed vs per-round rescoring of sampled rollouts (``--rescore-batch`` > 0)."""
-    model, tok, args = bench.model, bench.tok, bench.args
-    ro = generate(model, bench_prompts(tok, args.rescore_batch), max_new_tokens=args.rescore_new_tokens,
-                  temperature=1.0, top_k=50, threshold=args.threshold, seeds=list(range(args.rescore_batch)))
+    model, tok, rs_cfg, run = bench.model, bench.tok, bench.cfg.rescore, bench.cfg.run
+    ro = generate(model, bench_prompts(tok, rs_cfg.batch), max_new_tokens=rs_cfg.new_tokens,
+                  temperature=1.0, top_k=50, threshold=bench.cfg.decode.threshold, seeds=list(range(rs_cfg.batch)))
     lay = _layout_tokens(ro)
 
     warm_ro = _subset(ro, min(2, len(ro)))
@@ -142,15 +142,15 @@ def row_rescore(bench: Bench) -> dict[str, Any]:
                 return rescore(model, r, packed=packed)
         return run
 
-    bench.log(f"timing packed vs per-round rescoring of {len(ro)} rollouts × {args.repeats} repeat(s)")
-    rc = time_cases([Case("packed", rs(True), rs(True, warm_ro), args.clock),
-                     Case("per_round", rs(False), rs(False, warm_ro), args.clock)],
-                    args.repeats)
+    bench.log(f"timing packed vs per-round rescoring of {len(ro)} rollouts × {run.repeats} repeat(s)")
+    rc = time_cases([Case("packed", rs(True), rs(True, warm_ro), run.clock),
+                     Case("per_round", rs(False), rs(False, warm_ro), run.clock)],
+                    run.repeats)
     agree = _agreement(rc[0].result, rc[1].result, ro)
     ratio6 = rc[1].median / rc[0].median
     ok_diff = agree["max_abs_diff"] <= RESCORE_TOLERANCE
     return {
-        "row": 6, "name": f"packed vs per-round rescore ({len(ro)}×{args.rescore_new_tokens} tok)",
+        "row": 6, "name": f"packed vs per-round rescore ({len(ro)}×{rs_cfg.new_tokens} tok)",
         "a": _fmt_s(rc[0].median), "b": _fmt_s(rc[1].median), "ratio": f"{ratio6:.2f}×",
         "check": f"≥1.5×: {_verdict(ratio6 >= 1.5)}; max|Δ| {agree['max_abs_diff']:.1e} ≤ {RESCORE_TOLERANCE:g} (float32): "
                  f"{_verdict(ok_diff)} (vs decoder logp {agree['max_abs_diff_recorded']:.1e}); "
@@ -164,13 +164,14 @@ def row_rescore(bench: Bench) -> dict[str, Any]:
     }
 
 
-def bench_size(size: str, args) -> dict[str, Any]:
-    """All rows for one model size. Returns a JSON-ready dict (the table rows are under ``rows``)."""
-    model, tok = bench_model(size, sharpen=args.sharpen, block_size=args.block_size, seed=args.seed)
-    dec = dict(temperature=args.temperature, top_k=args.top_k, threshold=args.threshold, stop_token_ids=())
-    bench = Bench(size, args, model, tok, bench_prompts(tok, args.batch), dec)
+def bench_size(size: str, cfg) -> dict[str, Any]:
+    """All rows for one model size under the settings ``cfg`` (:class:`dirl_min.settings.commands.BenchCommand`).
+    Returns a JSON-ready dict (the table rows are under ``rows``)."""
+    m, d = cfg.model, cfg.decode
+    model, tok = bench_model(size, sharpen=m.sharpen, block_size=m.block_size, seed=m.seed)
+    dec = dict(temperature=d.temperature, top_k=d.top_k, threshold=d.threshold, stop_token_ids=())
+    bench = Bench(size, cfg, model, tok, bench_prompts(tok, d.batch), dec)
     n_params = sum(p.numel() for p in model.parameters())
-    cfg = model.config
 
     # 1. time the decoding configurations of rows 1-5 together, interleaved
     c, rate, hf_tokens = time_decoding(bench)
@@ -178,17 +179,17 @@ def bench_size(size: str, args) -> dict[str, Any]:
     rows: list[dict[str, Any]] = [
         row_reference(bench, c),
         row_fused(c, rate),
-        row_dynamic(c, rate, args.threshold),
-        row_batch(c, rate, args.batch),
+        row_dynamic(c, rate, d.threshold),
+        row_batch(c, rate, d.batch),
         row_hf(rate, hf_tokens),
     ]
-    if args.rescore_batch > 0:
+    if cfg.rescore.batch > 0:
         rows.append(row_rescore(bench))
 
     return {
         "size": size,
         "params": n_params,
-        "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+        "config": {k: getattr(model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                 "num_key_value_heads", "head_dim", "intermediate_size",
                                                 "vocab_size", "block_size")},
         "prompt_tokens": len(bench.p0),
