@@ -76,7 +76,7 @@ class DataConfig:
     eval_data: str = _f("", "evaluation file (question + ground_truth_answer); empty = the embedded held-out split")
     task_levels: list = _f([1, 2], "embedded task: 1 = a + b, 2 = a - b, 3 = 'Solve: If x + a = c'", rule=levels())
     task_max_operand: int = _f(30, "embedded task: operands run over 0..N (30: 1922 problems; see held_out)", rule=at_least(0))
-    held_out: int = _f(400, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together). 400 makes the paired RL − SFT interval 2.0–2.9 points wide each side (measured on seeds 0–4: RL − SFT +2.9 to +6.4, each interval above zero, +4.9 [+3.1, +6.7] across seeds; the earlier 88 gave about ±5)",
+    held_out: int = _f(400, "embedded task: problems held out for evaluation (never trained on; whole operand families: a + b, b + a, a - b, b - a stay together). 400 makes the paired RL − SFT interval 2.1–2.6 points wide each side (measured on seeds 0–4: RL − SFT +3.5 to +9.5, each interval above zero, +6.1 [+3.7, +8.6] across seeds; the earlier 88 gave about ±5)",
                        rule=at_least(1, "the embedded task's evaluation problems"))
     split_seed: int = _f(0, "seed of the embedded train/held-out split")
     prompt_template: str = _f(PLAIN_TEMPLATE, "user message; {question} is replaced (DiRL: '{question}\\nPlease reason step by step, and put your final answer within \\boxed{}.')",

@@ -6,7 +6,7 @@ Per run: each stage's avg@16 [95% CI], greedy, pass@16, tokens per step, the pai
 difference, the stage seconds and the wall/CPU seconds of ``times.txt``. Across the seeds
 ``seed0..seed4``: the mean RL − SFT with an interval resampling seeds and problems
 (:func:`dirl_min.evaluation.stats.seeds_problems_bootstrap_ci`). Against ``seed0``: how far each spread run
-(1 thread, AVX2, the same run again) moved, and whether its final weights are bit-identical.
+(the same run again, AVX2, 2 threads and 2 threads again) moved, and whether its final weights are bit-identical.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from dirl_min.evaluation.stats import bootstrap_ci, seeds_problems_bootstrap_ci
 
 SEEDS = [f"seed{s}" for s in range(5)]
-SPREAD = ["seed0-threads1", "seed0-avx2", "seed0-again"]
+SPREAD = ["seed0-again", "seed0-avx2", "seed0-threads2", "seed0-threads2-again"]
 
 
 def _times(root: Path) -> dict:

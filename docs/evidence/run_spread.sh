@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The spread runs on seed 0, where only the floating-point path changes: 1 thread instead of 2,
+# The spread runs on seed 0, where only the floating-point path changes: 2 threads instead of 1,
 # the AVX2 code path of ATen, MKL and oneDNN instead of AVX-512, and the same run again.
-# Usage: bash docs/evidence/run_spread.sh [threads1] [avx2] [again]   (default: all three, in turn;
+# Usage: bash docs/evidence/run_spread.sh [threads2] [avx2] [again]   (default: all three, in turn;
 # after run_seeds.sh: seed0 is the reference)
 set -u
 OUT=${OUT:-runs/evidence}
@@ -11,8 +11,8 @@ run() {  # name, then env assignments and the command
   /usr/bin/time -f "$name wall %e user %U sys %S" -a -o "$OUT/times.txt" env "$@" &> "$OUT/$name.log"
 }
 AVX2=(ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2)
-for what in "${@:-threads1 avx2 again}"; do for w in $what; do case $w in
-  threads1) run seed0-threads1 python -m dirl_min.train --out "$OUT/seed0-threads1" --seed 0 --run.threads 1 --run.overwrite true ;;
+for what in "${@:-threads2 avx2 again}"; do for w in $what; do case $w in
+  threads2) run seed0-threads2 python -m dirl_min.train --out "$OUT/seed0-threads2" --seed 0 --run.threads 2 --run.overwrite true ;;
   avx2)  # first, into seed0-avx2.paths, that the code path is honoured: ATen's dispatch level and MKL's banner
     env "${AVX2[@]}" MKL_VERBOSE=1 python -c \
       "import torch; print('aten', torch.backends.cpu.get_cpu_capability()); torch.ones(8, 8) @ torch.ones(8, 8)" \
