@@ -132,7 +132,7 @@ def compare(args, settings: list[str], tools: cmp.Tools, stack: ExitStack | None
         stack.enter_context(folder_lock(out, "dirl_min.compare"))
     for run in plan:
         cmp.execute(run, actions[run.name], tools.train)
-    (start, _), = _evaluate(plan[0], args, tools)
+    (start, start_per_problem), = _evaluate(plan[0], args, tools)
     runs: dict[str, list[dict]] = {o: [] for o in args.objectives}
     for run in plan[1:]:
         pts = _evaluate(run, args, tools)
@@ -142,7 +142,8 @@ def compare(args, settings: list[str], tools: cmp.Tools, stack: ExitStack | None
     return {"settings": {"objectives": args.objectives, "recipe": args.recipe, "seeds": args.seeds,
                          "eval_seed": args.eval_seed,
                          "quick": args.quick, "train_settings": settings, "samples": args.cfg.eval.samples},
-            "start": start, "table": table, "runs": runs, "actions": actions}
+            "start": start, "table": table, "paired": rep.paired(start_per_problem, runs), "runs": runs,
+            "start_per_problem": start_per_problem, "actions": actions}
 
 
 def diagnose(args) -> dict:
@@ -182,10 +183,13 @@ def _write(args, argv, result: dict) -> None:
     head, rows = rep.table_rows(result["start"], result["table"], k)
     note = f"python -m dirl_min.compare {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     atomic_write(out / "compare.json", json.dumps(result, indent=2) + "\n")
-    atomic_write(out / "compare.md", rep.markdown(head, rows, f"Command: `{note}`"))
+    phead, prows = rep.paired_rows(result["paired"])
+    atomic_write(out / "compare.md", rep.markdown(head, rows, f"Command: `{note}`", (phead, prows)))
     rep.plot(result["start"], result["runs"], out / "compare.png", k)
     print(rep.text_table(head, rows))
     print(rep.CI_NOTE)
+    print(f"\npaired differences of the final checkpoints (points; {rep.PAIRED_NOTE}):")
+    print(rep.text_table(phead, prows))
     print(f"outputs in {out}/ (compare.md, compare.json, compare.png)", file=sys.stderr)
 
 

@@ -66,6 +66,13 @@ def test_quick_compare_table_rerun_and_refusal(tmp_path, monkeypatch, capsys):
         assert format_percent(row["accuracy"]) in line.split() and f"{row['train_seconds']:.1f}" in line.split()
         assert f"| {o} | 1 | {format_percent(row['accuracy'])} |" in (out / "compare.md").read_text()
     assert json.loads((out / "compare.json").read_text())["table"] == first["table"]
+    # the paired table is the final checkpoints' per-problem accuracies, minus the start and minus dipo
+    finals = {o: first["runs"][o][0]["per_problem"] for o in OBJECTIVES}
+    vs_start = first["paired"]["tracerl"]["vs_start"][0]["mean"]
+    assert vs_start == pytest.approx(sum(finals["tracerl"]) / 8 - sum(first["start_per_problem"]) / 8)
+    assert first["paired"]["tracerl"]["vs_dipo"][0]["mean"] == pytest.approx(
+        sum(a - b for a, b in zip(finals["tracerl"], finals["dipo"])) / 8)
+    assert "vs_dipo" not in first["paired"]["dipo"] and "Paired differences" in (out / "compare.md").read_text()
     with Image.open(out / "compare.png") as im:
         im.verify()
     with Image.open(out / "compare.png") as im:
@@ -176,3 +183,26 @@ def test_release_recipe_gives_each_objective_its_records_settings_and_given_ones
     assert release[3].config()["rl"]["num_iterations"] == 12 and release[4].config()["rl"]["scale_advantages"] is False
     with pytest.raises(cmp.CompareError, match="rl.num_iterations"):  # a given setting no release can run with
         cmp.plan_runs(tmp_path, ["--rl.num_iterations", "0"], ["dipo"], [0], cfg, "release")
+
+
+def test_paired_differences_by_hand():
+    """Two objectives, two seeds, three problems: the per-seed means are worked by hand, a constant
+    difference has a point interval, and "all" resamples seeds and problems."""
+    from dirl_min.comparison.summary import paired, paired_rows
+
+    start = [0.0, 0.5, 1.0]
+    runs = {"dipo": [{"seed": 0, "per_problem": [0.5, 0.5, 1.0]}, {"seed": 1, "per_problem": [0.0, 1.0, 1.0]}],
+            "other": [{"seed": 0, "per_problem": [0.25, 0.75, 1.25]}, {"seed": 1, "per_problem": [0.0, 1.0, 1.0]}]}
+    t = paired(start, runs)
+    assert t["dipo"]["vs_start"][0]["mean"] == pytest.approx(0.5 / 3)
+    assert t["dipo"]["vs_start"][1]["mean"] == pytest.approx(0.5 / 3)
+    assert t["other"]["vs_dipo"][0]["mean"] == pytest.approx(0.25 / 3)
+    assert t["other"]["vs_dipo"][1] == {"mean": 0.0, "ci": [0.0, 0.0]}  # the same answers: no difference
+    assert t["other"]["vs_start"][0] == {"mean": pytest.approx(0.25), "ci": [pytest.approx(0.25)] * 2}
+    assert t["other"]["vs_dipo"]["all"]["mean"] == pytest.approx(0.25 / 6)
+    lo, hi = t["other"]["vs_dipo"]["all"]["ci"]
+    assert -0.25 <= lo <= 0.25 / 6 <= hi <= 0.25  # within the per-problem differences' extremes
+    head, rows = paired_rows(t)
+    assert head == ["objective", "against", "seed 0", "seed 1", "all seeds"]
+    assert [r[:2] for r in rows] == [["dipo", "start"], ["other", "start"], ["other", "dipo"]]
+    assert rows[2][3] == "+0.0 [+0.0, +0.0]" and rows[1][2] == "+25.0 [+25.0, +25.0]"

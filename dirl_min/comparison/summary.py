@@ -11,13 +11,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from dirl_min.evaluation.stats import bootstrap_ci, format_percent
+from dirl_min.evaluation.stats import bootstrap_ci, format_percent, seeds_problems_bootstrap_ci
 from dirl_min.evaluation.train_report import format_table
 
-__all__ = ["step_copies", "point", "run_summary", "aggregate", "table_rows", "text_table", "markdown", "plot"]
+__all__ = ["step_copies", "point", "run_summary", "aggregate", "paired", "paired_rows", "table_rows", "text_table",
+           "markdown", "plot"]
 
 CI_NOTE = ("95% CI: percentile bootstrap over the held-out problems of each problem's accuracy averaged over "
            "seeds and samples (pooled over seeds; it covers problem sampling, not seed-to-seed spread: see min-max)")
+
+
+PAIRED_NOTE = ("each seed: mean over problems of the per-problem accuracy difference, same problems and evaluation "
+               "samples, 95% bootstrap over problems; all seeds: seeds and problems resampled together")
 
 
 def point(evaluation: dict, at: dict) -> dict:
@@ -63,6 +68,54 @@ def aggregate(runs: list[dict]) -> dict:
             "scoring_seconds_per_step": _mean([r["scoring_seconds_per_step"] for r in runs])}
 
 
+def _difference(a: list[float], b: list[float]) -> dict:
+    """Mean of the per-problem differences ``a − b`` (float ``[problems]`` each) and its 95% bootstrap interval."""
+    d = [x - y for x, y in zip(a, b)]
+    return {"mean": sum(d) / len(d), "ci": list(bootstrap_ci(d))}
+
+
+def paired(start: list[float], runs: dict[str, list[dict]]) -> dict:
+    """Paired differences of the final checkpoints, per objective and seed (same problems, same
+    evaluation samples): against the SFT start and against the first objective's run of the same
+    seed; ``"all"``: over the seeds, its interval resampling seeds and problems together.
+
+    Args:
+        start: the SFT start's per-problem accuracy (float ``[problems]``).
+        runs: per objective, its seeds' :func:`run_summary` s (with ``seed``).
+
+    Returns:
+        ``{objective: {"vs_start": {seed | "all": {"mean", "ci"}}, "vs_<first>": {...}}}`` (no
+        ``vs_<first>`` for the first objective itself).
+    """
+    first = next(iter(runs))
+    ref = {r["seed"]: r["per_problem"] for r in runs[first]}
+    out = {}
+    for name, rs in runs.items():
+        against = {"vs_start": {r["seed"]: start for r in rs}}
+        if name != first:
+            against[f"vs_{first}"] = {r["seed"]: ref[r["seed"]] for r in rs if r["seed"] in ref}
+        out[name] = {}
+        for key, base in against.items():
+            per_seed = {s: _difference(r["per_problem"], base[s]) for r in rs if (s := r["seed"]) in base}
+            diffs = [[x - y for x, y in zip(r["per_problem"], base[r["seed"]])] for r in rs if r["seed"] in base]
+            if diffs:
+                flat = [x for d in diffs for x in d]
+                per_seed["all"] = {"mean": sum(flat) / len(flat), "ci": list(seeds_problems_bootstrap_ci(diffs))}
+            out[name][key] = per_seed
+    return out
+
+
+def paired_rows(table: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of :func:`paired`'s table: one row per objective and comparison, one column per
+    seed and one for all seeds (difference in points with its 95% interval)."""
+    fmt = lambda d: f"{100 * d['mean']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"  # noqa: E731
+    seeds = sorted({s for o in table.values() for c in o.values() for s in c if s != "all"})
+    head = ["objective", "against", *[f"seed {s}" for s in seeds], "all seeds"]
+    rows = [[name, key[3:], *[fmt(c[s]) if s in c else "-" for s in [*seeds, "all"]]]
+            for name, o in table.items() for key, c in o.items()]
+    return head, rows
+
+
 def _num(v, fmt: str) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
@@ -89,14 +142,20 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(format_table(head, rows, rule=True))
 
 
-def markdown(head: list[str], rows: list[list[str]], note: str) -> str:
-    """A Markdown page: the table, the interval's meaning, the columns, the picture."""
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(["# Objectives compared", "", *lines, "", note, "", CI_NOTE + ".", "",
+def _markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def markdown(head: list[str], rows: list[list[str]], note: str, paired_table: tuple | None = None) -> str:
+    """A Markdown page: the table, the interval's meaning, the columns, the paired differences
+    (``paired_table``: :func:`paired_rows`' header and rows), the picture."""
+    extra = ["## Paired differences of the final checkpoints (points)", "", *_markdown_table(*paired_table), "",
+             PAIRED_NOTE + ".", ""] if paired_table else []
+    return "\n".join(["# Objectives compared", "", *_markdown_table(head, rows), "", note, "", CI_NOTE + ".", "",
                       "train s: RL training seconds (rollout + rewards + scoring + update, summed over steps); "
                       "copies/step: noisy copies scored per step; tok/step: tokens per denoising step of the "
-                      "avg@k samples; final numbers are the last checkpoint's, means over seeds.", "", "![accuracy against cost](compare.png)", ""])
+                      "avg@k samples; final numbers are the last checkpoint's, means over seeds.", "", *extra,
+                      "![accuracy against cost](compare.png)", ""])
 
 
 def _band(runs: list[dict], key: str) -> tuple[list[float], list[float], list[float], list[float]] | None:
