@@ -68,12 +68,6 @@ def aggregate(runs: list[dict]) -> dict:
             "scoring_seconds_per_step": _mean([r["scoring_seconds_per_step"] for r in runs])}
 
 
-def _difference(a: list[float], b: list[float]) -> dict:
-    """Mean of the per-problem differences ``a − b`` (float ``[problems]`` each) and its 95% bootstrap interval."""
-    d = [x - y for x, y in zip(a, b)]
-    return {"mean": sum(d) / len(d), "ci": list(bootstrap_ci(d))}
-
-
 def paired(start: list[float], runs: dict[str, list[dict]]) -> dict:
     """Paired differences of the final checkpoints, per objective and seed (same problems, same
     evaluation samples): against the SFT start and against the first objective's run of the same
@@ -96,11 +90,12 @@ def paired(start: list[float], runs: dict[str, list[dict]]) -> dict:
             against[f"vs_{first}"] = {r["seed"]: ref[r["seed"]] for r in rs if r["seed"] in ref}
         out[name] = {}
         for key, base in against.items():
-            per_seed = {s: _difference(r["per_problem"], base[s]) for r in rs if (s := r["seed"]) in base}
-            diffs = [[x - y for x, y in zip(r["per_problem"], base[r["seed"]])] for r in rs if r["seed"] in base]
+            diffs = {r["seed"]: [x - y for x, y in zip(r["per_problem"], base[r["seed"]])] for r in rs if r["seed"] in base}
+            per_seed = {s: {"mean": sum(d) / len(d), "ci": list(bootstrap_ci(d))} for s, d in diffs.items()}
             if diffs:
-                flat = [x for d in diffs for x in d]
-                per_seed["all"] = {"mean": sum(flat) / len(flat), "ci": list(seeds_problems_bootstrap_ci(diffs))}
+                flat = [x for d in diffs.values() for x in d]
+                per_seed["all"] = {"mean": sum(flat) / len(flat),
+                                   "ci": list(seeds_problems_bootstrap_ci(list(diffs.values())))}
             out[name][key] = per_seed
     return out
 
