@@ -107,15 +107,16 @@ def parse_args(argv=None) -> BenchCommand:
 
 
 def json_args(cfg: BenchCommand) -> dict[str, Any]:
-    """``meta.args`` of the ``--json`` file: the file's format, each setting under its flag's name (those
-    taking a value first, then the true/false ones; no file is ``null``)."""
-    m, d, ref, rs, run = cfg.model, cfg.decode, cfg.reference, cfg.rescore, cfg.run
-    return {"sizes": m.sizes, "block_size": m.block_size, "sharpen": m.sharpen, "seed": m.seed,
-            "new_tokens": d.new_tokens, "batch": d.batch, "threshold": d.threshold, "temperature": d.temperature,
-            "top_k": d.top_k, "ref_max_seconds": ref.max_seconds, "ref_tokens": ref.tokens,
-            "rescore_batch": rs.batch, "rescore_new_tokens": rs.new_tokens, "repeats": run.repeats,
-            "threads": run.threads, "clock": run.clock, "json": run.json or None,
-            "no_reference": ref.skip, "quick": run.quick, "quiet": run.quiet}
+    """``meta.args`` of the ``--json`` file: the file's format, each setting under its flag's name
+    (:data:`~dirl_min.settings.commands.BENCH_ALIASES`; those taking a value first, then the
+    true/false ones; no file is ``null``), so a new flag reaches the file without an edit here."""
+    from dirl_min.settings.commands import BENCH_ALIASES
+    from dirl_min.settings.rules import get_setting
+
+    named = [(flag.lstrip("-").replace("-", "_"), get_setting(cfg, dotted)) for flag, dotted in BENCH_ALIASES.items()]
+    out = dict(sorted(named, key=lambda kv: isinstance(kv[1], bool)))  # stable: keeps the table's order
+    out["json"] = out["json"] or None
+    return out
 
 
 def main(argv=None) -> dict[str, Any] | list[dict]:

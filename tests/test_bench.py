@@ -174,4 +174,11 @@ def test_json_meta_args_hold_every_setting_under_its_flags_name():
     cfg = parse_args(["--json", "r.json", "--no-reference", "--sizes", "mid", "--top-k", "5", "--clock", "cpu"])
     assert json_args(cfg) == {f.lstrip("-").replace("-", "_"): get_setting(cfg, dotted)
                               for f, dotted in BENCH_ALIASES.items()}
+    got = json_args(cfg)  # the given values, by hand
+    assert (got["json"], got["no_reference"], got["sizes"], got["top_k"], got["clock"]) == ("r.json", True, ["mid"], 5, "cpu")
     assert json_args(parse_args([]))["json"] is None  # no file: null
+    # the file's key order, as the earlier files have it: valued flags in the table's order, then the switches
+    assert list(json_args(parse_args([]))) == [
+        "sizes", "block_size", "sharpen", "seed", "new_tokens", "batch", "threshold", "temperature", "top_k",
+        "ref_max_seconds", "ref_tokens", "rescore_batch", "rescore_new_tokens", "repeats", "threads", "clock",
+        "json", "no_reference", "quick", "quiet"]
